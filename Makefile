@@ -1,0 +1,47 @@
+# visitorstats: the two commands a newcomer needs are `make run` and `make test`.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(VENV)/bin/pip
+STAMP := $(VENV)/.installed
+TEST_STAMP := $(VENV)/.installed-test
+
+.PHONY: run test lint bench system-deps clean
+
+$(STAMP): pyproject.toml
+	python3 -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	$(PIP) install -q -e .
+	touch $@
+
+$(TEST_STAMP): pyproject.toml $(STAMP)
+	$(PIP) install -q -e '.[test]'
+	touch $@
+
+run: $(STAMP)
+	$(VENV)/bin/visitorstats run
+
+# Debian packages the tests drive for real: Chromium + ChromeDriver, Prometheus (+promtool), wrk.
+system-deps:
+	@missing=""; \
+	for b in chromium:chromium chromedriver:chromium-driver prometheus:prometheus promtool:prometheus wrk:wrk; do \
+	  command -v $${b%%:*} >/dev/null 2>&1 || missing="$$missing $${b##*:}"; \
+	done; \
+	if [ -n "$$missing" ]; then \
+	  echo "installing:$$missing"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; \
+	fi
+
+lint: $(TEST_STAMP)
+	$(VENV)/bin/ruff check services tests
+	$(VENV)/bin/ruff format --check services tests
+	$(VENV)/bin/mypy
+
+test: $(TEST_STAMP) system-deps
+	$(MAKE) lint
+	$(VENV)/bin/pytest $(PYTEST_ARGS)
+
+bench: $(TEST_STAMP) system-deps
+	$(PY) -m bench
+
+clean:
+	rm -rf $(VENV) data

@@ -1,0 +1,158 @@
+"""The counter HTTP API and the widget: ``/v1/sites/{site}/counter`` (+ ``/stream``,
+``.svg``), ``/widget.js``, ``/widget/{site}``. Every answer is prepared bytes from the
+``CounterService``; a site id is checked against the registry before anything else."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+from importlib import resources
+
+import orjson
+from aiohttp import web
+
+from services import metrics
+from services.aggregate import render
+from services.aggregate.counter import CounterService, Prepared
+
+COUNTER = web.AppKey("counter", CounterService)
+
+KEEPALIVE_SECONDS = 15.0
+_CORS = {
+    "Access-Control-Allow-Origin": "*",
+    "Access-Control-Expose-Headers": "ETag",
+}
+_CACHE = "public, max-age=1"
+_WIDGET_JS = resources.files("services.aggregate").joinpath("static/widget.js").read_bytes()
+_WIDGET_JS_ETAG = '"' + hashlib.sha256(_WIDGET_JS).hexdigest()[:20] + '"'
+
+
+def _json_error(status: int, message: str, field: str | None = None) -> web.Response:
+    return web.Response(
+        status=status,
+        body=orjson.dumps({"error": message, "field": field}),
+        content_type="application/json",
+        headers=_CORS,
+    )
+
+
+def _prepared(request: web.Request) -> Prepared | web.Response:
+    site = request.match_info["site"]
+    service = request.app[COUNTER]
+    if service.registry.get(site) is None:
+        return _json_error(404, "unknown site", "site")
+    prepared = service.prepared.get(site)
+    if prepared is None:
+        return _json_error(503, "the counter is not available yet")
+    return prepared
+
+
+def _lang(request: web.Request) -> str:
+    lang = request.rel_url.query.get("lang", "vi")
+    return lang if lang in ("vi", "en") else "vi"
+
+
+async def counter(request: web.Request) -> web.Response:
+    prepared = _prepared(request)
+    if isinstance(prepared, web.Response):
+        return prepared
+    headers = {"ETag": prepared.etag, "Cache-Control": _CACHE, **_CORS}
+    inm = request.headers.get("If-None-Match")
+    if inm and prepared.etag in {t.strip() for t in inm.split(",")} | ({"*"} & {inm.strip()}):
+        return web.Response(status=304, headers=headers)
+    return web.Response(body=prepared.body, content_type="application/json", headers=headers)
+
+
+async def counter_preflight(request: web.Request) -> web.Response:
+    return web.Response(
+        status=204,
+        headers={
+            **_CORS,
+            "Access-Control-Allow-Methods": "GET, OPTIONS",
+            "Access-Control-Allow-Headers": "If-None-Match, Cache-Control, Last-Event-ID",
+            "Access-Control-Max-Age": "86400",
+        },
+    )
+
+
+async def counter_stream(request: web.Request) -> web.StreamResponse:
+    prepared = _prepared(request)
+    if isinstance(prepared, web.Response):
+        return prepared
+    site = request.match_info["site"]
+    service = request.app[COUNTER]
+    response = web.StreamResponse(
+        headers={
+            "Content-Type": "text/event-stream",
+            "Cache-Control": "no-cache",
+            "X-Accel-Buffering": "no",
+            **_CORS,
+        }
+    )
+    await response.prepare(request)
+    metrics.STREAM_SUBSCRIBERS.inc()
+    try:
+        await response.write(b"retry: 3000\n" + prepared.event)
+        sent = prepared.etag
+        while True:
+            changed = service.changed(site)
+            try:
+                await asyncio.wait_for(changed.wait(), KEEPALIVE_SECONDS)
+            except TimeoutError:
+                await response.write(b": keep-alive\n\n")
+                continue
+            latest = service.prepared[site]
+            if latest.etag != sent:
+                await response.write(latest.event)
+                sent = latest.etag
+            # at most one event a second per subscriber
+            await asyncio.sleep(1.0)
+    except (ConnectionResetError, asyncio.CancelledError):
+        pass
+    finally:
+        metrics.STREAM_SUBSCRIBERS.dec()
+    return response
+
+
+async def counter_svg(request: web.Request) -> web.Response:
+    prepared = _prepared(request)
+    if isinstance(prepared, web.Response):
+        return prepared
+    return web.Response(
+        text=render.render_svg(prepared.payload, _lang(request)),
+        content_type="image/svg+xml",
+        headers={"Cache-Control": "public, max-age=10", **_CORS},
+    )
+
+
+async def widget_js(request: web.Request) -> web.Response:
+    if request.headers.get("If-None-Match") == _WIDGET_JS_ETAG:
+        return web.Response(status=304, headers={"ETag": _WIDGET_JS_ETAG})
+    return web.Response(
+        body=_WIDGET_JS,
+        content_type="application/javascript",
+        charset="utf-8",
+        headers={"Cache-Control": "public, max-age=3600", "ETag": _WIDGET_JS_ETAG, **_CORS},
+    )
+
+
+async def widget_page(request: web.Request) -> web.Response:
+    site = request.match_info["site"]
+    if request.app[COUNTER].registry.get(site) is None:
+        return _json_error(404, "unknown site", "site")
+    return web.Response(
+        text=render.render_widget_page(site, _lang(request)),
+        content_type="text/html",
+        headers={"Cache-Control": "public, max-age=300"},
+    )
+
+
+def add_routes(app: web.Application, service: CounterService) -> None:
+    app[COUNTER] = service
+    app.router.add_get("/v1/sites/{site}/counter", counter)
+    app.router.add_route("OPTIONS", "/v1/sites/{site}/counter", counter_preflight)
+    app.router.add_get("/v1/sites/{site}/counter/stream", counter_stream)
+    app.router.add_route("OPTIONS", "/v1/sites/{site}/counter/stream", counter_preflight)
+    app.router.add_get("/v1/sites/{site}/counter.svg", counter_svg)
+    app.router.add_get("/widget.js", widget_js)
+    app.router.add_get("/widget/{site}", widget_page)

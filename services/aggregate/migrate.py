@@ -1,0 +1,87 @@
+"""Numbered, frozen ClickHouse migrations (``migrations/NNNN_name.sql``), applied in order and
+recorded in ``schema_migrations``. A migration, once released, is never edited: add the next one.
+
+The files are templates so that one schema serves both a single server (``MergeTree``) and a
+cluster (``--cluster NAME``: ``ReplicatedMergeTree`` tables ``*_local`` on every node, and
+``Distributed`` tables under the plain names, which is what the service queries).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from importlib import resources
+
+_PLACEHOLDER = re.compile(r"\{(table|engine):([a-z_]+)\}")
+
+
+@dataclass(frozen=True)
+class Migration:
+    version: int
+    name: str
+    sql: str
+
+
+def migrations() -> list[Migration]:
+    found = []
+    for entry in resources.files("services.aggregate.migrations").iterdir():
+        m = re.fullmatch(r"(\d{4})_([a-z0-9_]+)\.sql", entry.name)
+        if m:
+            found.append(Migration(int(m.group(1)), m.group(2), entry.read_text()))
+    return sorted(found, key=lambda mig: mig.version)
+
+
+def render(
+    migration: Migration, cluster: str | None = None, database: str = "default"
+) -> list[str]:
+    """The statements of one migration, for a single server or for a cluster."""
+    tables = sorted({name for kind, name in _PLACEHOLDER.findall(migration.sql) if kind == "table"})
+
+    def sub(m: re.Match[str]) -> str:
+        kind, name = m.group(1), m.group(2)
+        if kind == "table":
+            return f"{name}_local" if cluster else name
+        if cluster:
+            return (
+                f"ReplicatedMergeTree('/clickhouse/tables/{{shard}}/{database}/{name}', "
+                "'{replica}')"
+            )
+        return "MergeTree"
+
+    sql = _PLACEHOLDER.sub(sub, migration.sql)
+    sql = sql.replace("{on_cluster}", f"ON CLUSTER {cluster}" if cluster else "")
+    sql = sql.replace(
+        "{dedup_window_setting}",
+        "replicated_deduplication_window" if cluster else "non_replicated_deduplication_window",
+    )
+    statements = [_strip_comments(sql)]
+    if cluster:
+        for name in tables:
+            statements.append(
+                f"CREATE TABLE IF NOT EXISTS {name} ON CLUSTER {cluster} AS {name}_local "
+                f"ENGINE = Distributed({cluster}, {database}, {name}_local, rand())"
+            )
+    return statements
+
+
+def _strip_comments(sql: str) -> str:
+    return "\n".join(line for line in sql.splitlines() if not line.lstrip().startswith("--"))
+
+
+SCHEMA_MIGRATIONS = """
+CREATE TABLE IF NOT EXISTS schema_migrations {on_cluster}
+(version UInt32, name String, applied_at DateTime DEFAULT now())
+ENGINE = {engine} ORDER BY version
+"""
+
+
+def schema_migrations_ddl(cluster: str | None, database: str = "default") -> str:
+    engine = (
+        f"ReplicatedMergeTree('/clickhouse/tables/{{shard}}/{database}/schema_migrations', "
+        "'{replica}')"
+        if cluster
+        else "MergeTree"
+    )
+    return SCHEMA_MIGRATIONS.format(
+        on_cluster=f"ON CLUSTER {cluster}" if cluster else "", engine=engine
+    ).strip()

@@ -1,0 +1,99 @@
+"""``visitorstats aggregate``: the aggregate app factory (Kafka in, ClickHouse, counter out),
+and the pieces ``visitorstats run`` reuses with the in-process log instead of Kafka."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator, Callable
+
+from aiohttp import web
+
+from services import http
+from services.aggregate import api
+from services.aggregate.consume import Aggregator, consume
+from services.aggregate.counter import CounterService
+from services.aggregate.sources import KafkaSource, Source
+from services.aggregate.store import Store
+from services.settings import Settings
+from services.sites import Registry
+
+log = logging.getLogger(__name__)
+
+
+def add_aggregate(
+    app: web.Application,
+    settings: Settings,
+    registry: Registry,
+    source: Source,
+    drained: Callable[[], bool] = lambda: True,
+) -> None:
+    """Wire the store, the counter and the consume loop into ``app``, each with its own
+    cleanup context: on stop, the consume loop writes its last batch, then the counter stops,
+    then the store closes."""
+    store = Store(settings.clickhouse_url)
+    counter = CounterService(store, registry, settings.counter_interval_seconds)
+    stopping = asyncio.Event()
+
+    async def store_ctx(app: web.Application) -> AsyncIterator[None]:
+        await store.migrate()
+        yield
+        await asyncio.get_running_loop().run_in_executor(None, store.close)
+
+    async def counter_ctx(app: web.Application) -> AsyncIterator[None]:
+        await counter.refresh()
+        task = asyncio.create_task(counter.run(stopping), name="counter")
+        yield
+        stopping.set()
+        await task
+
+    async def consume_ctx(app: web.Application) -> AsyncIterator[None]:
+        aggregator = Aggregator(
+            store, registry, settings, source.topic, on_flushed=counter.note_flushed
+        )
+
+        async def run() -> None:
+            backoff = 0.5
+            while not stopping.is_set():
+                try:
+                    await source.start(aggregator.assign, aggregator.revoke)
+                    break
+                except Exception as e:  # broker not there yet: keep serving the counter
+                    log.warning("cannot start consuming (%s); retrying in %.1fs", e, backoff)
+                    await asyncio.sleep(backoff)
+                    backoff = min(backoff * 2, 5.0)
+            else:
+                return
+            await consume(source, aggregator, settings, stopping, drained)
+
+        task = asyncio.create_task(run(), name="consume")
+        yield
+        stopping.set()
+        await task
+        await source.stop()
+
+    async def clickhouse_ready() -> tuple[bool, str]:
+        ok = await store.ping()
+        return ok, "ok" if ok else "ClickHouse unreachable"
+
+    async def source_ready() -> tuple[bool, str]:
+        return source.ready()
+
+    app.cleanup_ctx.extend([store_ctx, counter_ctx, consume_ctx])
+    http.add_ready_check(app, "clickhouse", clickhouse_ready)
+    http.add_ready_check(app, "kafka" if isinstance(source, KafkaSource) else "log", source_ready)
+    api.add_routes(app, counter)
+
+
+def create_aggregate_app(settings: Settings, registry: Registry) -> web.Application:
+    if not settings.kafka_bootstrap:
+        raise SystemExit("visitorstats aggregate needs VISITORSTATS_KAFKA_BOOTSTRAP")
+    app = http.new_app(settings)
+    source = KafkaSource(
+        settings.kafka_bootstrap,
+        settings.kafka_topic,
+        settings.kafka_group,
+        settings.kafka_dead_letter_topic,
+    )
+    add_aggregate(app, settings, registry, source)
+    return app

@@ -1,0 +1,306 @@
+"""ClickHouse: the one place the aggregate service reads and writes its data.
+
+Embedded (``chdb://PATH``) or a server/cluster (``http(s)://user:pass@host:port/db``), through
+clickhouse-connect's synchronous client, run on one worker thread (the async client refuses
+``chdb://``, and one thread keeps a single session per process). Every value reaches a
+statement as a bound parameter; no statement is built from input.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable, Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from datetime import date
+from pathlib import Path
+from typing import Any, TypeVar
+
+import clickhouse_connect
+
+from services import metrics
+from services.aggregate.counting import Row
+from services.aggregate.migrate import migrations, render, schema_migrations_ddl
+from services.record import Event
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+EVENT_COLUMNS = (
+    "site",
+    "event_id",
+    "type",
+    "ts",
+    "day",
+    "visitor",
+    "visitor_key",
+    "member",
+    "bot",
+    "starts_visit",
+    "pageview",
+    "url",
+    "referrer",
+    "title",
+    "topic",
+    "kafka_partition",
+    "kafka_offset",
+)
+
+
+def dsn_of(url: str) -> str:
+    """``chdb://./data/clickhouse`` -> ``chdb:///abs/data/clickhouse``; other URLs unchanged."""
+    if url.startswith("chdb://"):
+        path = Path(url[len("chdb://") :] or "./data/clickhouse").resolve()
+        path.mkdir(parents=True, exist_ok=True)
+        return f"chdb://{path}"
+    return url
+
+
+@dataclass(frozen=True)
+class Online:
+    guests: int = 0
+    members: int = 0
+    bots: int = 0
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    online: dict[str, Online]
+    days: dict[str, dict[date, tuple[int, int]]]  # site -> day -> (visits, pageviews), recent
+    totals: dict[str, tuple[int, int]]  # site -> (visits, pageviews), all time
+    peaks: dict[str, tuple[int, int]]  # site -> (online, at ms)
+
+
+class Store:
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="clickhouse")
+        self._client: Any = None
+
+    # -- plumbing -------------------------------------------------------------------------------
+    def _connect(self) -> Any:
+        if self._client is None:
+            self._client = clickhouse_connect.get_client(
+                dsn=dsn_of(self.url),
+                connect_timeout=5,
+                send_receive_timeout=30,
+                autogenerate_session_id=False,
+                compress=False,
+            )
+        return self._client
+
+    def _call(self, fn: Callable[[Any], T]) -> T:
+        try:
+            return fn(self._connect())
+        except Exception:
+            # A failed HTTP client may hold a broken connection: start afresh next time.
+            if not self.url.startswith("chdb://"):
+                self._client = None
+            raise
+
+    async def run(self, fn: Callable[[Any], T]) -> T:
+        return await asyncio.get_running_loop().run_in_executor(self._executor, self._call, fn)
+
+    def close(self) -> None:
+        def _close() -> None:
+            if self._client is not None and not self.url.startswith("chdb://"):
+                self._client.close()
+
+        self._executor.submit(_close).result()
+        self._executor.shutdown(wait=True)
+
+    # -- schema ---------------------------------------------------------------------------------
+    def migrate_sync(self, cluster: str | None = None) -> list[str]:
+        """Apply the migrations not yet applied; return the names applied now."""
+
+        def apply(client: Any) -> list[str]:
+            client.command(schema_migrations_ddl(cluster))
+            done = {r[0] for r in client.query("SELECT version FROM schema_migrations").result_rows}
+            applied = []
+            for mig in migrations():
+                if mig.version in done:
+                    continue
+                for statement in render(mig, cluster):
+                    client.command(statement)
+                client.insert(
+                    "schema_migrations", [[mig.version, mig.name]], column_names=["version", "name"]
+                )
+                applied.append(f"{mig.version:04d}_{mig.name}")
+            return applied
+
+        return self._executor.submit(self._call, apply).result()
+
+    async def migrate(self, cluster: str | None = None) -> list[str]:
+        return await asyncio.get_running_loop().run_in_executor(None, self.migrate_sync, cluster)
+
+    async def ping(self) -> bool:
+        try:
+            return bool(await asyncio.wait_for(self.run(lambda c: c.command("SELECT 1")), 5))
+        except Exception:
+            return False
+
+    # -- writes ---------------------------------------------------------------------------------
+    async def insert_events(self, rows: Sequence[Row], topic: str, token: str) -> None:
+        """One INSERT for the whole batch: one part, atomic. ``token`` makes a retried insert
+        of the same batch a no-op (ClickHouse insert deduplication)."""
+        columns: list[list[Any]] = [[] for _ in EVENT_COLUMNS]
+        (site, eid, typ, ts, day, vis, vkey, mem, bot, sv, pv, url, ref, title, tp, part, off) = (
+            columns
+        )
+        for r in rows:
+            e = r.event
+            site.append(e.site)
+            eid.append(e.event_id)
+            typ.append(e.type)
+            ts.append(e.ts)
+            day.append(r.day)
+            vis.append(r.visitor)
+            vkey.append(e.visitor)
+            mem.append(e.member)
+            bot.append(e.bot)
+            sv.append(r.starts_visit)
+            pv.append(r.pageview)
+            url.append(e.url)
+            ref.append(e.referrer)
+            title.append(e.title)
+            tp.append(topic)
+            part.append(r.partition)
+            off.append(r.offset)
+        started = time.monotonic()
+        try:
+            await self.run(
+                lambda c: c.insert(
+                    "events",
+                    columns,
+                    column_names=EVENT_COLUMNS,
+                    column_oriented=True,
+                    settings={"insert_deduplication_token": token},
+                )
+            )
+        except Exception:
+            metrics.CLICKHOUSE_ERRORS.labels("insert").inc()
+            raise
+        metrics.CLICKHOUSE_WRITE_LATENCY.observe(time.monotonic() - started)
+        metrics.BATCH_SIZE.observe(len(rows))
+
+    async def record_peak(self, site: str, online: int, at_ms: int) -> None:
+        await self.run(
+            lambda c: c.insert(
+                "peaks", [[site, online, at_ms]], column_names=["site", "online", "at"]
+            )
+        )
+
+    # -- reads ----------------------------------------------------------------------------------
+    async def next_offsets(self, topic: str) -> dict[int, int]:
+        """Per partition, the offset after the last record stored: where consuming resumes."""
+        result = await self.run(
+            lambda c: (
+                c.query(
+                    "SELECT kafka_partition, max(kafka_offset) FROM events "
+                    "WHERE topic = {topic:String} GROUP BY kafka_partition",
+                    parameters={"topic": topic},
+                ).result_rows
+            )
+        )
+        return {int(p): int(o) + 1 for p, o in result}
+
+    async def recent_rows(
+        self, topic: str, partition: int, horizon_ms: int
+    ) -> list[tuple[Event, str]]:
+        """The rows of one partition within ``horizon_ms`` of its latest, in log order."""
+
+        def query(c: Any) -> list[tuple[Event, str]]:
+            rows = c.query(
+                """
+                SELECT event_id, site, type, toUnixTimestamp64Milli(ts), visitor_key, member, bot,
+                       visitor
+                FROM events
+                WHERE topic = {topic:String} AND kafka_partition = {p:UInt32}
+                  AND ts >= (
+                      SELECT max(ts) FROM events
+                      WHERE topic = {topic:String} AND kafka_partition = {p:UInt32}
+                  ) - toIntervalMillisecond({h:UInt64})
+                ORDER BY kafka_offset
+                """,
+                parameters={"topic": topic, "p": partition, "h": horizon_ms},
+            ).result_rows
+            return [
+                (
+                    Event(str(eid), site, typ, int(ts), vkey, None, bool(m), bool(b), "", "", ""),
+                    visitor,
+                )
+                for eid, site, typ, ts, vkey, m, b, visitor in rows
+            ]
+
+        return await self.run(query)
+
+    async def snapshot(self, windows: dict[str, int], since_day: date, now_ms: int) -> Snapshot:
+        """Everything the counters of all sites need, in four queries."""
+        sites = list(windows)
+        window_ms = [windows[s] * 1000 for s in sites]
+        longest = max(window_ms, default=300_000)
+
+        def query(c: Any) -> Snapshot:
+            online_rows = c.query(
+                """
+                SELECT site,
+                       countIf(NOT bot AND latest != 'leave' AND NOT member),
+                       countIf(NOT bot AND latest != 'leave' AND member),
+                       countIf(bot AND latest != 'leave')
+                FROM (
+                    SELECT site, visitor,
+                           argMax(type, (ts, kafka_offset)) AS latest,
+                           argMax(member, (ts, kafka_offset)) AS member,
+                           max(bot) AS bot,
+                           max(ts) AS last_ts
+                    FROM events
+                    WHERE ts >= fromUnixTimestamp64Milli({since:Int64}, 'UTC')
+                      AND site IN {sites:Array(String)}
+                    GROUP BY site, visitor
+                )
+                WHERE toUnixTimestamp64Milli(last_ts)
+                      >= {now:Int64} - transform(site, {sites:Array(String)},
+                                                 {windows:Array(Int64)}, toInt64(0))
+                GROUP BY site
+                """,
+                parameters={
+                    "since": now_ms - longest,
+                    "now": now_ms,
+                    "sites": sites,
+                    "windows": window_ms,
+                },
+            ).result_rows
+            day_rows = c.query(
+                "SELECT site, day, sum(starts_visit), sum(pageview) FROM events "
+                "WHERE day >= {since:Date} GROUP BY site, day",
+                parameters={"since": since_day},
+            ).result_rows
+            total_rows = c.query(
+                "SELECT site, sum(starts_visit), sum(pageview) FROM events GROUP BY site"
+            ).result_rows
+            peak_rows = c.query(
+                "SELECT site, max(online), toUnixTimestamp64Milli(argMax(at, online)) "
+                "FROM peaks GROUP BY site"
+            ).result_rows
+            days: dict[str, dict[date, tuple[int, int]]] = {}
+            for site, day, visits, pageviews in day_rows:
+                days.setdefault(site, {})[day] = (int(visits), int(pageviews))
+            return Snapshot(
+                online={s: Online(int(g), int(m), int(b)) for s, g, m, b in online_rows},
+                days=days,
+                totals={s: (int(v), int(p)) for s, v, p in total_rows},
+                peaks={s: (int(o), int(at)) for s, o, at in peak_rows},
+            )
+
+        try:
+            return await self.run(query)
+        except Exception:
+            metrics.CLICKHOUSE_ERRORS.labels("query").inc()
+            raise
+
+
+def batch_token(topic: str, spans: Iterable[tuple[int, int, int]]) -> str:
+    """A batch's identity: its topic and, per partition, the first and last offset."""
+    return topic + ";" + ";".join(f"{p}:{a}-{b}" for p, a, b in sorted(spans))

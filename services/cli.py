@@ -1,0 +1,108 @@
+"""The ``visitorstats`` command: ``run``, ``ingest``, ``aggregate``, ``migrate``."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from services.settings import Settings
+from services.sites import Registry, RegistryError
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="visitorstats", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name, text in (
+        ("run", "ingest + aggregate in one process, one port (embedded ClickHouse, no broker)"),
+        ("ingest", "the ingest service alone (needs Kafka)"),
+        ("aggregate", "the aggregate service alone (needs Kafka and ClickHouse)"),
+        ("migrate", "apply the ClickHouse schema"),
+    ):
+        p = sub.add_parser(name, help=text)
+        p.add_argument("--sites", type=Path, help="site registry (VISITORSTATS_SITES)")
+        p.add_argument("--clickhouse-url", help="VISITORSTATS_CLICKHOUSE_URL")
+        if name != "migrate":
+            p.add_argument("--host", help="VISITORSTATS_HOST")
+            p.add_argument("--port", type=int, help="VISITORSTATS_PORT")
+            p.add_argument("--kafka-bootstrap", help="VISITORSTATS_KAFKA_BOOTSTRAP")
+            p.add_argument("--workers", type=int, help="VISITORSTATS_WORKERS")
+        else:
+            p.add_argument("--cluster", help="create replicated + distributed tables on it")
+            p.add_argument(
+                "--print", action="store_true", help="print the statements instead of applying"
+            )
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = _parser().parse_args(argv)
+    import os
+
+    env = dict(os.environ)
+    if args.command == "aggregate" and "VISITORSTATS_PORT" not in env:
+        env["VISITORSTATS_PORT"] = "8081"
+    settings = Settings.from_env(env)
+    overrides = {
+        "sites_path": args.sites,
+        "clickhouse_url": args.clickhouse_url,
+        "host": getattr(args, "host", None),
+        "port": getattr(args, "port", None),
+        "kafka_bootstrap": getattr(args, "kafka_bootstrap", None),
+        "workers": getattr(args, "workers", None),
+    }
+    from dataclasses import replace
+
+    settings = replace(settings, **{k: v for k, v in overrides.items() if v is not None})
+
+    if args.command == "migrate":
+        from services.aggregate.migrate import migrations, render, schema_migrations_ddl
+
+        if args.print:
+            print(schema_migrations_ddl(args.cluster) + ";")
+            for mig in migrations():
+                for statement in render(mig, args.cluster):
+                    print(statement.strip() + ";")
+            return
+        from services.aggregate.store import Store
+
+        store = Store(settings.clickhouse_url)
+        applied = store.migrate_sync(args.cluster)
+        store.close()
+        print("applied: " + (", ".join(applied) if applied else "nothing (up to date)"))
+        return
+
+    try:
+        registry = Registry.load(settings.sites_path)
+    except RegistryError as e:
+        sys.exit(f"visitorstats: {e}")
+    if not len(registry):
+        sys.exit(f"visitorstats: no site in {settings.sites_path}")
+    settings = settings.with_secret()
+
+    from services import http
+
+    if args.command == "run":
+        from services.standalone import create_standalone_app
+
+        if settings.workers > 1 and not settings.kafka_bootstrap:
+            print(
+                "visitorstats run: VISITORSTATS_WORKERS > 1 needs Kafka for the hand-off; "
+                "using 1 process",
+                file=sys.stderr,
+            )
+        http.serve(lambda: create_standalone_app(settings, registry), settings)
+    elif args.command == "ingest":
+        from services.ingest.service import create_ingest_app
+
+        http.serve_workers(
+            lambda: create_ingest_app(settings, registry), settings, settings.workers
+        )
+    elif args.command == "aggregate":
+        from services.aggregate.service import create_aggregate_app
+
+        http.serve(lambda: create_aggregate_app(settings, registry), settings)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,194 @@
+"""The ingest HTTP service: ``POST /collect``, ``GET /collect.gif``, ``GET /beacon.js``.
+
+Only this module touches HTTP; the request becomes a ``Beacon`` (beacon.py) and a
+``ClientContext``, and the ``Pipeline`` decides.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+from importlib import resources
+from typing import Any
+
+import orjson
+from aiohttp import web
+
+from services import metrics
+from services.ingest.beacon import BeaconError, parse_beacon
+from services.ingest.pipeline import ClientContext, Outcome, Pipeline, client_address, origin_of
+from services.settings import Settings
+
+PIPELINE = web.AppKey("pipeline", Pipeline)
+SETTINGS = web.AppKey("settings", Settings)
+
+MAX_BODY = 8 * 1024
+_GIF = base64.b64decode("R0lGODlhAQABAIAAAAAAAP///yH5BAEAAAAALAAAAAABAAEAAAIBRAA7")
+_ACCEPTED_BODY = b'{"status":"accepted"}'
+_CORS = {"Access-Control-Allow-Origin": "*"}
+_JSON_TYPES = ("text/plain", "application/json")
+_BEACON_JS = resources.files("services.ingest").joinpath("static/beacon.js").read_bytes()
+_BEACON_JS_ETAG = '"' + hashlib.sha256(_BEACON_JS).hexdigest()[:20] + '"'
+
+
+def error_response(
+    status: int, message: str, field: str | None, retry_after: float | None = None
+) -> web.Response:
+    headers = dict(_CORS)
+    if retry_after is not None:
+        headers["Retry-After"] = str(max(1, round(retry_after + 0.5)))
+    return web.Response(
+        status=status,
+        body=orjson.dumps({"error": message, "field": field}),
+        content_type="application/json",
+        headers=headers,
+    )
+
+
+def _context(request: web.Request, settings: Settings) -> ClientContext:
+    headers = request.headers
+    origin = headers.get("Origin")
+    if not origin or origin == "null":
+        origin = origin_of(headers.get("Referer"))
+    return ClientContext(
+        address=client_address(
+            request.remote, headers.get("X-Forwarded-For"), settings.trusted_proxies
+        ),
+        user_agent=headers.get("User-Agent", ""),
+        origin=origin.rstrip("/").lower() if origin else None,
+        dnt=headers.get("DNT") == "1",
+        gpc=headers.get("Sec-GPC") == "1",
+    )
+
+
+async def _read_body(request: web.Request) -> bytes:
+    if request.content_length is not None and request.content_length > MAX_BODY:
+        raise _Refused(413, "the body is larger than 8 KiB", "body")
+    chunks = []
+    size = 0
+    while True:
+        chunk = await request.content.read(MAX_BODY + 1 - size)
+        if not chunk:
+            break
+        chunks.append(chunk)
+        size += len(chunk)
+        if size > MAX_BODY:
+            raise _Refused(413, "the body is larger than 8 KiB", "body")
+    return b"".join(chunks)
+
+
+class _Refused(Exception):
+    def __init__(self, status: int, message: str, field: str | None) -> None:
+        super().__init__(message)
+        self.status, self.message, self.field = status, message, field
+
+
+def _outcome_label(status: int) -> str:
+    return {
+        400: "invalid",
+        403: "forbidden",
+        413: "too_large",
+        415: "unsupported_media_type",
+        429: "rate_limited",
+        503: "unavailable",
+    }.get(status, "error")
+
+
+async def _run(request: web.Request, endpoint: str, raw: dict[str, Any]) -> Outcome:
+    try:
+        beacon = parse_beacon(raw)
+    except BeaconError as e:
+        metrics.BEACONS_DROPPED.labels("invalid").inc()
+        raise _Refused(400, e.message, e.field) from None
+    return await request.app[PIPELINE].accept(beacon, _context(request, request.app[SETTINGS]))
+
+
+async def collect(request: web.Request) -> web.Response:
+    try:
+        ctype = request.content_type
+        if ctype not in _JSON_TYPES:
+            raise _Refused(415, "send text/plain or application/json", "content-type")
+        body = await _read_body(request)
+        if not body.strip():
+            raise _Refused(400, "the body is empty", "body")
+        try:
+            raw = orjson.loads(body)
+        except orjson.JSONDecodeError:
+            raise _Refused(400, "the body is not valid JSON", "body") from None
+        if not isinstance(raw, dict):
+            raise _Refused(400, "the body must be one JSON object", "body")
+        outcome = await _run(request, "collect", raw)
+    except _Refused as r:
+        if r.status != 400:
+            metrics.BEACONS_DROPPED.labels(_outcome_label(r.status)).inc()
+        metrics.INGEST_REQUESTS.labels("collect", _outcome_label(r.status)).inc()
+        return error_response(r.status, r.message, r.field)
+    if outcome.status == 202:
+        metrics.INGEST_REQUESTS.labels("collect", "accepted").inc()
+        return web.Response(
+            status=202, body=_ACCEPTED_BODY, content_type="application/json", headers=_CORS
+        )
+    metrics.INGEST_REQUESTS.labels("collect", _outcome_label(outcome.status)).inc()
+    return error_response(outcome.status, outcome.message, outcome.field, outcome.retry_after)
+
+
+async def collect_gif(request: web.Request) -> web.Response:
+    query = request.rel_url.query
+    raw: dict[str, Any] = {}
+    for name in query:
+        values = query.getall(name)
+        if len(values) > 1:
+            metrics.INGEST_REQUESTS.labels("pixel", "invalid").inc()
+            return error_response(400, f"{name} is given more than once", name)
+        raw[name] = values[0]
+    try:
+        outcome = await _run(request, "pixel", raw)
+    except _Refused as r:
+        metrics.INGEST_REQUESTS.labels("pixel", _outcome_label(r.status)).inc()
+        return error_response(r.status, r.message, r.field)
+    if outcome.status == 202:
+        metrics.INGEST_REQUESTS.labels("pixel", "accepted").inc()
+        return web.Response(
+            status=202,
+            body=_GIF,
+            content_type="image/gif",
+            headers={"Cache-Control": "no-store", **_CORS},
+        )
+    metrics.INGEST_REQUESTS.labels("pixel", _outcome_label(outcome.status)).inc()
+    return error_response(outcome.status, outcome.message, outcome.field, outcome.retry_after)
+
+
+async def collect_preflight(request: web.Request) -> web.Response:
+    return web.Response(
+        status=204,
+        headers={
+            **_CORS,
+            "Access-Control-Allow-Methods": "POST, GET, OPTIONS",
+            "Access-Control-Allow-Headers": "Content-Type",
+            "Access-Control-Max-Age": "86400",
+        },
+    )
+
+
+async def beacon_js(request: web.Request) -> web.Response:
+    if request.headers.get("If-None-Match") == _BEACON_JS_ETAG:
+        return web.Response(status=304, headers={"ETag": _BEACON_JS_ETAG})
+    return web.Response(
+        body=_BEACON_JS,
+        content_type="application/javascript",
+        charset="utf-8",
+        headers={
+            "Cache-Control": "public, max-age=3600",
+            "ETag": _BEACON_JS_ETAG,
+            **_CORS,
+        },
+    )
+
+
+def add_routes(app: web.Application, pipeline: Pipeline, settings: Settings) -> None:
+    app[PIPELINE] = pipeline
+    app[SETTINGS] = settings
+    app.router.add_post("/collect", collect)
+    app.router.add_route("OPTIONS", "/collect", collect_preflight)
+    app.router.add_get("/collect.gif", collect_gif)
+    app.router.add_get("/beacon.js", beacon_js)

@@ -1,0 +1,54 @@
+"""``visitorstats ingest``: the ingest app factory (beacons in, Kafka out)."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+from aiohttp import web
+
+from services import http
+from services.ingest import app as ingest_routes
+from services.ingest.pipeline import Pipeline
+from services.ingest.publish import KafkaPublisher, Publisher
+from services.ingest.ratelimit import RateLimiter
+from services.ingest.spool import Spool
+from services.ingest.visitor import VisitorHasher
+from services.settings import Settings
+from services.sites import Registry
+
+
+def make_pipeline(settings: Settings, registry: Registry, publisher: Publisher) -> Pipeline:
+    return Pipeline(
+        registry,
+        publisher,
+        VisitorHasher(settings.secret, settings.salt_period_seconds, settings.salt_link_seconds),
+        RateLimiter(settings.rate_limit_per_second, settings.rate_limit_burst),
+    )
+
+
+def add_publisher(app: web.Application, publisher: Publisher) -> None:
+    async def lifecycle(app: web.Application) -> AsyncIterator[None]:
+        await publisher.start()
+        yield
+        await publisher.stop()
+
+    async def ready() -> tuple[bool, str]:
+        return publisher.ready()
+
+    app.cleanup_ctx.append(lifecycle)
+    http.add_ready_check(app, "publish", ready)
+
+
+def create_ingest_app(settings: Settings, registry: Registry) -> web.Application:
+    if not settings.kafka_bootstrap:
+        raise SystemExit("visitorstats ingest needs VISITORSTATS_KAFKA_BOOTSTRAP")
+    app = http.new_app(settings)
+    publisher = KafkaPublisher(
+        settings.kafka_bootstrap,
+        settings.kafka_topic,
+        Spool.claim(settings.spool_dir, settings.spool_max_bytes),
+        linger_seconds=settings.publish_linger_seconds,
+    )
+    add_publisher(app, publisher)
+    ingest_routes.add_routes(app, make_pipeline(settings, registry, publisher), settings)
+    return app

@@ -1,0 +1,151 @@
+"""A bounded on-disk spool for records the broker could not take.
+
+Segments are append-only files ``NNNNNNNNNN.spool`` of length-prefixed records; the oldest is
+drained first, so order per visitor is kept. A segment is deleted once every record in it was
+acknowledged by the broker. Records are written with ``write()`` (no fsync): they survive a
+crash of the process, like Kafka's own page-cache durability; not a power loss of the machine.
+A crash in the middle of a drain may send some records twice: the aggregate service counts an
+``event_id`` once, so that changes no count.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import struct
+from collections import deque
+from pathlib import Path
+
+from services import metrics
+from services.ingest.publish_types import OutRecord
+
+_HEADER = struct.Struct(">IHI")  # shard, key length, value length
+_SEGMENT_BYTES = 4 * 1024 * 1024
+
+
+class SpoolFullError(Exception):
+    pass
+
+
+class Spool:
+    @classmethod
+    def claim(cls, root: Path, max_bytes: int) -> Spool:
+        """Take the first free ``root/worker-N`` (an exclusive lock held while the process
+        lives), so a restarted process drains what a crashed one spooled."""
+        root.mkdir(parents=True, exist_ok=True)
+        n = 0
+        while True:
+            directory = root / f"worker-{n}"
+            directory.mkdir(exist_ok=True)
+            fd = os.open(directory / "lock", os.O_RDWR | os.O_CREAT, 0o600)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                os.close(fd)
+                n += 1
+                continue
+            spool = cls(directory, max_bytes)
+            spool._lock_fd = fd
+            return spool
+
+    def __init__(self, directory: Path, max_bytes: int) -> None:
+        self._lock_fd: int | None = None
+        self._dir = directory
+        self._max = max_bytes
+        self._dir.mkdir(parents=True, exist_ok=True)
+        # (segment number, record) for every record not yet acknowledged
+        self._records: deque[tuple[int, OutRecord]] = deque()
+        self._bytes = 0
+        self._tail: int = 0
+        self._tail_file: int | None = None
+        self._tail_size = 0
+        for path in sorted(self._dir.glob("*.spool")):
+            self._load(path)
+        self._update_metrics()
+
+    def _load(self, path: Path) -> None:
+        segment = int(path.stem)
+        data = path.read_bytes()
+        pos = 0
+        while pos + _HEADER.size <= len(data):
+            shard, klen, vlen = _HEADER.unpack_from(data, pos)
+            end = pos + _HEADER.size + klen + vlen
+            if end > len(data):
+                break  # a torn last write: that record was never acknowledged to a client
+            key = data[pos + _HEADER.size : pos + _HEADER.size + klen]
+            value = data[pos + _HEADER.size + klen : end]
+            self._records.append((segment, OutRecord(key, value, shard)))
+            pos = end
+        self._bytes += pos
+        self._tail = max(self._tail, segment + 1)
+
+    def empty(self) -> bool:
+        return not self._records
+
+    def full(self) -> bool:
+        return self._bytes >= self._max
+
+    def __len__(self) -> int:
+        return len(self._records)
+
+    @property
+    def bytes(self) -> int:
+        return self._bytes
+
+    def append(self, records: list[OutRecord]) -> None:
+        """Write records durably to the tail segment; all or none."""
+        chunks = []
+        for rec in records:
+            chunks.append(_HEADER.pack(rec.shard, len(rec.key), len(rec.value)))
+            chunks.append(rec.key)
+            chunks.append(rec.value)
+        blob = b"".join(chunks)
+        if self._bytes + len(blob) > self._max:
+            raise SpoolFullError(f"spool full ({self._bytes} bytes)")
+        if self._tail_file is None or self._tail_size + len(blob) > _SEGMENT_BYTES:
+            self._open_tail()
+        assert self._tail_file is not None
+        os.write(self._tail_file, blob)
+        self._tail_size += len(blob)
+        self._bytes += len(blob)
+        segment = self._tail - 1
+        self._records.extend((segment, rec) for rec in records)
+        self._update_metrics()
+
+    def _open_tail(self) -> None:
+        if self._tail_file is not None:
+            os.close(self._tail_file)
+        path = self._dir / f"{self._tail:010d}.spool"
+        self._tail_file = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+        self._tail += 1
+        self._tail_size = 0
+
+    def peek(self, n: int) -> list[OutRecord]:
+        return [rec for _, rec in list(self._records)[:n]]
+
+    def pop(self, n: int) -> None:
+        """Forget the oldest ``n`` records: they were acknowledged by the broker."""
+        for _ in range(min(n, len(self._records))):
+            segment, rec = self._records.popleft()
+            self._bytes -= _HEADER.size + len(rec.key) + len(rec.value)
+            if not self._records or self._records[0][0] != segment:
+                self._drop_segment(segment)
+        self._update_metrics()
+
+    def _drop_segment(self, segment: int) -> None:
+        if self._tail_file is not None and segment == self._tail - 1:
+            os.close(self._tail_file)
+            self._tail_file = None
+        (self._dir / f"{segment:010d}.spool").unlink(missing_ok=True)
+
+    def close(self) -> None:
+        if self._tail_file is not None:
+            os.close(self._tail_file)
+            self._tail_file = None
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)
+            self._lock_fd = None
+
+    def _update_metrics(self) -> None:
+        metrics.SPOOL_DEPTH.set(len(self._records))
+        metrics.SPOOL_BYTES.set(self._bytes)

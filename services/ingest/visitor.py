@@ -1,0 +1,78 @@
+"""The visitor key: who a beacon belongs to, without keeping who the reader is.
+
+Without the portal's own ``visitor`` id, the key is a keyed hash (HMAC-SHA256 under the
+deployment's secret) of a salt that rotates every ``salt_period_seconds``, the site, the client
+address and the User-Agent. Neither the address nor the User-Agent leaves this module.
+
+Rotation must change no count, so for ``salt_link_seconds`` after a rotation a beacon also
+carries the key under the previous salt (``visitor_prev``), and the aggregate service links the
+two. The Kafka partition comes from a ``shard`` that does not rotate, so both keys of one
+visitor meet in one partition; only the shard number (not the hash) is used.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+from dataclasses import dataclass
+
+
+@dataclass(slots=True, frozen=True)
+class VisitorKey:
+    visitor: str
+    visitor_prev: str | None
+    shard: int
+
+
+class VisitorHasher:
+    def __init__(self, secret: bytes, salt_period_seconds: int, salt_link_seconds: int) -> None:
+        if not secret:
+            raise ValueError("the visitor hashing secret is empty")
+        self._secret = secret
+        self._period_ms = salt_period_seconds * 1000
+        self._link_ms = salt_link_seconds * 1000
+        self._salts: dict[int, bytes] = {}
+
+    def _salt(self, period: int) -> bytes:
+        salt = self._salts.get(period)
+        if salt is None:
+            if len(self._salts) > 4:
+                self._salts.clear()
+            salt = hmac.digest(self._secret, b"salt:%d" % period, "sha256")
+            self._salts[period] = salt
+        return salt
+
+    def key(self, site: str, address: str, user_agent: str, now_ms: int) -> VisitorKey:
+        material = f"{site}\0{address}\0{user_agent}".encode()
+        period, into = divmod(now_ms, self._period_ms)
+        visitor = hmac.digest(self._salt(period), material, "sha256")[:16].hex()
+        prev = None
+        if into < self._link_ms:
+            prev = hmac.digest(self._salt(period - 1), material, "sha256")[:16].hex()
+        return VisitorKey(visitor, prev, self._shard(material))
+
+    def portal_key(self, site: str, portal_visitor: str) -> VisitorKey:
+        """The portal's own (stable, opaque) visitor id: hashed, never rotated."""
+        material = f"{site}\0portal\0{portal_visitor}".encode()
+        visitor = hmac.digest(self._secret, material, "sha256")[:16].hex()
+        return VisitorKey(visitor, None, self._shard(material))
+
+    def _shard(self, material: bytes) -> int:
+        digest = hmac.digest(self._secret, b"shard\0" + material, "sha256")
+        return int.from_bytes(digest[:4], "big")
+
+
+def verify_member_token(token: str, site: str, secret: bytes, now_s: float) -> bool:
+    """A member token is ``EXPIRY.HEXSIG`` with ``HEXSIG = HMAC-SHA256(secret, "site.EXPIRY")``,
+    made by the portal's server; valid until the Unix time EXPIRY, for that site only."""
+    expiry, _, signature = token.partition(".")
+    if not expiry.isdigit() or len(expiry) > 12 or not signature:
+        return False
+    expected = hmac.new(secret, f"{site}.{expiry}".encode(), hashlib.sha256).hexdigest()
+    return hmac.compare_digest(expected, signature.lower()) and int(expiry) > now_s
+
+
+def make_member_token(site: str, secret: bytes, expiry_s: int) -> str:
+    """What a portal's server does to vouch for a logged-in reader (documented in the README)."""
+    sig = hmac.new(secret, f"{site}.{expiry_s}".encode(), hashlib.sha256).hexdigest()
+    return f"{expiry_s}.{sig}"

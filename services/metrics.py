@@ -1,0 +1,116 @@
+"""Every Prometheus metric of visitorstats, declared in one place.
+
+Names follow the Prometheus conventions: prefix ``visitorstats_``, counters end in ``_total``,
+durations are ``_seconds`` histograms. Labels are bounded: ``site`` only ever carries a site id
+from the registry (checked before a metric is touched), ``reason``/``outcome``/``kind`` come
+from closed sets, ``partition`` is bounded by the topic's partition count.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import Counter, Gauge, Histogram
+
+_LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5)
+_FRESHNESS_BUCKETS = (0.1, 0.25, 0.5, 0.75, 1, 1.5, 2, 3, 5, 10, 30, 60)
+_BATCH_BUCKETS = (1, 10, 100, 1000, 5000, 10000, 50000, 100000)
+
+# --- ingest ---------------------------------------------------------------------------------
+INGEST_REQUESTS = Counter(
+    "visitorstats_ingest_requests_total",
+    "HTTP requests to the ingest endpoints, by endpoint and outcome.",
+    ["endpoint", "outcome"],
+)
+BEACONS_DROPPED = Counter(
+    "visitorstats_beacons_dropped_total",
+    "Beacons refused or not counted, by reason.",
+    ["reason"],
+)
+BEACONS_ACCEPTED = Counter(
+    "visitorstats_beacons_accepted_total",
+    "Beacons accepted (answered 202), bots included.",
+    ["site"],
+)
+BEACONS_PUBLISHED = Counter(
+    "visitorstats_beacons_published_total",
+    "Beacon records handed on (acknowledged by Kafka, or the in-process hand-off).",
+)
+PUBLISH_LATENCY = Histogram(
+    "visitorstats_publish_latency_seconds",
+    "Time from a beacon's acceptance to its acknowledgement by the broker.",
+    buckets=_LATENCY_BUCKETS,
+)
+PUBLISH_ERRORS = Counter(
+    "visitorstats_publish_errors_total",
+    "Failed attempts to publish a batch of records to Kafka.",
+)
+SPOOL_DEPTH = Gauge(
+    "visitorstats_spool_depth",
+    "Records waiting in the on-disk spool for the broker.",
+)
+SPOOL_BYTES = Gauge(
+    "visitorstats_spool_bytes",
+    "Bytes used by the on-disk spool.",
+)
+
+# --- aggregate ------------------------------------------------------------------------------
+EVENTS_CONSUMED = Counter(
+    "visitorstats_events_consumed_total",
+    "Records consumed from the beacon topic (or the in-process hand-off).",
+)
+EVENTS_COUNTED = Counter(
+    "visitorstats_events_counted_total",
+    "Consumed events by what the counting rules made of them.",
+    ["outcome"],
+)
+DEAD_LETTERS = Counter(
+    "visitorstats_dead_letters_total",
+    "Records that could not be decoded and went to the dead-letter topic.",
+)
+CONSUMER_LAG = Gauge(
+    "visitorstats_consumer_lag",
+    "Records behind the end of the partition, per assigned partition.",
+    ["partition"],
+)
+BATCH_SIZE = Histogram(
+    "visitorstats_batch_size",
+    "Events per batch written to ClickHouse.",
+    buckets=_BATCH_BUCKETS,
+)
+CLICKHOUSE_WRITE_LATENCY = Histogram(
+    "visitorstats_clickhouse_write_seconds",
+    "Duration of one batch insert into ClickHouse.",
+    buckets=_LATENCY_BUCKETS,
+)
+CLICKHOUSE_ERRORS = Counter(
+    "visitorstats_clickhouse_errors_total",
+    "Failed ClickHouse operations, by operation.",
+    ["operation"],
+)
+COMMIT_LATENCY = Histogram(
+    "visitorstats_commit_seconds",
+    "Duration of one offset commit after a batch was written.",
+    buckets=_LATENCY_BUCKETS,
+)
+FRESHNESS = Histogram(
+    "visitorstats_freshness_seconds",
+    "Time from a beacon's acceptance at ingest to its appearance in the counter.",
+    buckets=_FRESHNESS_BUCKETS,
+)
+ONLINE = Gauge(
+    "visitorstats_online",
+    "Visitors online now, per site and kind (guests, members, total, bots).",
+    ["site", "kind"],
+)
+COUNTER_STALE = Gauge(
+    "visitorstats_counter_stale",
+    "1 while the counter of a site serves its last good numbers because a refresh failed.",
+    ["site"],
+)
+COUNTER_AGE = Gauge(
+    "visitorstats_counter_last_refresh_timestamp_seconds",
+    "Unix time of the last successful counter refresh.",
+)
+STREAM_SUBSCRIBERS = Gauge(
+    "visitorstats_stream_subscribers",
+    "Open counter streams (server-sent events).",
+)

@@ -1,0 +1,106 @@
+"""The beacon record: what ingest publishes and aggregate consumes (one JSON object per record).
+
+It never carries a raw client address or User-Agent: only the keyed visitor hash.
+"""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+
+EVENT_TYPES = ("pageview", "heartbeat", "leave")
+
+
+class RecordError(ValueError):
+    """A record that cannot be decoded; it goes to the dead-letter topic."""
+
+
+@dataclass(slots=True, frozen=True)
+class Event:
+    event_id: str
+    site: str
+    type: str
+    ts: int  # milliseconds since the epoch, set by ingest at acceptance
+    visitor: str  # keyed hash (current salt period), or of the portal's own visitor id
+    visitor_prev: str | None  # the same visitor under the previous salt period, near a rotation
+    member: bool
+    bot: bool
+    url: str
+    referrer: str
+    title: str
+
+
+def record_key(site: str, visitor: str) -> bytes:
+    return f"{site}:{visitor}".encode()
+
+
+def encode(event: Event) -> bytes:
+    value: dict[str, Any] = {
+        "event_id": event.event_id,
+        "site": event.site,
+        "type": event.type,
+        "ts": event.ts,
+        "visitor": event.visitor,
+        "member": event.member,
+        "bot": event.bot,
+        "url": event.url,
+        "referrer": event.referrer,
+        "title": event.title,
+    }
+    if event.visitor_prev:
+        value["visitor_prev"] = event.visitor_prev
+    return orjson.dumps(value)
+
+
+def _str(value: dict[str, Any], name: str, *, required: bool = True, limit: int = 4096) -> str:
+    v = value.get(name)
+    if v is None and not required:
+        return ""
+    if not isinstance(v, str) or len(v) > limit or (required and not v):
+        raise RecordError(f"field {name!r} missing or invalid")
+    return v
+
+
+def decode(raw: bytes | None) -> Event:
+    """Decode and check one record value; raises RecordError for anything malformed."""
+    if raw is None:
+        raise RecordError("empty record")
+    try:
+        value = orjson.loads(raw)
+    except orjson.JSONDecodeError as e:
+        raise RecordError(f"not JSON: {e}") from None
+    if not isinstance(value, dict):
+        raise RecordError("not a JSON object")
+    ts = value.get("ts")
+    if not isinstance(ts, int) or isinstance(ts, bool) or not 0 < ts < 2**53:
+        raise RecordError("field 'ts' missing or invalid")
+    kind = value.get("type")
+    if kind not in EVENT_TYPES:
+        raise RecordError("field 'type' missing or invalid")
+    event_id = _str(value, "event_id", limit=64)
+    try:
+        event_id = str(uuid.UUID(event_id))
+    except ValueError:
+        raise RecordError("field 'event_id' is not a UUID") from None
+    member, bot = value.get("member", False), value.get("bot", False)
+    if not isinstance(member, bool) or not isinstance(bot, bool):
+        raise RecordError("fields 'member'/'bot' must be booleans")
+    prev = value.get("visitor_prev")
+    if prev is not None and (not isinstance(prev, str) or not 0 < len(prev) <= 64):
+        raise RecordError("field 'visitor_prev' invalid")
+    return Event(
+        event_id=event_id,
+        site=_str(value, "site", limit=64),
+        type=kind,
+        ts=ts,
+        visitor=_str(value, "visitor", limit=64),
+        visitor_prev=prev,
+        member=member,
+        bot=bot,
+        url=_str(value, "url", required=False),
+        referrer=_str(value, "referrer", required=False),
+        title=_str(value, "title", required=False, limit=1024),
+    )

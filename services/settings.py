@@ -1,0 +1,153 @@
+"""Settings, read once from the environment (``VISITORSTATS_*``) with the spec's defaults.
+
+A CLI flag may override a field (see ``services.cli``); nothing else reads the environment.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import secrets
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+DEFAULT_TRUSTED_PROXIES = "127.0.0.1/8,::1"
+
+
+def _int(env: Mapping[str, str], name: str, default: int) -> int:
+    raw = env.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        return int(raw)
+    except ValueError:
+        raise SystemExit(f"{name} must be an integer, got {raw!r}") from None
+
+
+def _float(env: Mapping[str, str], name: str, default: float) -> float:
+    raw = env.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        return float(raw)
+    except ValueError:
+        raise SystemExit(f"{name} must be a number, got {raw!r}") from None
+
+
+def _bool(env: Mapping[str, str], name: str, default: bool) -> bool:
+    raw = env.get(name)
+    if raw is None or raw == "":
+        return default
+    return raw.strip().lower() in {"1", "true", "yes", "on"}
+
+
+def parse_networks(raw: str) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]:
+    nets = []
+    for part in raw.split(","):
+        part = part.strip()
+        if part:
+            try:
+                nets.append(ipaddress.ip_network(part, strict=False))
+            except ValueError:
+                raise SystemExit(f"VISITORSTATS_TRUSTED_PROXIES: bad network {part!r}") from None
+    return tuple(nets)
+
+
+@dataclass(frozen=True)
+class Settings:
+    host: str = "127.0.0.1"
+    port: int = 8080
+    kafka_bootstrap: str | None = None
+    kafka_topic: str = "pageviews"
+    kafka_dead_letter_topic: str = "pageviews-dlq"
+    kafka_group: str = "visitorstats-aggregate"
+    clickhouse_url: str = "chdb://./data/clickhouse"
+    sites_path: Path = Path("sites.toml")
+    data_dir: Path = Path("data")
+    secret: bytes = b""
+    workers: int = 1
+    trusted_proxies: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = field(
+        default_factory=lambda: parse_networks(DEFAULT_TRUSTED_PROXIES)
+    )
+    access_log: bool = False
+    # Salt rotation period for the visitor hash; one day in production, shorter in tests.
+    salt_period_seconds: int = 86400
+    # After a rotation, beacons also carry the previous period's key for this long, so that the
+    # aggregate service can link a visitor who is active across the rotation (and no longer).
+    salt_link_seconds: int = 3600
+    # ingest -> broker batching
+    publish_linger_seconds: float = 0.002
+    publish_batch_bytes: int = 512 * 1024
+    spool_dir: Path = Path("data/spool")
+    spool_max_bytes: int = 256 * 1024 * 1024
+    # aggregate batching: a batch closes on count or on age, whichever comes first
+    flush_max_events: int = 50_000
+    flush_interval_seconds: float = 0.25
+    counter_interval_seconds: float = 0.5
+    visit_timeout_seconds: int = 1800
+    # duplicates of an event_id are recognised within this horizon
+    dedup_horizon_seconds: int = 3600
+    # per-client (address) beacon budget per site: sustained rate and burst
+    rate_limit_per_second: float = 50.0
+    rate_limit_burst: int = 200
+    max_visitors_per_partition: int = 2_000_000
+    # slow or abusive HTTP clients
+    client_max_size: int = 8 * 1024
+    read_timeout_seconds: float = 10.0
+    max_connections: int = 4096
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
+        e = os.environ if env is None else env
+        data_dir = Path(e.get("VISITORSTATS_DATA_DIR", "data"))
+        s = cls(
+            host=e.get("VISITORSTATS_HOST", "127.0.0.1"),
+            port=_int(e, "VISITORSTATS_PORT", 8080),
+            kafka_bootstrap=e.get("VISITORSTATS_KAFKA_BOOTSTRAP") or None,
+            kafka_topic=e.get("VISITORSTATS_KAFKA_TOPIC", "pageviews"),
+            kafka_dead_letter_topic=e.get(
+                "VISITORSTATS_KAFKA_DLQ_TOPIC",
+                e.get("VISITORSTATS_KAFKA_TOPIC", "pageviews") + "-dlq",
+            ),
+            kafka_group=e.get("VISITORSTATS_KAFKA_GROUP", "visitorstats-aggregate"),
+            clickhouse_url=e.get("VISITORSTATS_CLICKHOUSE_URL", f"chdb://./{data_dir}/clickhouse"),
+            sites_path=Path(e.get("VISITORSTATS_SITES", "./sites.toml")),
+            data_dir=data_dir,
+            secret=e.get("VISITORSTATS_SECRET", "").encode(),
+            workers=_int(e, "VISITORSTATS_WORKERS", 1),
+            trusted_proxies=parse_networks(
+                e.get("VISITORSTATS_TRUSTED_PROXIES", DEFAULT_TRUSTED_PROXIES)
+            ),
+            access_log=_bool(e, "VISITORSTATS_ACCESS_LOG", False),
+            salt_period_seconds=_int(e, "VISITORSTATS_SALT_PERIOD_SECONDS", 86400),
+            salt_link_seconds=_int(e, "VISITORSTATS_SALT_LINK_SECONDS", 3600),
+            publish_linger_seconds=_float(e, "VISITORSTATS_PUBLISH_LINGER_SECONDS", 0.002),
+            spool_dir=Path(e.get("VISITORSTATS_SPOOL_DIR", str(data_dir / "spool"))),
+            spool_max_bytes=_int(e, "VISITORSTATS_SPOOL_MAX_BYTES", 256 * 1024 * 1024),
+            flush_max_events=_int(e, "VISITORSTATS_FLUSH_MAX_EVENTS", 50_000),
+            flush_interval_seconds=_float(e, "VISITORSTATS_FLUSH_INTERVAL_SECONDS", 0.25),
+            counter_interval_seconds=_float(e, "VISITORSTATS_COUNTER_INTERVAL_SECONDS", 0.5),
+            dedup_horizon_seconds=_int(e, "VISITORSTATS_DEDUP_HORIZON_SECONDS", 3600),
+            rate_limit_per_second=_float(e, "VISITORSTATS_RATE_LIMIT_PER_SECOND", 50.0),
+            rate_limit_burst=_int(e, "VISITORSTATS_RATE_LIMIT_BURST", 200),
+            max_visitors_per_partition=_int(e, "VISITORSTATS_MAX_VISITORS", 2_000_000),
+            read_timeout_seconds=_float(e, "VISITORSTATS_READ_TIMEOUT_SECONDS", 10.0),
+            max_connections=_int(e, "VISITORSTATS_MAX_CONNECTIONS", 4096),
+        )
+        return replace(s, **overrides) if overrides else s
+
+    def with_secret(self) -> Settings:
+        """Return settings whose ``secret`` is set: from the environment, or generated once and
+        kept under the data directory (so restarts keep counting the same visitors)."""
+        if self.secret:
+            return self
+        path = self.data_dir / "secret"
+        if not path.exists():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_suffix(".tmp")
+            tmp.write_text(secrets.token_hex(32))
+            tmp.chmod(0o600)
+            os.replace(tmp, path)
+        return replace(self, secret=path.read_text().strip().encode())

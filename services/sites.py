@@ -1,0 +1,114 @@
+"""The site registry (``sites.toml``): which sites may send beacons, and how they are counted."""
+
+from __future__ import annotations
+
+import re
+import tomllib
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+SITE_ID = re.compile(r"[a-z0-9][a-z0-9-]{0,63}")
+
+
+class RegistryError(ValueError):
+    """The registry file is invalid; the message names the site and the field."""
+
+
+@dataclass(frozen=True)
+class Site:
+    id: str
+    name: str
+    origins: frozenset[str]
+    timezone: str
+    baseline_visits: int = 0
+    baseline_pageviews: int = 0
+    online_window_seconds: int = 300
+    honor_dnt: bool = False
+    honor_gpc: bool = False
+    # When set, `member: true` counts only with a valid signed member token (HMAC-SHA256).
+    member_token_secret: bytes | None = None
+
+    @property
+    def tz(self) -> ZoneInfo:
+        return ZoneInfo(self.timezone)
+
+    def origin_allowed(self, origin: str) -> bool:
+        return not self.origins or origin in self.origins
+
+
+def _site(site_id: str, raw: Mapping[str, Any]) -> Site:
+    def field(name: str, kind: type, default: Any) -> Any:
+        value = raw.get(name, default)
+        if (kind is int and isinstance(value, bool)) or not isinstance(value, kind):
+            raise RegistryError(f"sites.{site_id}.{name}: expected {kind.__name__}")
+        return value
+
+    if not SITE_ID.fullmatch(site_id):
+        raise RegistryError(f"sites.{site_id}: a site id is [a-z0-9][a-z0-9-]{{0,63}}")
+    origins = field("origins", list, [])
+    for o in origins:
+        if not isinstance(o, str):
+            raise RegistryError(f"sites.{site_id}.origins: expected strings")
+    tz = field("timezone", str, "UTC")
+    try:
+        ZoneInfo(tz)
+    except (ZoneInfoNotFoundError, ValueError):
+        raise RegistryError(f"sites.{site_id}.timezone: unknown time zone {tz!r}") from None
+    window = field("online_window_seconds", int, 300)
+    if not 10 <= window <= 86400:
+        raise RegistryError(f"sites.{site_id}.online_window_seconds: between 10 and 86400")
+    secret = raw.get("member_token_secret")
+    if secret is not None and not isinstance(secret, str):
+        raise RegistryError(f"sites.{site_id}.member_token_secret: expected a string")
+    baseline_visits = field("baseline_visits", int, 0)
+    baseline_pageviews = field("baseline_pageviews", int, 0)
+    if baseline_visits < 0 or baseline_pageviews < 0:
+        raise RegistryError(f"sites.{site_id}: baselines cannot be negative")
+    return Site(
+        id=site_id,
+        name=field("name", str, site_id),
+        origins=frozenset(o.rstrip("/").lower() for o in origins),
+        timezone=tz,
+        baseline_visits=baseline_visits,
+        baseline_pageviews=baseline_pageviews,
+        online_window_seconds=window,
+        honor_dnt=field("honor_dnt", bool, False),
+        honor_gpc=field("honor_gpc", bool, False),
+        member_token_secret=secret.encode() if secret else None,
+    )
+
+
+@dataclass(frozen=True)
+class Registry:
+    sites: Mapping[str, Site]
+
+    def get(self, site_id: str) -> Site | None:
+        return self.sites.get(site_id)
+
+    def __iter__(self) -> Iterator[Site]:
+        return iter(self.sites.values())
+
+    def __len__(self) -> int:
+        return len(self.sites)
+
+    @classmethod
+    def parse(cls, text: str) -> Registry:
+        try:
+            data = tomllib.loads(text)
+        except tomllib.TOMLDecodeError as e:
+            raise RegistryError(f"sites.toml: {e}") from None
+        raw_sites = data.get("sites", {})
+        if not isinstance(raw_sites, dict):
+            raise RegistryError("sites.toml: [sites] must be a table")
+        return cls({sid: _site(sid, raw) for sid, raw in raw_sites.items()})
+
+    @classmethod
+    def load(cls, path: Path) -> Registry:
+        try:
+            text = path.read_text(encoding="utf-8")
+        except FileNotFoundError:
+            raise RegistryError(f"site registry not found: {path}") from None
+        return cls.parse(text)

@@ -1,0 +1,55 @@
+"""``visitorstats run``: ingest and aggregate in one process on one port. Without a broker the
+hand-off is the in-process ``LocalLog``; with ``VISITORSTATS_KAFKA_BOOTSTRAP`` set, the very
+same app publishes to and consumes from Kafka. Either way the counting code is the same."""
+
+from __future__ import annotations
+
+from aiohttp import web
+
+from services import http
+from services.aggregate import render
+from services.aggregate.service import add_aggregate
+from services.aggregate.sources import KafkaSource, LocalLog, Source
+from services.ingest import app as ingest_routes
+from services.ingest.publish import KafkaPublisher, LocalPublisher, Publisher
+from services.ingest.service import add_publisher, make_pipeline
+from services.ingest.spool import Spool
+from services.settings import Settings
+from services.sites import Registry
+
+
+def create_standalone_app(settings: Settings, registry: Registry) -> web.Application:
+    app = http.new_app(settings)
+    source: Source
+    publisher: Publisher
+    if settings.kafka_bootstrap:
+        source = KafkaSource(
+            settings.kafka_bootstrap,
+            settings.kafka_topic,
+            settings.kafka_group,
+            settings.kafka_dead_letter_topic,
+        )
+        publisher = KafkaPublisher(
+            settings.kafka_bootstrap,
+            settings.kafka_topic,
+            Spool.claim(settings.spool_dir, settings.spool_max_bytes),
+            linger_seconds=settings.publish_linger_seconds,
+        )
+        add_aggregate(app, settings, registry, source)
+    else:
+        log = LocalLog()
+        source = log
+        publisher = LocalPublisher(log.append)
+        add_aggregate(app, settings, registry, source, drained=lambda: log.pending() == 0)
+    # Registered last, so it stops first: no new beacons, then the last batch is written.
+    add_publisher(app, publisher)
+    ingest_routes.add_routes(app, make_pipeline(settings, registry, publisher), settings)
+    demo = next(iter(registry), None)
+
+    async def index(request: web.Request) -> web.Response:
+        if demo is None:
+            return web.Response(text="visitorstats: no site in the registry")
+        return web.Response(text=render.render_demo_page(demo.id), content_type="text/html")
+
+    app.router.add_get("/", index)
+    return app
