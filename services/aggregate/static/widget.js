@@ -1,0 +1,334 @@
+/*! visitorstats widget.js - the "Thống kê truy cập" block, live. No dependencies.
+ *
+ *   <div data-visitorstats-widget data-site="dongha" data-lang="vi"></div>
+ *   <script defer src="https://stats.example/widget.js"></script>
+ *
+ * Options, on the div or on the script tag: data-lang="vi"|"en" (default vi), data-poll="10"
+ * (seconds between polls when the stream is unavailable), data-stream="off" (poll only).
+ * Theme: set --vs-bg, --vs-fg, --vs-accent, --vs-border, --vs-font (also --vs-muted, --vs-warn,
+ * --vs-radius) on the div or any ancestor.
+ *
+ * DOM contract (stable, for tests and portal CSS), on each widget element:
+ *   data-vs-state    connecting | live | polling | stale | error
+ *   data-vs-updates  how many counter snapshots have been rendered into it
+ *   data-vs-as-of    the snapshot's as_of
+ *   [data-vs=guests|members|total|visits-today|visits-total]  the numbers
+ *   [data-vs=stale]  the stale mark, hidden unless stale or unreachable
+ */
+(function (w, d) {
+  "use strict";
+  var script = d.currentScript || d.querySelector("script[src*='widget.js']");
+  if (!script || !w.fetch) return;
+  var base = script.src.split(/[?#]/)[0].replace(/\/[^\/]*$/, "");
+
+  var LABELS = {
+    vi: {
+      title: "Thống kê truy cập",
+      online: "Người trực tuyến",
+      guests: "Khách",
+      members: "Thành viên",
+      total: "Tổng",
+      visits: "Lượt truy cập",
+      visits_today: "Truy cập hôm nay",
+      visits_total: "Tổng lượt truy cập",
+      stale: "số liệu chưa cập nhật"
+    },
+    en: {
+      title: "Visitor statistics",
+      online: "Online now",
+      guests: "Guests",
+      members: "Members",
+      total: "Total",
+      visits: "Visits",
+      visits_today: "Visits today",
+      visits_total: "Total visits",
+      stale: "numbers not up to date"
+    }
+  };
+  var LOCALES = { vi: "vi-VN", en: "en-US" };
+  // data-vs name -> where the number is in the counter JSON
+  var FIELDS = {
+    guests: ["online", "guests"],
+    members: ["online", "members"],
+    total: ["online", "total"],
+    "visits-today": ["visits", "today"],
+    "visits-total": ["visits", "total"]
+  };
+  var SITE_ID = /^[a-z0-9][a-z0-9-]{0,63}$/;
+  var STREAM_RETRY_MS = 60000; // after a fall-back, try the stream again (if it ever worked)
+  var CSS =
+    ".vs-widget{box-sizing:border-box;max-width:22em;padding:.75em 1em;" +
+    "background:var(--vs-bg,#fff);color:var(--vs-fg,#1f2937);" +
+    "border:1px solid var(--vs-border,#d1d5db);border-radius:var(--vs-radius,6px);" +
+    "font:14px/1.5 var(--vs-font,system-ui,-apple-system,'Segoe UI',Roboto,Arial,sans-serif)}" +
+    ".vs-widget *{box-sizing:inherit}" +
+    ".vs-widget .vs-h{margin:0 0 .4em;padding:0 0 .3em;font:inherit;font-size:1.1em;font-weight:700;" +
+    "color:var(--vs-accent,#b91c1c);border-bottom:2px solid var(--vs-accent,#b91c1c);" +
+    "display:flex;justify-content:space-between;align-items:baseline;gap:.5em}" +
+    ".vs-widget .vs-sub{margin:0;font-weight:600}" +
+    ".vs-widget ul{list-style:none;margin:0;padding:0}" +
+    ".vs-widget .vs-online{padding-left:1em;margin-bottom:.4em}" +
+    ".vs-widget li{display:flex;justify-content:space-between;gap:1em;margin:0;padding:0}" +
+    ".vs-widget li.vs-sum{font-weight:600}" +
+    ".vs-widget .vs-visits{border-top:1px solid var(--vs-border,#d1d5db);padding-top:.4em}" +
+    ".vs-widget .vs-n{font-variant-numeric:tabular-nums;font-weight:600;white-space:nowrap}" +
+    ".vs-widget .vs-stale{font-weight:400;font-size:.9em;color:var(--vs-warn,#b45309);cursor:help}" +
+    ".vs-widget [hidden]{display:none!important}";
+
+  var sources = {};
+
+  function attr(el, name) {
+    var v = el.getAttribute("data-" + name);
+    return v == null || v === "" ? script.getAttribute("data-" + name) : v;
+  }
+
+  function h(tag, attrs, kids) {
+    var e = d.createElement(tag), k, i;
+    for (k in attrs) e.setAttribute(k, attrs[k]);
+    for (i = 0; kids && i < kids.length; i++) {
+      e.appendChild(typeof kids[i] == "string" ? d.createTextNode(kids[i]) : kids[i]);
+    }
+    return e;
+  }
+
+  function formatter(lang) {
+    var f = null;
+    try {
+      f = new Intl.NumberFormat(LOCALES[lang], { maximumFractionDigits: 0 });
+    } catch (e) {}
+    return function (n) {
+      if (typeof n != "number" || !isFinite(n)) return "–";
+      if (f) return f.format(n);
+      return String(Math.round(n)).replace(/\B(?=(\d{3})+(?!\d))/g, lang == "vi" ? "." : ",");
+    };
+  }
+
+  function pick(data, path) {
+    var v = data;
+    for (var i = 0; v != null && i < path.length; i++) v = v[path[i]];
+    return v;
+  }
+
+  function injectStyle() {
+    if (d.getElementById("visitorstats-widget-style")) return;
+    var head = d.head || d.documentElement;
+    // First in <head>, so the portal's own rules win over these defaults.
+    head.insertBefore(h("style", { id: "visitorstats-widget-style" }, [CSS]), head.firstChild);
+  }
+
+  /* One widget element: builds its markup once, then only touches changed text. */
+  function View(el, src) {
+    var lang = LABELS[el.getAttribute("data-lang")] ? el.getAttribute("data-lang") : "vi";
+    var L = LABELS[lang];
+    var fmt = formatter(lang);
+    var nodes = {};
+    var updates = 0;
+
+    function row(key, label, cls) {
+      nodes[key] = h("span", { "class": "vs-n", "data-vs": key }, ["–"]);
+      return h("li", cls ? { "class": cls } : {}, [h("span", { "class": "vs-k" }, [label]), " ", nodes[key]]);
+    }
+
+    var mark = h("span", {
+      "class": "vs-stale", "data-vs": "stale", role: "img", title: L.stale, "aria-label": L.stale, hidden: ""
+    }, ["⚠"]);
+    el.textContent = "";
+    el.className = (el.className ? el.className + " " : "") + "vs-widget";
+    el.setAttribute("lang", lang);
+    el.appendChild(h("h2", { "class": "vs-h" }, [h("span", {}, [L.title]), mark]));
+    el.appendChild(h("div", { "class": "vs-body", "aria-live": "polite" }, [
+      h("p", { "class": "vs-sub" }, [L.online]),
+      h("ul", { "class": "vs-online", "aria-label": L.online }, [
+        row("guests", L.guests),
+        row("members", L.members),
+        row("total", L.total, "vs-sum")
+      ]),
+      h("ul", { "class": "vs-visits", "aria-label": L.visits }, [
+        row("visits-today", L.visits_today),
+        row("visits-total", L.visits_total, "vs-sum")
+      ])
+    ]));
+    el.setAttribute("data-vs-updates", "0");
+
+    this.paint = function (fresh) {
+      var data = src.data, key, text, state = src.state();
+      if (fresh && data) {
+        for (key in FIELDS) {
+          text = fmt(pick(data, FIELDS[key]));
+          if (nodes[key].textContent !== text) nodes[key].textContent = text;
+        }
+        if (data.as_of) el.setAttribute("data-vs-as-of", String(data.as_of));
+        el.setAttribute("data-vs-updates", String(++updates));
+      }
+      if (el.getAttribute("data-vs-state") !== state) el.setAttribute("data-vs-state", state);
+      mark.hidden = state != "stale";
+    };
+  }
+
+  /* One counter per site, shared by every widget of that site on the page:
+   * one stream (or one poller) however many widgets show it. */
+  function Source(site, poll, streamAllowed) {
+    var self = this;
+    var url = base + "/v1/sites/" + encodeURIComponent(site) + "/counter";
+    var views = [];
+    var mode = "stream"; // "stream" | "poll"
+    var es = null, open = false, got = false, everStreamed = false, errors = 0, watchdog = 0;
+    var etag = "", seq = 0, inflight = false, down = false, pollTimer = 0, fellBack = 0;
+    var retryMs = STREAM_RETRY_MS;
+
+    this.data = null;
+    this.poll = poll;
+    this.add = function (view) {
+      views.push(view);
+    };
+    this.state = function () {
+      if (down || (self.data && self.data.stale === true)) return "stale";
+      if (mode == "poll") return self.data ? "polling" : "connecting";
+      return open && self.data ? "live" : "connecting";
+    };
+
+    function paint(fresh) {
+      for (var i = 0; i < views.length; i++) views[i].paint(fresh);
+    }
+
+    function show(data) {
+      if (!data || typeof data != "object") return;
+      self.data = data;
+      down = false;
+      paint(true);
+    }
+
+    function load() {
+      if (inflight) return;
+      inflight = true;
+      var mine = seq, headers = {};
+      if (etag) headers["If-None-Match"] = etag;
+      fetch(url, { headers: headers, cache: "no-store", credentials: "omit" })
+        .then(function (r) {
+          if (r.status == 304) return null;
+          if (!r.ok) throw new Error("HTTP " + r.status);
+          var tag = r.headers.get("ETag") || "";
+          return r.json().then(function (data) {
+            return { data: data, etag: tag };
+          });
+        })
+        .then(function (res) {
+          inflight = false;
+          // A stream message that arrived meanwhile is newer than this answer.
+          if (res && mine == seq) {
+            etag = res.etag;
+            show(res.data);
+          } else if (down) {
+            down = false;
+            paint(false);
+          }
+          if (mode == "poll" && everStreamed && Date.now() - fellBack > retryMs) {
+            retryMs = Math.min(retryMs * 2, 600000);
+            openStream();
+          }
+        }, function () {
+          inflight = false;
+          down = true; // keep the last numbers, show the stale mark
+          paint(false);
+        });
+    }
+
+    function tick() {
+      if (d.visibilityState != "hidden") load();
+    }
+
+    function startPolling() {
+      if (es) es.close();
+      es = null;
+      open = false;
+      clearTimeout(watchdog);
+      mode = "poll";
+      fellBack = Date.now();
+      clearInterval(pollTimer);
+      pollTimer = setInterval(tick, self.poll * 1000);
+      load();
+      paint(false);
+    }
+
+    function openStream() {
+      if (!w.EventSource) return startPolling();
+      clearInterval(pollTimer);
+      mode = "stream";
+      got = false;
+      errors = 0;
+      try {
+        es = new EventSource(url + "/stream");
+      } catch (e) {
+        return startPolling();
+      }
+      es.onopen = function () {
+        open = true;
+        paint(false);
+      };
+      es.onmessage = function (e) {
+        var data;
+        try {
+          data = JSON.parse(e.data);
+        } catch (x) {
+          return;
+        }
+        got = everStreamed = open = true;
+        errors = 0;
+        seq++;
+        show(data);
+      };
+      es.onerror = function () {
+        open = false;
+        // Blocked (error before any message) or failing twice in a row: poll instead.
+        if (!got || ++errors >= 2 || this.readyState == 2) startPolling();
+        else paint(false);
+      };
+      // A stream that opens but never delivers (a buffering proxy): poll instead.
+      clearTimeout(watchdog);
+      watchdog = setTimeout(function () {
+        if (!got && mode == "stream") startPolling();
+      }, Math.max(15, 2 * self.poll) * 1000);
+    }
+
+    this.start = function () {
+      paint(false);
+      if (streamAllowed && w.EventSource) {
+        load(); // numbers at once; the stream keeps them current
+        openStream();
+      } else {
+        startPolling();
+      }
+      d.addEventListener("visibilitychange", function () {
+        if (mode == "poll") tick();
+      });
+    };
+  }
+
+  function setup(el, fresh) {
+    if (el.getAttribute("data-vs-state")) return; // already running (script included twice)
+    var site = el.getAttribute("data-site") || "";
+    if (!SITE_ID.test(site)) {
+      el.setAttribute("data-vs-state", "error");
+      return;
+    }
+    var poll = Math.max(parseFloat(attr(el, "poll")) || 10, 1);
+    var src = sources[site];
+    if (!src) {
+      src = sources[site] = new Source(site, poll, !/^(off|0|false|no)$/i.test(attr(el, "stream") || ""));
+      fresh.push(src);
+    }
+    src.poll = Math.min(src.poll, poll);
+    src.add(new View(el, src));
+  }
+
+  function init() {
+    var els = d.querySelectorAll("[data-visitorstats-widget]"), fresh = [], i;
+    if (!els.length) return;
+    injectStyle();
+    for (i = 0; i < els.length; i++) setup(els[i], fresh);
+    for (i = 0; i < fresh.length; i++) fresh[i].start();
+  }
+
+  if (d.readyState == "loading") d.addEventListener("DOMContentLoaded", init);
+  else init();
+})(window, document);

@@ -1,0 +1,99 @@
+/*! visitorstats beacon.js: data-site, data-member, data-heartbeat (s), data-visitor */
+(function (w, d, n) {
+  "use strict";
+  var s = d.currentScript || d.querySelector("script[data-site][src*='beacon.js']");
+  var site = s && s.getAttribute("data-site");
+  if (!site) return;
+  // Beacons go back to the service that served this file.
+  var base = s.src.split(/[?#]/)[0].replace(/\/[^\/]*$/, "");
+  var endpoint = base + "/collect";
+  var member = /^(1|true)$/i.test(s.getAttribute("data-member"));
+  var visitor = s.getAttribute("data-visitor");
+  var every = Math.max(parseFloat(s.getAttribute("data-heartbeat")) || 60, 1);
+  var timer = 0, left = 0, page = location.href;
+
+  function uuid() {
+    var c = w.crypto, b = new Uint8Array(16), h = "", i;
+    if (c && c.randomUUID) return c.randomUUID();
+    if (c && c.getRandomValues) c.getRandomValues(b);
+    else for (i = 0; i < 16; i++) b[i] = Math.random() * 256;
+    b[6] = (b[6] & 15) | 64; // version 4
+    b[8] = (b[8] & 63) | 128;
+    for (i = 0; i < 16; i++) h += (i > 3 && i < 11 && !(i % 2) ? "-" : "") + (b[i] + 256).toString(16).slice(1);
+    return h;
+  }
+
+  function beacon(body) {
+    try {
+      return n.sendBeacon(endpoint, new Blob([body], { type: "text/plain" }));
+    } catch (e) {
+      return false;
+    }
+  }
+
+  function send(type, referrer) {
+    var ev = { site: site, type: type, url: location.href.slice(0, 2048), member: member, event_id: uuid() };
+    var q = [], k, body;
+    if (/^https?:/i.test(referrer)) ev.referrer = referrer.slice(0, 2048);
+    if (d.title) ev.title = d.title.slice(0, 512);
+    if (visitor) ev.visitor = visitor.slice(0, 128);
+    body = JSON.stringify(ev);
+    function fallback() {
+      if (beacon(body)) return;
+      for (k in ev) q.push(k + "=" + encodeURIComponent(ev[k]));
+      new Image().src = base + "/collect.gif?" + q.join("&");
+    }
+    left = type == "leave";
+    if (left && beacon(body)) return;
+    try {
+      // text/plain: no CORS preflight; a beacon resent with its event_id counts once.
+      fetch(endpoint, {
+        method: "POST", body: body, keepalive: true, credentials: "omit", mode: "no-cors",
+        headers: { "Content-Type": "text/plain" }
+      })["catch"](fallback);
+    } catch (e) {
+      fallback();
+    }
+  }
+
+  function beat() {
+    send("heartbeat");
+  }
+
+  function start() {
+    if (!timer && d.visibilityState != "hidden") timer = setInterval(beat, every * 1000);
+  }
+
+  function leave() {
+    clearInterval(timer);
+    timer = 0;
+    if (!left) send("leave");
+  }
+
+  function navigated() {
+    var prev = page;
+    page = location.href;
+    if (page.split("#")[0] != prev.split("#")[0]) send("pageview", prev); // not for #anchors
+  }
+
+  function load() {
+    var h = history, push = h.pushState;
+    send("pageview", d.referrer);
+    start();
+    h.pushState = function () {
+      var r = push.apply(this, arguments);
+      navigated();
+      return r;
+    };
+    w.addEventListener("popstate", navigated);
+    w.addEventListener("pagehide", leave);
+    d.addEventListener("visibilitychange", function () {
+      if (d.visibilityState == "hidden") leave();
+      else if (!timer) beat(), start();
+    });
+  }
+
+  // A prerendered page counts when the reader opens it.
+  if (d.prerendering) d.addEventListener("prerenderingchange", load, { once: true });
+  else load();
+})(window, document, navigator);
