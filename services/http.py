@@ -77,8 +77,13 @@ def serve(
         level=os.environ.get("VISITORSTATS_LOG_LEVEL", "INFO"),
         format="%(asctime)s %(process)d %(levelname)s %(name)s: %(message)s",
     )
+
+    async def app_factory() -> web.Application:
+        # inside the loop: aiokafka clients must be created with a running loop
+        return make_app()
+
     web.run_app(
-        make_app(),
+        app_factory(),
         host=settings.host,
         port=settings.port,
         access_log=logging.getLogger("aiohttp.access") if settings.access_log else None,

@@ -125,7 +125,10 @@ class Aggregator:
         for rec in records:
             state = self.states.get(rec.partition)
             if state is None:
-                continue  # not (or no longer) ours
+                # Not ours, or its state is not rebuilt yet: never count it without state.
+                # Re-reading from ClickHouse's resume point picks it up if it is ours.
+                self.needs_reset = True
+                continue
             span = batch.spans.get(rec.partition)
             if span is None:
                 batch.spans[rec.partition] = [rec.offset, rec.offset]

@@ -122,8 +122,14 @@ class _Listener(ConsumerRebalanceListener):  # type: ignore[misc]
     async def on_partitions_assigned(self, assigned: Any) -> None:
         parts = sorted(tp.partition for tp in assigned if tp.topic == self._source.topic)
         if parts:
-            offsets = await self._on_assign(parts)
-            await self._source.seek(offsets)
+            # aiokafka may hand out records of a new partition while this callback awaits:
+            # hold them back until the state is rebuilt and the position is set.
+            self._source.pause_partitions(parts)
+            try:
+                offsets = await self._on_assign(parts)
+                await self._source.seek(offsets)
+            finally:
+                self._source.resume_partitions(parts)
 
 
 class KafkaSource:
@@ -204,6 +210,12 @@ class KafkaSource:
 
     def pause(self) -> None:
         self._consumer.pause(*self._consumer.assignment())
+
+    def pause_partitions(self, partitions: list[int]) -> None:
+        self._consumer.pause(*(TopicPartition(self.topic, p) for p in partitions))
+
+    def resume_partitions(self, partitions: list[int]) -> None:
+        self._consumer.resume(*(TopicPartition(self.topic, p) for p in partitions))
 
     def resume(self) -> None:
         self._consumer.resume(*self._consumer.assignment())

@@ -1,0 +1,102 @@
+"""End to end on real processes: the broker (Tansu), ``visitorstats ingest`` and
+``visitorstats aggregate`` (chDB), and the same traffic through ``visitorstats run``."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.e2e.traffic import Truth, portal_traffic
+from tests.support.procs import Service, numbers, wait_counter, write_sites
+from tests.support.tansu import Tansu
+
+pytestmark = pytest.mark.e2e
+SITE = "dongha"
+BASELINE_VISITS = 23070412
+BASELINE_PAGEVIEWS = 1000
+
+
+def expected(truth: Truth) -> dict[str, Any]:
+    def period(n: int, base: int) -> dict[str, int]:
+        return {
+            "today": n,
+            "yesterday": 0,
+            "this_week": n,
+            "this_month": n,
+            "total": base + n,
+        }
+
+    return {
+        "online": truth.online,
+        "visits": period(truth.visits, BASELINE_VISITS),
+        "pageviews": period(truth.pageviews, BASELINE_PAGEVIEWS),
+    }
+
+
+@pytest.fixture
+def kafka_deployment(tmp_path: Path, tansu: Tansu) -> Iterator[tuple[Service, Service]]:
+    tansu.create_topic("pageviews", 4)
+    write_sites(tmp_path)
+    env = {"VISITORSTATS_KAFKA_BOOTSTRAP": tansu.bootstrap}
+    ingest = Service("ingest", tmp_path, env).start()
+    aggregate = Service("aggregate", tmp_path, env).start()
+    try:
+        yield ingest, aggregate
+    finally:
+        ingest.stop()
+        aggregate.stop()
+
+
+def test_kafka_path_and_standalone_give_the_same_exact_numbers(
+    tmp_path: Path, kafka_deployment: tuple[Service, Service]
+) -> None:
+    ingest, aggregate = kafka_deployment
+    truth = portal_traffic(ingest.url, SITE)
+    want = expected(truth)
+    got = wait_counter(aggregate.url, SITE, lambda c: numbers(c) == want)
+    assert numbers(got) == want
+    assert got["stale"] is False
+    assert got["online"]["peak"]["total"] >= truth.online["total"]
+
+    standalone_dir = tmp_path / "standalone"
+    standalone_dir.mkdir()
+    write_sites(standalone_dir)
+    run = Service("run", standalone_dir).start()
+    try:
+        truth_run = portal_traffic(run.url, SITE)
+        assert expected(truth_run) == want
+        got_run = wait_counter(run.url, SITE, lambda c: numbers(c) == want)
+        assert numbers(got_run) == numbers(got)
+    finally:
+        run.stop()
+
+
+def test_totals_survive_a_restart_of_the_aggregate_service(
+    tmp_path: Path, kafka_deployment: tuple[Service, Service]
+) -> None:
+    ingest, aggregate = kafka_deployment
+    truth = portal_traffic(ingest.url, SITE, clients=5)
+    want = expected(truth)
+    assert numbers(wait_counter(aggregate.url, SITE, lambda c: numbers(c) == want)) == want
+    assert aggregate.stop() == 0
+    aggregate.start()
+    after = wait_counter(aggregate.url, SITE, lambda c: numbers(c) == want)
+    assert numbers(after) == want
+
+
+def test_standalone_graceful_stop_loses_no_accepted_beacon(tmp_path: Path) -> None:
+    write_sites(tmp_path)
+    run = Service("run", tmp_path).start()
+    truth = portal_traffic(run.url, SITE, clients=8)
+    assert run.stop() == 0  # SIGTERM right after the last 202: nothing may be lost
+    run.start()
+    want = expected(truth)
+    got = wait_counter(run.url, SITE, lambda c: numbers(c)["visits"] == want["visits"])
+    try:
+        assert got["visits"] == want["visits"]
+        assert got["pageviews"] == want["pageviews"]
+    finally:
+        run.stop()
