@@ -105,8 +105,11 @@ class Store:
 
     def close(self) -> None:
         def _close() -> None:
-            if self._client is not None and not self.url.startswith("chdb://"):
+            # chDB too: an embedded engine holds its path until closed, and a process may
+            # open another path only after that.
+            if self._client is not None:
                 self._client.close()
+                self._client = None
 
         self._executor.submit(_close).result()
         self._executor.shutdown(wait=True)
