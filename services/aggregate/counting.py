@@ -72,9 +72,9 @@ class PartitionState:
         self._timeout_ms = visit_timeout_s * 1000
         self._dedup_ms = dedup_horizon_s * 1000
         self._max_visitors = max_visitors
-        # canonical visitor -> ts of their latest event (humans only), oldest first
+        # "site:canonical visitor" -> ts of their latest event (humans only), oldest first
         self._visitors: OrderedDict[str, int] = OrderedDict()
-        self._aliases: dict[str, str] = {}  # key under a later salt -> canonical key
+        self._aliases: dict[str, str] = {}  # "site:key under a later salt" -> canonical key
         self._seen: OrderedDict[str, int] = OrderedDict()  # (site, event_id) -> ts
         self.high_ts = 0  # the latest ts seen in this partition: "now" for expiry
 
@@ -82,17 +82,20 @@ class PartitionState:
         return len(self._visitors)
 
     def canonical(self, event: Event) -> str:
+        """The visitor's key as first seen: a key under a new salt that carries a known key of
+        the previous salt (``visitor_prev``) is linked to it. Keys are per site."""
+        site = event.site + ":"
         visitor = event.visitor
-        known = self._aliases.get(visitor)
+        known = self._aliases.get(site + visitor)
         if known is not None:
             return known
-        if visitor in self._visitors:
+        if site + visitor in self._visitors:
             return visitor
         prev = event.visitor_prev
         if prev is not None:
-            linked = self._aliases.get(prev, prev)
-            if linked in self._visitors:
-                self._aliases[visitor] = linked
+            linked = self._aliases.get(site + prev, prev)
+            if site + linked in self._visitors:
+                self._aliases[site + visitor] = linked
                 return linked
         return visitor
 
@@ -109,11 +112,12 @@ class PartitionState:
                 event, event.visitor, False, False, local_day(event.ts, tz), partition, offset
             )
         visitor = self.canonical(event)
-        last = self._visitors.pop(visitor, None)
+        key = event.site + ":" + visitor
+        last = self._visitors.pop(key, None)
         starts_visit = event.type == "pageview" and (
             last is None or event.ts - last >= self._timeout_ms
         )
-        self._visitors[visitor] = event.ts if last is None else max(last, event.ts)
+        self._visitors[key] = event.ts if last is None else max(last, event.ts)
         if len(self._visitors) > self._max_visitors:
             self._forget_visitor()
         return Row(
@@ -133,10 +137,11 @@ class PartitionState:
             self.high_ts = event.ts
         if event.bot:
             return
+        site = event.site + ":"
         if visitor != event.visitor:
-            self._aliases[event.visitor] = visitor
-        last = self._visitors.pop(visitor, None)
-        self._visitors[visitor] = event.ts if last is None else max(last, event.ts)
+            self._aliases[site + event.visitor] = visitor
+        last = self._visitors.pop(site + visitor, None)
+        self._visitors[site + visitor] = event.ts if last is None else max(last, event.ts)
 
     def _forget_visitor(self) -> None:
         visitor, _ = self._visitors.popitem(last=False)
@@ -162,4 +167,6 @@ class PartitionState:
                 break
             seen.popitem(last=False)
         if self._aliases:
-            self._aliases = {k: v for k, v in self._aliases.items() if v in visitors}
+            self._aliases = {
+                k: v for k, v in self._aliases.items() if k.split(":", 1)[0] + ":" + v in visitors
+            }

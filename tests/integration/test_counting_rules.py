@@ -1,0 +1,301 @@
+"""The counting rules of the spec, with an injected clock, on the real ClickHouse engine (chDB).
+
+Events go through the very code both deployments run (``Aggregator.process`` ->
+``PartitionState`` -> ``Store.insert_events``) and are read back through ``CounterService``.
+"""
+
+from __future__ import annotations
+
+import itertools
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+from zoneinfo import ZoneInfo
+
+import pytest
+
+from services.aggregate.consume import Aggregator
+from services.aggregate.counter import CounterService
+from services.aggregate.sources import InRecord
+from services.aggregate.store import Store
+from services.record import Event, encode
+from services.settings import Settings
+from services.sites import Registry
+
+pytestmark = pytest.mark.integration
+
+SITES = """
+[sites.hcm]
+timezone = "Asia/Ho_Chi_Minh"
+baseline_visits = 23070412
+baseline_pageviews = 500
+online_window_seconds = 300
+
+[sites.utc]
+timezone = "UTC"
+online_window_seconds = 60
+"""
+HCM = ZoneInfo("Asia/Ho_Chi_Minh")
+MIN = 60.0
+
+
+def at(tz: ZoneInfo, *args: int) -> float:
+    return datetime(*args, tzinfo=tz).timestamp()  # type: ignore[misc]
+
+
+@dataclass
+class Rig:
+    store: Store
+    registry: Registry
+    settings: Settings
+    now: float = 0.0
+    topic: str = "rules"
+    offsets: dict[int, itertools.count[int]] = field(default_factory=dict)
+    aggregator: Aggregator | None = None
+
+    async def start(self) -> None:
+        self.aggregator = Aggregator(self.store, self.registry, self.settings, self.topic)
+        resume = await self.aggregator.assign([0, 1])
+        self.offsets = {p: itertools.count(resume.get(p, 0)) for p in (0, 1)}
+
+    async def send(
+        self,
+        site: str,
+        visitor: str,
+        kind: str = "pageview",
+        *,
+        t: float,
+        member: bool = False,
+        bot: bool = False,
+        event_id: str | None = None,
+        prev: str | None = None,
+        partition: int = 0,
+    ) -> str:
+        assert self.aggregator is not None
+        event_id = event_id or str(uuid.uuid4())
+        event = Event(
+            event_id, site, kind, int(t * 1000), visitor, prev, member, bot,
+            "https://portal.example.vn/", "", "",
+        )  # fmt: skip
+        offset = next(self.offsets[partition])
+        assert self.aggregator.process([InRecord(partition, offset, encode(event))]) == []
+        await self.aggregator.flush()
+        return event_id
+
+    async def counter(self, site: str, t: float) -> dict[str, Any]:
+        self.now = t
+        service = CounterService(self.store, self.registry, clock=lambda: self.now)
+        await service.refresh()
+        payload: dict[str, Any] = service.prepared[site].payload
+        return payload
+
+
+@pytest.fixture
+async def rig(tmp_path: Path) -> AsyncIterator[Rig]:
+    store = Store(f"chdb://{tmp_path}/clickhouse")
+    await store.migrate()
+    rig = Rig(store, Registry.parse(SITES), Settings())
+    await rig.start()
+    try:
+        yield rig
+    finally:
+        store.close()
+
+
+T0 = at(HCM, 2026, 3, 4, 10, 0)  # a Wednesday, 10:00 in Ho Chi Minh City
+
+
+async def test_online_window_expires(rig: Rig) -> None:
+    await rig.send("hcm", "a", t=T0)
+    assert (await rig.counter("hcm", T0 + 299))["online"]["total"] == 1
+    assert (await rig.counter("hcm", T0 + 301))["online"]["total"] == 0
+    # the UTC site has a 60 s window
+    await rig.send("utc", "b", t=T0)
+    assert (await rig.counter("utc", T0 + 59))["online"]["guests"] == 1
+    assert (await rig.counter("utc", T0 + 61))["online"]["guests"] == 0
+
+
+async def test_leave_takes_a_reader_offline_at_once_but_keeps_the_visit(rig: Rig) -> None:
+    await rig.send("hcm", "a", t=T0)
+    await rig.send("hcm", "b", t=T0)
+    await rig.send("hcm", "a", "leave", t=T0 + 5)
+    c = await rig.counter("hcm", T0 + 6)
+    assert c["online"] == {**c["online"], "guests": 1, "members": 0, "total": 1}
+    assert c["visits"]["today"] == 2
+    # coming back after a leave: online again, same visit (within 30 minutes)
+    await rig.send("hcm", "a", t=T0 + 60)
+    c = await rig.counter("hcm", T0 + 61)
+    assert c["online"]["total"] == 2
+    assert c["visits"]["today"] == 2
+    assert c["pageviews"]["today"] == 3
+
+
+async def test_a_guest_who_logs_in_becomes_a_member(rig: Rig) -> None:
+    await rig.send("hcm", "a", t=T0)
+    c = await rig.counter("hcm", T0 + 1)
+    assert (c["online"]["guests"], c["online"]["members"]) == (1, 0)
+    await rig.send("hcm", "a", "heartbeat", t=T0 + 10, member=True)
+    c = await rig.counter("hcm", T0 + 11)
+    assert (c["online"]["guests"], c["online"]["members"], c["online"]["total"]) == (0, 1, 1)
+    assert c["visits"]["today"] == 1
+
+
+async def test_a_visit_times_out_after_30_minutes_and_a_new_one_starts(rig: Rig) -> None:
+    await rig.send("hcm", "a", t=T0)
+    await rig.send("hcm", "a", t=T0 + 29 * MIN)  # same visit
+    assert (await rig.counter("hcm", T0 + 29 * MIN))["visits"]["today"] == 1
+    await rig.send("hcm", "a", t=T0 + 59 * MIN)  # exactly 30 minutes of silence: new visit
+    c = await rig.counter("hcm", T0 + 59 * MIN)
+    assert c["visits"]["today"] == 2
+    assert c["pageviews"]["today"] == 3
+
+
+async def test_heartbeats_keep_a_visit_alive_but_never_start_one(rig: Rig) -> None:
+    await rig.send("hcm", "a", t=T0)
+    for minute in (10, 20, 30, 40, 50, 60):
+        await rig.send("hcm", "a", "heartbeat", t=T0 + minute * MIN)
+    await rig.send("hcm", "a", t=T0 + 65 * MIN)  # 65 min after the start, 5 after a heartbeat
+    c = await rig.counter("hcm", T0 + 65 * MIN)
+    assert c["visits"]["today"] == 1
+    assert c["pageviews"]["today"] == 2
+    # a heartbeat from a reader silent for 40 minutes starts no visit
+    await rig.send("hcm", "b", t=T0)
+    await rig.send("hcm", "b", "heartbeat", t=T0 + 40 * MIN)
+    c = await rig.counter("hcm", T0 + 40 * MIN)
+    assert c["visits"]["today"] == 2  # a's one and b's first
+    # and a heartbeat alone (never a page view) is online but no visit
+    await rig.send("hcm", "c", "heartbeat", t=T0 + 41 * MIN)
+    c = await rig.counter("hcm", T0 + 41 * MIN)
+    assert c["visits"]["today"] == 2
+    assert c["online"]["total"] == 3
+
+
+async def test_midnight_in_ho_chi_minh_city(rig: Rig) -> None:
+    before = at(HCM, 2026, 3, 4, 23, 50)
+    after = at(HCM, 2026, 3, 5, 0, 10)
+    await rig.send("hcm", "a", t=before)
+    await rig.send("hcm", "a", t=after)  # same visit, crossing midnight
+    await rig.send("hcm", "b", t=after)
+    c = await rig.counter("hcm", after + 1)
+    # A visit belongs to the day on which it began; page views to their own day.
+    assert c["visits"] == {
+        "today": 1, "yesterday": 1, "this_week": 2, "this_month": 2, "total": 23070412 + 2,
+    }  # fmt: skip
+    assert c["pageviews"]["today"] == 2 and c["pageviews"]["yesterday"] == 1
+    assert c["as_of"].startswith("2026-03-05T00:10:01+07:00")
+    # 23:50 in Ho Chi Minh City is 16:50 UTC: for the UTC site it is all "today"
+    await rig.send("utc", "x", t=before)
+    await rig.send("utc", "y", t=after)
+    u = await rig.counter("utc", after + 1)
+    assert (u["visits"]["today"], u["visits"]["yesterday"]) == (2, 0)
+
+
+async def test_midnight_in_utc(rig: Rig) -> None:
+    before = at(UTC, 2026, 3, 4, 23, 59)  # type: ignore[arg-type]
+    after = at(UTC, 2026, 3, 5, 0, 1)  # type: ignore[arg-type]
+    await rig.send("utc", "a", t=before)
+    await rig.send("utc", "b", t=after)
+    u = await rig.counter("utc", after)
+    assert (u["visits"]["today"], u["visits"]["yesterday"]) == (1, 1)
+    # 07:00 HCM on the 5th: both are "today" in Ho Chi Minh City
+    await rig.send("hcm", "a", t=before)
+    await rig.send("hcm", "b", t=after)
+    h = await rig.counter("hcm", after)
+    assert (h["visits"]["today"], h["visits"]["yesterday"]) == (2, 0)
+
+
+async def test_iso_week_and_month_boundaries(rig: Rig) -> None:
+    sunday = at(HCM, 2026, 3, 1, 12, 0)  # Sunday 1 March: this month, last ISO week
+    saturday_feb = at(HCM, 2026, 2, 28, 12, 0)  # last month
+    monday = at(HCM, 2026, 3, 2, 9, 0)  # Monday: a new ISO week
+    for i, t in enumerate((saturday_feb, sunday, monday)):
+        await rig.send("hcm", f"v{i}", t=t)
+    c = await rig.counter("hcm", monday + 60)
+    assert c["visits"]["today"] == 1
+    assert c["visits"]["yesterday"] == 1
+    assert c["visits"]["this_week"] == 1
+    assert c["visits"]["this_month"] == 2
+    assert c["visits"]["total"] == 23070412 + 3
+    # in UTC, Monday 00:30 UTC is still in the same week as Monday 07:30 HCM
+    mon_utc = at(UTC, 2026, 3, 2, 0, 30)  # type: ignore[arg-type]
+    sun_utc = at(UTC, 2026, 3, 1, 23, 30)  # type: ignore[arg-type]
+    await rig.send("utc", "s", t=sun_utc)
+    await rig.send("utc", "m", t=mon_utc)
+    u = await rig.counter("utc", mon_utc + 60)
+    assert (u["visits"]["this_week"], u["visits"]["this_month"], u["visits"]["today"]) == (1, 2, 1)
+
+
+async def test_duplicate_event_ids_count_once(rig: Rig) -> None:
+    eid = await rig.send("hcm", "a", t=T0)
+    await rig.send("hcm", "a", t=T0 + 1, event_id=eid)
+    await rig.send("hcm", "a", t=T0 + 2, event_id=eid, partition=0)
+    hb = await rig.send("hcm", "a", "heartbeat", t=T0 + 3)
+    await rig.send("hcm", "a", "heartbeat", t=T0 + 4, event_id=hb)
+    c = await rig.counter("hcm", T0 + 5)
+    assert c["pageviews"]["today"] == 1
+    assert c["visits"]["today"] == 1
+    # the same event_id on another site is another event
+    await rig.send("utc", "a", t=T0 + 6, event_id=eid)
+    assert (await rig.counter("utc", T0 + 7))["pageviews"]["today"] == 1
+
+
+async def test_bots_are_tallied_apart_and_never_counted(rig: Rig) -> None:
+    await rig.send("hcm", "bot1", t=T0, bot=True)
+    await rig.send("hcm", "bot1", t=T0 + 1, bot=True)
+    await rig.send("hcm", "bot2", t=T0 + 1, bot=True)
+    await rig.send("hcm", "reader", t=T0 + 2)
+    c = await rig.counter("hcm", T0 + 3)
+    assert c["online"]["bots"] == 2
+    assert (c["online"]["guests"], c["online"]["total"]) == (1, 1)
+    assert c["visits"]["today"] == 1
+    assert c["pageviews"]["today"] == 1
+
+
+async def test_baselines_and_empty_sites(rig: Rig) -> None:
+    c = await rig.counter("hcm", T0)
+    assert c["visits"]["total"] == 23070412
+    assert c["pageviews"]["total"] == 500
+    assert c["visits"]["today"] == 0
+    assert c["online"]["peak"] == {"total": 0, "at": None}
+    u = await rig.counter("utc", T0)
+    assert (u["visits"]["total"], u["pageviews"]["total"]) == (0, 0)
+
+
+async def test_state_is_rebuilt_after_a_restart(rig: Rig) -> None:
+    eid = await rig.send("hcm", "a", t=T0)
+    await rig.start()  # a new aggregator: state rebuilt from ClickHouse
+    await rig.send("hcm", "a", t=T0 + 10 * MIN)  # same visit
+    await rig.send("hcm", "a", t=T0 + 11 * MIN, event_id=eid)  # a duplicate, after restart
+    c = await rig.counter("hcm", T0 + 11 * MIN)
+    assert c["visits"]["today"] == 1
+    assert c["pageviews"]["today"] == 2
+
+
+async def test_a_visitor_across_the_salt_rotation_stays_one(rig: Rig) -> None:
+    await rig.send("hcm", "key-day1", t=T0)
+    await rig.send("hcm", "key-day2", "heartbeat", t=T0 + 60, prev="key-day1")
+    await rig.send("hcm", "key-day2", t=T0 + 120)
+    await rig.start()  # the link survives a rebuild too
+    await rig.send("hcm", "key-day2", t=T0 + 180)
+    c = await rig.counter("hcm", T0 + 181)
+    assert c["online"]["total"] == 1
+    assert c["visits"]["today"] == 1
+    assert c["pageviews"]["today"] == 3
+    # an unrelated reader whose prev key is unknown is a new visitor
+    await rig.send("hcm", "other-day2", t=T0 + 200, prev="never-seen")
+    c = await rig.counter("hcm", T0 + 201)
+    assert (c["online"]["total"], c["visits"]["today"]) == (2, 2)
+
+
+async def test_peak_is_the_most_online_together(rig: Rig) -> None:
+    for i in range(3):
+        await rig.send("hcm", f"r{i}", t=T0)
+    c = await rig.counter("hcm", T0 + 1)
+    assert c["online"]["peak"]["total"] == 3
+    assert c["online"]["peak"]["at"] == "2026-03-04T10:00:01+07:00"
+    c = await rig.counter("hcm", T0 + 400)  # all gone
+    assert c["online"]["total"] == 0
+    assert c["online"]["peak"]["total"] == 3
