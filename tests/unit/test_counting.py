@@ -1,0 +1,107 @@
+"""PartitionState alone: the decisions, with no I/O and no clock but the events' own."""
+
+from __future__ import annotations
+
+from datetime import date
+from zoneinfo import ZoneInfo
+
+from services.aggregate.counter import periods
+from services.aggregate.counting import PartitionState, local_day
+from services.record import Event
+
+UTC = ZoneInfo("UTC")
+HCM = ZoneInfo("Asia/Ho_Chi_Minh")
+MIN = 60_000
+
+
+def ev(visitor: str, ts: int, kind: str = "pageview", eid: str = "", **kw: object) -> Event:
+    return Event(
+        eid or f"{visitor}-{ts}-{kind}", kw.get("site", "s"), kind, ts, visitor,  # type: ignore[arg-type]
+        kw.get("prev"), False, bool(kw.get("bot", False)), "", "", "",  # type: ignore[arg-type]
+    )  # fmt: skip
+
+
+def test_first_pageview_starts_a_visit_and_the_timeout_starts_another() -> None:
+    s = PartitionState(0)
+    r1 = s.apply(ev("a", 0), UTC, 0, 0)
+    r2 = s.apply(ev("a", 30 * MIN - 1), UTC, 0, 1)
+    r3 = s.apply(ev("a", 60 * MIN - 1), UTC, 0, 2)
+    assert r1 and r2 and r3
+    assert [r1.starts_visit, r2.starts_visit, r3.starts_visit] == [True, False, True]
+    assert all(r.pageview for r in (r1, r2, r3))
+
+
+def test_heartbeat_never_starts_a_visit_and_leave_keeps_it_alive() -> None:
+    s = PartitionState(0)
+    hb = s.apply(ev("a", 0, "heartbeat"), UTC, 0, 0)
+    assert hb and not hb.starts_visit and not hb.pageview
+    pv = s.apply(ev("a", 1 * MIN), UTC, 0, 1)
+    assert pv and not pv.starts_visit  # an event 1 minute earlier: no 30-minute silence
+    leave = s.apply(ev("a", 20 * MIN, "leave"), UTC, 0, 2)
+    assert leave and not leave.starts_visit
+    again = s.apply(ev("a", 45 * MIN), UTC, 0, 3)
+    assert again and not again.starts_visit  # 25 minutes after the leave
+
+
+def test_duplicates_are_dropped_and_bots_never_count() -> None:
+    s = PartitionState(0)
+    assert s.apply(ev("a", 0, eid="e1"), UTC, 0, 0) is not None
+    assert s.apply(ev("a", 5, eid="e1"), UTC, 0, 1) is None
+    bot = s.apply(ev("b", 0, bot=True), UTC, 0, 2)
+    assert bot and not bot.starts_visit and not bot.pageview
+    assert len(s) == 1  # the bot keeps no visitor state
+
+
+def test_expire_forgets_idle_visitors_and_old_event_ids() -> None:
+    s = PartitionState(0, visit_timeout_s=1800, dedup_horizon_s=600)
+    s.apply(ev("a", 0, eid="old"), UTC, 0, 0)
+    s.apply(ev("b", 40 * MIN, eid="new"), UTC, 0, 1)
+    s.expire()
+    assert len(s) == 1
+    # "old" is past the dedup horizon: a replay of it now would count (documented horizon)
+    assert s.apply(ev("a", 41 * MIN, eid="old"), UTC, 0, 2) is not None
+    assert s.apply(ev("b", 41 * MIN, eid="new"), UTC, 0, 3) is None
+
+
+def test_the_visitor_cap_forgets_the_longest_idle_first() -> None:
+    s = PartitionState(0, max_visitors=2)
+    for i, v in enumerate("abc"):
+        s.apply(ev(v, i * MIN), UTC, 0, i)
+    assert len(s) == 2
+    again = s.apply(ev("a", 4 * MIN), UTC, 0, 3)  # "a" was forgotten: a new visit
+    assert again and again.starts_visit
+    c = s.apply(ev("c", 5 * MIN), UTC, 0, 4)
+    assert c and not c.starts_visit
+
+
+def test_rotation_links_the_new_key_to_the_old_one() -> None:
+    s = PartitionState(0)
+    s.apply(ev("k1", 0), UTC, 0, 0)
+    row = s.apply(ev("k2", MIN, prev="k1"), UTC, 0, 1)
+    assert row and row.visitor == "k1" and not row.starts_visit
+    later = s.apply(ev("k2", 2 * MIN), UTC, 0, 2)  # without prev: the alias is remembered
+    assert later and later.visitor == "k1"
+
+
+def test_replay_reproduces_the_decisions() -> None:
+    live = PartitionState(0)
+    rows = [live.apply(ev("a", 0, eid="x"), UTC, 0, 0), live.apply(ev("k2", MIN), UTC, 0, 1)]
+    rebuilt = PartitionState(0)
+    for r in rows:
+        assert r is not None
+        rebuilt.replay(r.event, r.visitor)
+    assert rebuilt.apply(ev("a", 2 * MIN, eid="x"), UTC, 0, 2) is None
+    nxt = rebuilt.apply(ev("a", 3 * MIN), UTC, 0, 3)
+    assert nxt and not nxt.starts_visit
+
+
+def test_local_day_and_periods() -> None:
+    # 2026-03-01 17:30 UTC is 00:30 on 2 March in Ho Chi Minh City
+    ts = 1772386200000
+    assert local_day(ts, UTC) == date(2026, 3, 1)
+    assert local_day(ts, HCM) == date(2026, 3, 2)
+    p = periods(date(2026, 3, 2))  # a Monday
+    assert p["this_week"] == (date(2026, 3, 2), date(2026, 3, 2))
+    assert p["yesterday"] == (date(2026, 3, 1), date(2026, 3, 1))
+    assert p["this_month"] == (date(2026, 3, 1), date(2026, 3, 2))
+    assert periods(date(2026, 3, 8))["this_week"] == (date(2026, 3, 2), date(2026, 3, 8))

@@ -1,0 +1,70 @@
+from __future__ import annotations
+
+import pytest
+
+from services.ingest.visitor import VisitorHasher, make_member_token, verify_member_token
+from services.settings import Settings
+from services.sites import Registry, RegistryError
+
+DAY_MS = 86_400_000
+
+
+def test_visitor_key_rotates_daily_and_carries_the_previous_key_for_a_while() -> None:
+    h = VisitorHasher(b"secret", 86400, 3600)
+    day1 = h.key("s", "1.2.3.4", "UA", 5 * DAY_MS + 20 * 3_600_000)
+    day2_early = h.key("s", "1.2.3.4", "UA", 6 * DAY_MS + 10 * 60_000)
+    day2_late = h.key("s", "1.2.3.4", "UA", 6 * DAY_MS + 2 * 3_600_000)
+    assert day1.visitor != day2_early.visitor
+    assert day2_early.visitor_prev == day1.visitor
+    assert day2_late.visitor == day2_early.visitor and day2_late.visitor_prev is None
+    assert day1.shard == day2_early.shard == day2_late.shard  # one partition across rotation
+    assert len(day1.visitor) == 32 and "1.2.3.4" not in day1.visitor
+    assert h.key("other", "1.2.3.4", "UA", 5 * DAY_MS).visitor != day1.visitor
+    assert h.key("s", "1.2.3.5", "UA", 5 * DAY_MS + 20 * 3_600_000).visitor != day1.visitor
+
+
+def test_portal_visitor_ids_are_hashed_and_stable() -> None:
+    h = VisitorHasher(b"secret", 86400, 3600)
+    a, b = h.portal_key("s", "user-42"), h.portal_key("s", "user-42")
+    assert a == b and a.visitor_prev is None and "user-42" not in a.visitor
+    assert VisitorHasher(b"other", 86400, 3600).portal_key("s", "user-42") != a
+
+
+def test_member_tokens() -> None:
+    token = make_member_token("s", b"k", 2_000_000_000)
+    assert verify_member_token(token, "s", b"k", 1_900_000_000)
+    assert not verify_member_token(token, "s", b"k", 2_000_000_001)  # expired
+    assert not verify_member_token(token, "t", b"k", 1_900_000_000)  # other site
+    assert not verify_member_token(token, "s", b"x", 1_900_000_000)  # other secret
+    assert not verify_member_token(token[:-1] + "0", "s", b"k", 1_900_000_000)
+    assert not verify_member_token("garbage", "s", b"k", 0)
+
+
+def test_registry_rejects_bad_entries_naming_the_field() -> None:
+    ok = Registry.parse('[sites.a-1]\ntimezone = "UTC"\n')
+    assert ok.get("a-1") is not None and ok.get("a-1").timezone == "UTC"  # type: ignore[union-attr]
+    for text, needle in (
+        ('[sites.Bad]\ntimezone = "UTC"', "site id"),
+        ('[sites.a]\ntimezone = "Mars/Olympus"', "timezone"),
+        ("[sites.a]\nonline_window_seconds = 1", "online_window_seconds"),
+        ('[sites.a]\nbaseline_visits = "many"', "baseline_visits"),
+        ("[sites.a]\nbaseline_visits = -1", "baselines"),
+        ("[sites.a\n", "sites.toml"),
+    ):
+        with pytest.raises(RegistryError, match=needle):
+            Registry.parse(text)
+
+
+def test_settings_from_the_environment() -> None:
+    s = Settings.from_env(
+        {
+            "VISITORSTATS_PORT": "9000",
+            "VISITORSTATS_KAFKA_BOOTSTRAP": "k:9092",
+            "VISITORSTATS_TRUSTED_PROXIES": "10.0.0.0/8, ::1",
+        }
+    )
+    assert (s.port, s.kafka_bootstrap, s.kafka_topic) == (9000, "k:9092", "pageviews")
+    assert [str(n) for n in s.trusted_proxies] == ["10.0.0.0/8", "::1/128"]
+    assert Settings.from_env({}).clickhouse_url == "chdb://./data/clickhouse"
+    with pytest.raises(SystemExit, match="VISITORSTATS_PORT"):
+        Settings.from_env({"VISITORSTATS_PORT": "eighty"})
