@@ -102,12 +102,12 @@ ONLINE = Gauge(
     ["site", "kind"],
 )
 COUNTER_STALE = Gauge(
-    "visitorstats_counter_stale",
+    "visitorstats_snapshot_stale",
     "1 while the counter of a site serves its last good numbers because a refresh failed.",
     ["site"],
 )
 COUNTER_AGE = Gauge(
-    "visitorstats_counter_last_refresh_timestamp_seconds",
+    "visitorstats_snapshot_refreshed_timestamp_seconds",
     "Unix time of the last successful counter refresh.",
 )
 STREAM_SUBSCRIBERS = Gauge(

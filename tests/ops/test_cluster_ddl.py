@@ -1,0 +1,69 @@
+"""``visitorstats migrate --cluster NAME`` DDL, checked by the ClickHouse engine's own parser."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from tests.support.procs import ROOT
+
+pytestmark = pytest.mark.ops
+
+# chDB runs in a child process: an embedded engine is one per process, and the tests' own
+# engines open data paths.
+FORMAT = """
+import json, sys, chdb
+out = []
+for statement in json.load(sys.stdin):
+    quoted = "'" + statement.replace("\\\\", "\\\\\\\\").replace("'", "\\\\'") + "'"
+    out.append(chdb.query("SELECT formatQuery(" + quoted + ")", "JSONEachRow").bytes().decode())
+print(json.dumps(out))
+"""
+
+
+def statements(*args: str) -> list[str]:
+    result = subprocess.run(
+        [sys.executable, "-m", "services.cli", "migrate", "--print", *args],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=60,
+        check=True,
+    )
+    return [s.strip() for s in result.stdout.split(";\n") if s.strip().rstrip(";")]
+
+
+def formatted(stmts: list[str]) -> list[str]:
+    result = subprocess.run(
+        [sys.executable, "-c", FORMAT],
+        input=json.dumps([s.rstrip(";") for s in stmts]),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stderr
+    return [json.loads(line)[next(iter(json.loads(line)))] for line in json.loads(result.stdout)]
+
+
+def test_cluster_ddl_parses_and_creates_replicated_and_distributed_tables() -> None:
+    stmts = statements("--cluster", "visitorstats")
+    out = formatted(stmts)
+    assert len(out) == len(stmts)
+    joined = "\n".join(out)
+    assert "ON CLUSTER visitorstats" in joined
+    assert "ReplicatedMergeTree('/clickhouse/tables/{shard}/default/events'" in joined
+    assert "ENGINE = Distributed(visitorstats, default, events_local, rand())" in joined
+    assert "replicated_deduplication_window" in joined
+    assert "non_replicated_deduplication_window" not in joined
+    for table in ("events", "peaks", "schema_migrations"):
+        assert any(f"CREATE TABLE IF NOT EXISTS {table}" in s for s in out), table
+
+
+def test_single_server_ddl_parses() -> None:
+    out = formatted(statements())
+    joined = "\n".join(out)
+    assert "Distributed" not in joined and "ON CLUSTER" not in joined
+    assert "PROJECTION daily" in joined and "non_replicated_deduplication_window" in joined
