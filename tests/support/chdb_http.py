@@ -809,9 +809,18 @@ class ChdbHttpServer:
         self._cleanup()
 
     def pause(self) -> None:
-        """SIGSTOP: the server keeps its socket but answers nothing (a hung server)."""
+        """SIGSTOP: the server keeps its socket but answers nothing (a hung server).
+        Returns once the kernel reports the process stopped (signal delivery is asynchronous,
+        and on a loaded machine a request could otherwise still be answered)."""
         assert self.proc is not None
         self.proc.send_signal(signal.SIGSTOP)
+        deadline = time.monotonic() + 10
+        stat = Path(f"/proc/{self.proc.pid}/stat")
+        while time.monotonic() < deadline:
+            with contextlib.suppress(OSError):
+                if stat.read_text().rsplit(")", 1)[1].split()[0] in ("T", "t"):
+                    return
+            time.sleep(0.01)
 
     def resume(self) -> None:
         assert self.proc is not None
