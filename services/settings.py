@@ -86,6 +86,8 @@ class Settings:
     flush_max_events: int = 50_000
     flush_interval_seconds: float = 0.25
     counter_interval_seconds: float = 0.5
+    # seconds between keep-alive comments on an idle counter stream
+    stream_keepalive_seconds: float = 15.0
     visit_timeout_seconds: int = 1800
     # duplicates of an event_id are recognised within this horizon
     dedup_horizon_seconds: int = 3600
@@ -129,6 +131,7 @@ class Settings:
             flush_max_events=_int(e, "VISITORSTATS_FLUSH_MAX_EVENTS", 50_000),
             flush_interval_seconds=_float(e, "VISITORSTATS_FLUSH_INTERVAL_SECONDS", 0.25),
             counter_interval_seconds=_float(e, "VISITORSTATS_COUNTER_INTERVAL_SECONDS", 0.5),
+            stream_keepalive_seconds=_float(e, "VISITORSTATS_STREAM_KEEPALIVE_SECONDS", 15.0),
             dedup_horizon_seconds=_int(e, "VISITORSTATS_DEDUP_HORIZON_SECONDS", 3600),
             rate_limit_per_second=_float(e, "VISITORSTATS_RATE_LIMIT_PER_SECOND", 50.0),
             rate_limit_burst=_int(e, "VISITORSTATS_RATE_LIMIT_BURST", 200),

@@ -4,6 +4,8 @@ same app publishes to and consumes from Kafka. Either way the counting code is t
 
 from __future__ import annotations
 
+import ipaddress
+
 from aiohttp import web
 
 from services import http
@@ -49,7 +51,30 @@ def create_standalone_app(settings: Settings, registry: Registry) -> web.Applica
     async def index(request: web.Request) -> web.Response:
         if demo is None:
             return web.Response(text="visitorstats: no site in the registry")
-        return web.Response(text=render.render_demo_page(demo.id), content_type="text/html")
+        public_url, page_url = _public_url(request, settings)
+        return web.Response(
+            text=render.render_demo_page(demo.id, page_url=page_url, public_url=public_url),
+            content_type="text/html",
+            headers={"Cache-Control": "no-store"},
+        )
 
     app.router.add_get("/", index)
     return app
+
+
+def _public_url(request: web.Request, settings: Settings) -> tuple[str, str]:
+    """The service's address as the browser sees it, and this page's: from the request, or,
+    behind a trusted proxy, from its ``X-Forwarded-Proto`` / ``X-Forwarded-Host``."""
+    scheme, host = request.scheme, request.host
+    try:
+        peer = ipaddress.ip_address(request.remote or "")
+        trusted = any(peer in net for net in settings.trusted_proxies)
+    except ValueError:
+        trusted = False
+    if trusted:
+        proto = request.headers.get("X-Forwarded-Proto", "").split(",")[0].strip().lower()
+        fwd_host = request.headers.get("X-Forwarded-Host", "").split(",")[0].strip()
+        scheme = proto if proto in ("http", "https") else scheme
+        host = fwd_host or host
+    base = f"{scheme}://{host}"
+    return base, (base + request.rel_url.path_qs)[:2048]

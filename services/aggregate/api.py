@@ -4,7 +4,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
 from importlib import resources
 
@@ -17,7 +16,10 @@ from services.aggregate.counter import CounterService, Prepared
 
 COUNTER = web.AppKey("counter", CounterService)
 
+STREAM_KEEPALIVE = web.AppKey("stream_keepalive", float)
+
 KEEPALIVE_SECONDS = 15.0
+_KEEPALIVE = b": keep-alive\n\n"
 _CORS = {
     "Access-Control-Allow-Origin": "*",
     "Access-Control-Expose-Headers": "ETag",
@@ -76,11 +78,15 @@ async def counter_preflight(request: web.Request) -> web.Response:
 
 
 async def counter_stream(request: web.Request) -> web.StreamResponse:
+    """Server-sent events: the counter at once, then each change (at most once a second),
+    ``: keep-alive`` comments in between. Every subscriber of a site writes the same prepared
+    bytes; a client that goes away is dropped at once (the server cancels its handler)."""
     prepared = _prepared(request)
     if isinstance(prepared, web.Response):
         return prepared
     site = request.match_info["site"]
-    service = request.app[COUNTER]
+    fanout = request.app[COUNTER].fanout
+    keepalive = request.app[STREAM_KEEPALIVE]
     response = web.StreamResponse(
         headers={
             "Content-Type": "text/event-stream",
@@ -92,23 +98,12 @@ async def counter_stream(request: web.Request) -> web.StreamResponse:
     await response.prepare(request)
     metrics.STREAM_SUBSCRIBERS.inc()
     try:
-        await response.write(b"retry: 3000\n" + prepared.event)
-        sent = prepared.etag
-        while True:
-            changed = service.changed(site)
-            try:
-                await asyncio.wait_for(changed.wait(), KEEPALIVE_SECONDS)
-            except TimeoutError:
-                await response.write(b": keep-alive\n\n")
-                continue
-            latest = service.prepared[site]
-            if latest.etag != sent:
-                await response.write(latest.event)
-                sent = latest.etag
-            # at most one event a second per subscriber
-            await asyncio.sleep(1.0)
-    except (ConnectionResetError, asyncio.CancelledError):
-        pass
+        # reconnect after 3 s when the connection drops
+        await response.write(b"retry: 3000\n\n")
+        async for latest in fanout.subscribe(site, min_interval=1.0, keepalive=keepalive):
+            await response.write(_KEEPALIVE if latest is None else latest.event)
+    except ConnectionError:
+        pass  # the client went away while we wrote
     finally:
         metrics.STREAM_SUBSCRIBERS.dec()
     return response
@@ -147,8 +142,18 @@ async def widget_page(request: web.Request) -> web.Response:
     )
 
 
-def add_routes(app: web.Application, service: CounterService) -> None:
+def add_routes(
+    app: web.Application, service: CounterService, keepalive_seconds: float = KEEPALIVE_SECONDS
+) -> None:
     app[COUNTER] = service
+    app[STREAM_KEEPALIVE] = keepalive_seconds
+
+    async def end_streams(app: web.Application) -> None:
+        # Open streams would hold the shutdown for its whole timeout: end them first (the
+        # browsers reconnect, to another replica or to this one once it is back).
+        service.fanout.close()
+
+    app.on_shutdown.append(end_streams)
     app.router.add_get("/v1/sites/{site}/counter", counter)
     app.router.add_route("OPTIONS", "/v1/sites/{site}/counter", counter_preflight)
     app.router.add_get("/v1/sites/{site}/counter/stream", counter_stream)

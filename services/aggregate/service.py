@@ -82,7 +82,7 @@ def add_aggregate(
     app.cleanup_ctx.extend([store_ctx, counter_ctx, consume_ctx])
     http.add_ready_check(app, "clickhouse", clickhouse_ready)
     http.add_ready_check(app, "kafka" if isinstance(source, KafkaSource) else "log", source_ready)
-    api.add_routes(app, counter)
+    api.add_routes(app, counter, settings.stream_keepalive_seconds)
 
 
 def create_aggregate_app(settings: Settings, registry: Registry) -> web.Application:

@@ -1,0 +1,253 @@
+"""beacon.js in headless Chromium, on a portal page served from another origin than the service:
+what the reader's browser sends, and what the service counts of it (checked exactly, through the
+counter JSON, the service's metrics and the widget on the very same page)."""
+
+from __future__ import annotations
+
+import gzip
+from typing import Any
+from urllib.parse import urlencode
+
+import pytest
+from selenium.webdriver.common.by import By
+
+from tests.browser.portal import (
+    USER_AGENTS,
+    Browsers,
+    Portal,
+    metric,
+    online,
+    open_tab,
+    portal_page,
+    shown,
+    wait_until,
+    widget,
+)
+from tests.support.procs import Service, counter, http
+
+pytestmark = pytest.mark.browser
+SITE = "dongha"
+BASELINE_VISITS = 23070412
+BASELINE_PAGEVIEWS = 1000
+
+
+def totals(service: Service, site: str = SITE) -> dict[str, Any]:
+    c = counter(service.url, site)
+    return {
+        "online": online(c),
+        "visits_today": c["visits"]["today"],
+        "visits_total": c["visits"]["total"],
+        "pageviews_today": c["pageviews"]["today"],
+        "pageviews_total": c["pageviews"]["total"],
+    }
+
+
+def expect(guests: int, members: int, visits: int, pageviews: int, bots: int = 0) -> dict[str, Any]:
+    return {
+        "online": {"guests": guests, "members": members, "total": guests + members, "bots": bots},
+        "visits_today": visits,
+        "visits_total": BASELINE_VISITS + visits,
+        "pageviews_today": pageviews,
+        "pageviews_total": BASELINE_PAGEVIEWS + pageviews,
+    }
+
+
+def accepted(service: Service, site: str) -> float:
+    return metric(service.url, "visitorstats_beacons_accepted_total", site=site)
+
+
+def test_a_page_view_shows_in_the_widget_with_the_reader_online(
+    service: Service, portal: Portal, browsers: Browsers
+) -> None:
+    url = portal.page("article", portal_page(service.url))
+    assert url.split("/")[2] != service.url.split("/")[2]  # another origin than the service
+    driver = browsers.open()
+    driver.get(url)
+
+    want = expect(guests=1, members=0, visits=1, pageviews=1)
+    assert wait_until(lambda: totals(service), lambda t: t == want) == want
+    want_shown = shown(guests=1, members=0, visits_today=1, visits_total=BASELINE_VISITS + 1)
+    got = wait_until(lambda: widget(driver), lambda w: w.get("numbers") == want_shown)
+    assert got["numbers"] == want_shown
+    assert got["numbers"]["visits-total"] == "23.070.413"
+    assert got["state"] == "live"
+    assert got["stale_mark"] is False
+    assert got["as_of"]
+    # heartbeats (every 2 s on this page) keep the reader online and add no visit or page view
+    beats = accepted(service, SITE)
+    wait_until(lambda: accepted(service, SITE), lambda n: n >= beats + 2)
+    assert accepted(service, SITE) >= beats + 2
+    assert totals(service) == want
+
+
+def test_three_visitors_online_one_closes_a_tab_members_and_bots(
+    service: Service, portal: Portal, browsers: Browsers
+) -> None:
+    guest_page = portal.page("guest", portal_page(service.url))
+    member_page = portal.page("member", portal_page(service.url, member="1"))
+    readers = []
+    for ua, page in (
+        ("windows-chrome", guest_page),
+        ("mac-chrome", guest_page),
+        ("linux-edge", member_page),  # logged in to the portal: data-member="1"
+    ):
+        driver = browsers.open(USER_AGENTS[ua])
+        readers.append((driver, open_tab(driver, page)))
+
+    want = expect(guests=2, members=1, visits=3, pageviews=3)
+    assert wait_until(lambda: totals(service), lambda t: t == want) == want
+    want_shown = shown(guests=2, members=1, visits_today=3, visits_total=BASELINE_VISITS + 3)
+    for driver, _ in readers:
+        got = wait_until(lambda d=driver: widget(d), lambda w: w.get("numbers") == want_shown)
+        assert got["numbers"] == want_shown
+
+    # Chromium as it comes says "HeadlessChrome": a bot, tallied on its own, never a visitor.
+    bot = browsers.open(user_agent=None)
+    bot.get(guest_page)
+    want = expect(guests=2, members=1, visits=3, pageviews=3, bots=1)
+    assert wait_until(lambda: totals(service), lambda t: t == want) == want
+
+    # The member closes the tab: a leave through sendBeacon on pagehide takes them off at once,
+    # not when their 300 s online window runs out.
+    member_driver, member_tab = readers[2]
+    member_driver.switch_to.window(member_tab)
+    member_driver.close()
+    want = expect(guests=2, members=0, visits=3, pageviews=3, bots=1)
+    assert wait_until(lambda: totals(service), lambda t: t == want) == want
+    # One of the guests too.
+    guest_driver, guest_tab = readers[0]
+    guest_driver.switch_to.window(guest_tab)
+    guest_driver.close()
+    want = expect(guests=1, members=0, visits=3, pageviews=3, bots=1)
+    assert wait_until(lambda: totals(service), lambda t: t == want) == want
+    # The one reader left sees it on their widget, live.
+    want_shown = shown(guests=1, members=0, visits_today=3, visits_total=BASELINE_VISITS + 3)
+    got = wait_until(lambda: widget(readers[1][0]), lambda w: w.get("numbers") == want_shown)
+    assert got["numbers"] == want_shown
+    assert got["state"] == "live"
+
+
+@pytest.mark.parametrize("how", ["background-tab", "minimized-window"])
+def test_a_hidden_page_stops_its_heartbeats(
+    service: Service, portal: Portal, browsers: Browsers, how: str
+) -> None:
+    """The reader of ``dongha`` hides the page; a page of another site (``utc``) stays visible
+    and keeps beating, which shows time passing with heartbeats due. The service's own
+    per-site count of accepted beacons shows that none comes from the hidden page."""
+    article = portal.page("article", portal_page(service.url))
+    other = portal.page("other", portal_page(service.url, site="utc", widgets=()))
+    driver = browsers.open()
+    article_tab = open_tab(driver, article)
+    one = expect(guests=1, members=0, visits=1, pageviews=1)
+    assert wait_until(lambda: totals(service), lambda t: t == one) == one
+    visible = accepted(service, SITE)
+    assert wait_until(lambda: accepted(service, SITE), lambda n: n >= visible + 2) >= visible + 2
+
+    if how == "background-tab":
+        open_tab(driver, other)  # the reader switches to another tab of the same browser
+    else:
+        browsers.open(USER_AGENTS["mac-chrome"]).get(other)  # someone else's visible page
+        driver.minimize_window()
+    # Hidden: a leave, so the reader is off the counter at once ...
+    gone = expect(guests=0, members=0, visits=1, pageviews=1)
+    assert wait_until(lambda: totals(service), lambda t: t == gone) == gone
+    hidden_at = accepted(service, SITE)
+    beats_at = accepted(service, "utc")
+    # ... and no heartbeat while hidden: four heartbeats of the visible page later, not one
+    # beacon more from the hidden one.
+    wait_until(lambda: accepted(service, "utc"), lambda n: n >= beats_at + 4)
+    assert accepted(service, "utc") >= beats_at + 4
+    assert accepted(service, SITE) == hidden_at
+    assert totals(service) == gone
+
+    # Visible again: a heartbeat at once (the reader is back online, in the same visit) and
+    # heartbeats again.
+    if how == "background-tab":
+        driver.switch_to.window(article_tab)
+    else:
+        driver.maximize_window()
+    assert wait_until(lambda: totals(service), lambda t: t == one) == one
+    back = accepted(service, SITE)
+    assert wait_until(lambda: accepted(service, SITE), lambda n: n >= back + 2) >= back + 2
+    assert totals(service) == one
+
+
+def test_in_page_navigation_is_one_more_page_view_and_no_new_visit(
+    service: Service, portal: Portal, browsers: Browsers
+) -> None:
+    # beacon.js through the proxy, so that every beacon the page sends is seen on its way
+    url = portal.page("spa", portal_page(service.url, beacon_from=portal.proxy_url))
+    driver = browsers.open()
+    driver.get(url)
+    want = expect(guests=1, members=0, visits=1, pageviews=1)
+    assert wait_until(lambda: totals(service), lambda t: t == want) == want
+
+    # the portal's router moves to another article without loading a page
+    driver.execute_script("history.pushState({}, '', '/spa?article=2')")
+    want = expect(guests=1, members=0, visits=1, pageviews=2)
+    assert wait_until(lambda: totals(service), lambda t: t == want) == want
+    # an anchor on the same page is no page view; the back button (popstate) is one
+    driver.execute_script("history.pushState({}, '', '/spa?article=2#comments')")
+    driver.execute_script("history.back()")
+    assert wait_until(lambda: driver.current_url, lambda u: u.endswith("article=2")).endswith(
+        "article=2"
+    )
+    driver.execute_script("history.back()")
+    assert wait_until(lambda: driver.current_url, lambda u: u.endswith("/spa")).endswith("/spa")
+    want = expect(guests=1, members=0, visits=1, pageviews=3)
+    assert wait_until(lambda: totals(service), lambda t: t == want) == want
+    # The widget on the page has followed.
+    want_shown = shown(guests=1, members=0, visits_today=1, visits_total=BASELINE_VISITS + 1)
+    assert (
+        wait_until(lambda: widget(driver), lambda w: w.get("numbers") == want_shown)["numbers"]
+        == want_shown
+    )
+    # Only text/plain POSTs (no CORS preflight) went out.
+    posts = portal.proxied("POST", "/collect")
+    assert len(posts) >= 3
+    assert all(h.status == 202 for h in posts)
+    assert portal.proxied("OPTIONS") == []
+    assert totals(service) == want
+
+
+def test_a_page_without_script_is_counted_through_the_pixel(
+    service: Service, portal: Portal, browsers: Browsers
+) -> None:
+    page_url = f"{portal.url}/noscript"
+    pixel = f"{service.url}/collect.gif?" + urlencode(
+        {"site": SITE, "type": "pageview", "url": page_url}
+    ).replace("&", "&amp;")
+    html = portal_page(
+        service.url,
+        extra=(
+            f'<noscript><img id="pixel" src="{pixel}" alt="" width="1" height="1"></noscript>\n'
+            f'<noscript><img id="svg" src="{service.url}/v1/sites/{SITE}/counter.svg?lang=vi" '
+            'alt="Thống kê truy cập"></noscript>'
+        ),
+    )
+    portal.page("noscript", html)
+    driver = browsers.open(javascript=False)
+    driver.get(page_url)
+    want = expect(guests=1, members=0, visits=1, pageviews=1)
+    assert wait_until(lambda: totals(service), lambda t: t == want) == want
+    assert (
+        metric(
+            service.url, "visitorstats_ingest_requests_total", endpoint="pixel", outcome="accepted"
+        )
+        == 1
+    )
+    # No script ran: the widget stayed an empty div, and the SVG image stood in for it.
+    assert driver.find_element(By.ID, "vs-vi").text == ""
+    svg = driver.find_element(By.ID, "svg")
+    assert svg.size["width"] >= 240
+    assert svg.size["height"] > 100
+
+
+def test_beacon_js_as_served_is_small_and_cacheable(service: Service) -> None:
+    status, headers, body = http("GET", f"{service.url}/beacon.js")
+    assert status == 200
+    assert headers["Content-Type"].startswith(("application/javascript", "text/javascript"))
+    assert "max-age" in headers.get("Cache-Control", "")
+    assert b"sendBeacon" in body
+    size = len(gzip.compress(body, compresslevel=9))
+    assert size <= 1536, f"beacon.js is {size} bytes gzipped"

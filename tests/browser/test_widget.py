@@ -1,0 +1,286 @@
+"""widget.js in headless Chromium on a portal page of another origin: live over the stream,
+polling where the stream is off, refused, blocked or starved; both languages, screenshots; the
+iframe and SVG forms; the demo page of ``visitorstats run``."""
+
+from __future__ import annotations
+
+import struct
+from pathlib import Path
+from typing import Any
+
+import pytest
+from selenium.webdriver.common.by import By
+from selenium.webdriver.remote.webelement import WebElement
+
+from tests.browser.portal import (
+    USER_AGENTS,
+    Browsers,
+    Portal,
+    metric,
+    portal_page,
+    shown,
+    wait_until,
+    widget,
+)
+from tests.support.procs import Service, counter, send_beacon, wait_counter
+
+pytestmark = pytest.mark.browser
+SITE = "dongha"
+BASELINE = 23070412
+
+
+def arrive(service: Service, n: int) -> None:
+    """Visitor number ``n`` (their own address) opens a page of the portal."""
+    assert send_beacon(service.url, SITE, client=f"203.0.113.{n}") == 202
+
+
+def online_total(service: Service) -> int:
+    total: int = counter(service.url, SITE)["online"]["total"]
+    return total
+
+
+def wait_shown(driver: Any, want: dict[str, str], selector: str = "#vs-vi") -> dict[str, Any]:
+    got = wait_until(lambda: widget(driver, selector), lambda w: w.get("numbers") == want)
+    assert got["numbers"] == want
+    return got
+
+
+def test_the_widget_updates_itself_over_the_stream_when_a_visitor_arrives(
+    service: Service, portal: Portal, browsers: Browsers
+) -> None:
+    # widget.js through the proxy, which shows what the widget asks of the service
+    url = portal.page("home", portal_page(service.url, beacon=False, widget_from=portal.proxy_url))
+    driver = browsers.open()
+    driver.get(url)
+    first = wait_shown(driver, shown(0, 0, 0, BASELINE))
+    first = wait_until(lambda: widget(driver), lambda w: w["state"] == "live")
+    assert first["state"] == "live"
+    assert metric(service.url, "visitorstats_stream_subscribers") == 1
+    driver.execute_script("window.notReloaded = true")
+
+    for n in (1, 2):
+        arrive(service, n)
+        got = wait_shown(driver, shown(n, 0, n, BASELINE + n))
+        assert got["state"] == "live"
+        assert got["updates"] > first["updates"]
+        first = got
+    # another reader, in a browser of their own
+    browsers.open(USER_AGENTS["android-chrome"]).get(
+        portal.page("article", portal_page(service.url, widgets=()))
+    )
+    got = wait_shown(driver, shown(3, 0, 3, BASELINE + 3))
+    assert got["state"] == "live"
+    assert driver.execute_script("return window.notReloaded") is True
+    # Everything came over the one stream: one GET of the counter at start, no polling.
+    assert len(portal.proxied("GET", "/counter/stream")) == 1
+    assert (
+        len(portal.proxied("GET", f"/v1/sites/{SITE}/counter?"))
+        + len([h for h in portal.proxied("GET") if h.path == f"/v1/sites/{SITE}/counter"])
+        == 1
+    )
+
+
+def test_the_widget_polls_with_etags_when_streams_are_off(
+    service: Service, portal: Portal, browsers: Browsers
+) -> None:
+    url = portal.page(
+        "home",
+        portal_page(
+            service.url,
+            beacon=False,
+            widget_from=portal.proxy_url,
+            widget_attrs='data-stream="off" data-poll="1"',
+        ),
+    )
+    driver = browsers.open()
+    driver.get(url)
+    got = wait_shown(driver, shown(0, 0, 0, BASELINE))
+    assert wait_until(lambda: widget(driver), lambda w: w["state"] == "polling")["state"] == (
+        "polling"
+    )
+    # unchanged numbers revalidate: If-None-Match, 304
+    polls = wait_until(
+        lambda: [h for h in portal.proxied("GET") if h.path == f"/v1/sites/{SITE}/counter"],
+        lambda hs: any(h.status == 304 and h.if_none_match for h in hs),
+    )
+    assert any(h.status == 304 and h.if_none_match for h in polls)
+    arrive(service, 1)
+    got = wait_shown(driver, shown(1, 0, 1, BASELINE + 1))
+    assert got["state"] == "polling"
+    assert portal.proxied("GET", "/counter/stream") == []
+    assert metric(service.url, "visitorstats_stream_subscribers") == 0
+
+
+@pytest.mark.parametrize("blocked", ["proxy-404", "browser-blocked", "proxy-buffers"])
+def test_the_widget_falls_back_to_polling_when_the_stream_fails(
+    service: Service, portal: Portal, browsers: Browsers, blocked: str
+) -> None:
+    """No data-stream="off" here: the widget finds out by itself that the stream is unusable
+    (refused by a proxy, blocked in the browser, or opened by a buffering proxy and never
+    delivered) and polls instead."""
+    url = portal.page(
+        "home",
+        portal_page(
+            service.url, beacon=False, widget_from=portal.proxy_url, widget_attrs='data-poll="1"'
+        ),
+    )
+    driver = browsers.open()
+    if blocked == "proxy-404":
+        portal.stream_mode = "404"
+    elif blocked == "proxy-buffers":
+        portal.stream_mode = "silent"
+    else:
+        driver.execute_cdp_cmd("Network.enable", {})
+        driver.execute_cdp_cmd("Network.setBlockedURLs", {"urls": ["*/counter/stream*"]})
+    driver.get(url)
+    got = wait_until(lambda: widget(driver), lambda w: w.get("state") == "polling", timeout=60)
+    assert got["state"] == "polling"
+    wait_shown(driver, shown(0, 0, 0, BASELINE))
+    arrive(service, 1)
+    got = wait_shown(driver, shown(1, 0, 1, BASELINE + 1))
+    arrive(service, 2)
+    got = wait_shown(driver, shown(2, 0, 2, BASELINE + 2))
+    assert got["state"] == "polling"
+    assert got["stale_mark"] is False
+    assert metric(service.url, "visitorstats_stream_subscribers") == 0
+
+
+def screenshot(driver: Any, element: WebElement, path: Path) -> None:
+    """A test artifact: the element, scrolled into view first (so that it is all there)."""
+    driver.execute_script("arguments[0].scrollIntoView({block: 'center'})", element)
+    element.screenshot(str(path))
+
+
+def png_size(path: Path) -> tuple[int, int]:
+    data = path.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n", f"{path} is not a PNG"
+    width, height = struct.unpack(">II", data[16:24])
+    return width, height
+
+
+def test_both_languages_formats_screenshots_iframe_and_svg(
+    service: Service, portal: Portal, browsers: Browsers, artifacts: Path
+) -> None:
+    extra = (
+        f'<iframe id="frame" src="{service.url}/widget/{SITE}?lang=en" title="Visitor statistics" '
+        'width="300" height="260" style="border:0"></iframe>\n'
+        f'<img id="svg-vi" src="{service.url}/v1/sites/{SITE}/counter.svg?lang=vi" alt="">\n'
+        f'<img id="svg-en" src="{service.url}/v1/sites/{SITE}/counter.svg?lang=en" alt="">'
+    )
+    url = portal.page(
+        "home", portal_page(service.url, beacon=False, widgets=("vi", "en"), extra=extra)
+    )
+    driver = browsers.open()
+    driver.get(url)
+    # Nobody has visited yet: the total is the legacy counter's value, as each locale writes it.
+    vi = wait_shown(driver, shown(0, 0, 0, BASELINE, "vi"), "#vs-vi")
+    en = wait_shown(driver, shown(0, 0, 0, BASELINE, "en"), "#vs-en")
+    assert vi["numbers"]["visits-total"] == "23.070.412"
+    assert en["numbers"]["visits-total"] == "23,070,412"
+    assert "Thống kê truy cập" in driver.find_element(By.ID, "vs-vi").text
+    assert "Tổng lượt truy cập" in driver.find_element(By.ID, "vs-vi").text
+    assert "Visitor statistics" in driver.find_element(By.ID, "vs-en").text
+    assert "Total visits" in driver.find_element(By.ID, "vs-en").text
+    # accessible markup: labelled lists in a polite live region
+    labels = driver.execute_script(
+        "return [...document.querySelectorAll('#vs-en ul')].map(u => u.getAttribute('aria-label'))"
+    )
+    assert labels == ["Online now", "Visits"]
+    assert driver.find_element(By.CSS_SELECTOR, "#vs-vi [aria-live=polite]")
+    for lang in ("vi", "en"):
+        path = artifacts / f"widget-{lang}.png"
+        path.unlink(missing_ok=True)
+        screenshot(driver, driver.find_element(By.ID, f"vs-{lang}"), path)
+        width, height = png_size(path)
+        assert path.stat().st_size > 1000
+        assert width > 100
+        assert height > 100
+
+    # A visitor arrives: both widgets (one stream) follow.
+    arrive(service, 1)
+    wait_shown(driver, shown(1, 0, 1, BASELINE + 1, "vi"), "#vs-vi")
+    wait_shown(driver, shown(1, 0, 1, BASELINE + 1, "en"), "#vs-en")
+    assert wait_counter(service.url, SITE, lambda c: c["online"]["total"] == 1)["visits"] == {
+        "today": 1, "yesterday": 0, "this_week": 1, "this_month": 1, "total": BASELINE + 1
+    }  # fmt: skip
+
+    # the SVG images
+    for lang in ("vi", "en"):
+        img = driver.find_element(By.ID, f"svg-{lang}")
+        assert (
+            wait_until(
+                lambda i=img: driver.execute_script("return arguments[0].naturalWidth", i),
+                lambda w: bool(w),
+            )
+            >= 240
+        )
+        path = artifacts / f"counter-svg-{lang}.png"
+        screenshot(driver, img, path)
+        assert png_size(path)[0] >= 240
+        assert png_size(path)[1] >= 170
+
+    # the iframe: the block as a page of its own, live too
+    frame = driver.find_element(By.ID, "frame")
+    path = artifacts / "widget-iframe-en.png"
+    driver.switch_to.frame(frame)
+    inner = wait_shown(
+        driver,
+        shown(1, 0, 1, BASELINE + 1, "en"),
+        "[data-visitorstats-widget]",
+    )
+    assert inner["state"] == "live"
+    driver.switch_to.default_content()
+    # the page's two widgets share one stream; the iframe, a page of its own, has its own
+    assert metric(service.url, "visitorstats_stream_subscribers") == 2
+    screenshot(driver, frame, path)
+    assert png_size(path)[0] > 100
+
+
+def test_the_demo_page_counts_itself_and_shows_it(
+    service: Service, browsers: Browsers, artifacts: Path
+) -> None:
+    driver = browsers.open()
+    driver.get(f"{service.url}/")
+    c = wait_counter(service.url, SITE, lambda c: c["online"]["total"] == 1)
+    assert c["online"]["guests"] == 1
+    assert c["visits"]["total"] == BASELINE + 1
+    widgets = driver.find_elements(By.CSS_SELECTOR, "[data-visitorstats-widget]")
+    assert [w.get_attribute("data-lang") for w in widgets] == ["vi", "en"]
+    wait_shown(driver, shown(1, 0, 1, BASELINE + 1, "vi"), "[data-lang=vi]")
+    wait_shown(driver, shown(1, 0, 1, BASELINE + 1, "en"), "[data-lang=en]")
+    # The snippets shown are the ones for this service, as the browser reached it.
+    code = driver.find_element(By.TAG_NAME, "main").text
+    assert f'<script defer src="{service.url}/beacon.js" data-site="{SITE}"' in code
+    assert f'<script defer src="{service.url}/widget.js"></script>' in code
+    # The in-page navigation button: one more page view, no new visit.
+    driver.find_element(By.ID, "demo-nav").click()
+    c = wait_counter(service.url, SITE, lambda c: c["pageviews"]["today"] == 2)
+    assert (c["pageviews"]["today"], c["visits"]["today"]) == (2, 1)
+    driver.save_screenshot(str(artifacts / "demo-page.png"))
+    assert png_size(artifacts / "demo-page.png")[0] > 100
+
+
+def test_the_widget_keeps_the_last_numbers_with_a_stale_mark_while_the_service_is_away(
+    service: Service, portal: Portal, browsers: Browsers
+) -> None:
+    url = portal.page("home", portal_page(service.url, beacon=False, widget_attrs='data-poll="1"'))
+    arrive(service, 1)
+    driver = browsers.open()
+    driver.get(url)
+    last = shown(1, 0, 1, BASELINE + 1)
+    got = wait_shown(driver, last)
+    assert got["stale_mark"] is False
+
+    assert service.stop() == 0
+    got = wait_until(lambda: widget(driver), lambda w: w.get("state") == "stale", timeout=60)
+    assert got["state"] == "stale"
+    assert got["stale_mark"] is True
+    assert got["numbers"] == last  # the last good numbers, not dashes, not zeros
+
+    # Back (same data, same port): the mark goes, the numbers follow again.
+    service.start()
+    got = wait_until(lambda: widget(driver), lambda w: w.get("stale_mark") is False, timeout=60)
+    assert got["stale_mark"] is False
+    assert got["state"] in ("polling", "live")
+    arrive(service, 2)
+    wait_shown(driver, shown(2, 0, 2, BASELINE + 2))
