@@ -1,24 +1,47 @@
-"""What both services share over HTTP: ``/healthz``, ``/readyz``, ``/metrics``, and serving an
-app with uvloop, no access log by default, and ``SO_REUSEPORT`` worker processes."""
+"""What both services share over HTTP: ``/healthz``, ``/readyz``, ``/metrics``,
+``/openapi.json``, JSON errors, and serving an app with uvloop, no access log by default, and
+``SO_REUSEPORT`` worker processes.
+
+Limits against slow and oversized clients, per process (``Settings``; defaults in brackets):
+
+* request line and each header at most ``max_header_bytes`` [8190], at most ``max_headers``
+  header lines [100]: beyond them ``400`` (JSON) and the connection is closed;
+* a connection that has not sent a complete request head within ``read_timeout_seconds`` [10]
+  of opening (or of its previous response) is closed: slowloris gets nowhere. The same
+  timeout closes idle keep-alive connections, and bounds the reading of a body (``408``);
+* at most ``max_connections`` [10000] open connections (and the open-file limit is raised to
+  make room for them). At the limit a new connection replaces the oldest idle one (between
+  requests, or still sending its request head); when every one is busy, it is answered ``503``
+  at once and closed, before anything is read from it;
+* request bodies are never decompressed (``Content-Encoding`` is refused by ``/collect``);
+* no log line names a client: the access log (off by default) writes method, path, status,
+  size and time, and malformed requests are logged without the peer's address.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import multiprocessing
 import os
 import signal
 from collections.abc import Awaitable, Callable
+from typing import Any, cast
 
 import orjson
 import uvloop
 from aiohttp import web
+from aiohttp.abc import AbstractAccessLogger
+from aiohttp.http_exceptions import LineTooLong
 from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, generate_latest
 
+from services import metrics, openapi
 from services.settings import Settings
 
 ReadyCheck = Callable[[], Awaitable[tuple[bool, str]]]
 READY_CHECKS = web.AppKey("ready_checks", dict[str, ReadyCheck])
+OPENAPI = web.AppKey("openapi", dict[str, bytes])
 
 log = logging.getLogger(__name__)
 
@@ -51,11 +74,47 @@ async def metrics_endpoint(request: web.Request) -> web.Response:
     )
 
 
+async def openapi_endpoint(request: web.Request) -> web.Response:
+    """The OpenAPI document of the operations this app serves (built once, on first use)."""
+    cache = request.app[OPENAPI]
+    body = cache.get("body")
+    if body is None:
+        body = cache["body"] = orjson.dumps(openapi.document_for(request.app.router))
+    return web.Response(
+        body=body, content_type="application/json", headers={"Access-Control-Allow-Origin": "*"}
+    )
+
+
+def _json_error(status: int, message: str, headers: Any = None) -> web.Response:
+    return web.Response(
+        status=status,
+        body=orjson.dumps({"error": message, "field": None}),
+        content_type="application/json",
+        headers=headers,
+    )
+
+
+@web.middleware
+async def json_errors(
+    request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+) -> web.StreamResponse:
+    """aiohttp's own refusals (no such route, method not allowed) as JSON, like ours."""
+    try:
+        return await handler(request)
+    except web.HTTPException as e:
+        if e.status < 400:
+            raise
+        allow = {"Allow": e.headers["Allow"]} if "Allow" in e.headers else None
+        return _json_error(e.status, e.reason.lower(), allow)
+
+
 def add_routes(app: web.Application) -> None:
     app[READY_CHECKS] = {}
+    app[OPENAPI] = {}
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/metrics", metrics_endpoint)
+    app.router.add_get("/openapi.json", openapi_endpoint)
 
 
 def add_ready_check(app: web.Application, name: str, check: ReadyCheck) -> None:
@@ -63,9 +122,225 @@ def add_ready_check(app: web.Application, name: str, check: ReadyCheck) -> None:
 
 
 def new_app(settings: Settings) -> web.Application:
-    app = web.Application(client_max_size=settings.client_max_size)
+    app = web.Application(client_max_size=settings.client_max_size, middlewares=[json_errors])
     add_routes(app)
     return app
+
+
+class AccessLogger(AbstractAccessLogger):
+    """Method, path (no query string), status, size, duration: nothing about the client."""
+
+    def log(self, request: web.BaseRequest, response: web.StreamResponse, time: float) -> None:
+        self.logger.info(
+            "%s %s %d %d %.6f",
+            request.method,
+            request.path,
+            response.status,
+            response.body_length,
+            time,
+        )
+
+
+class _Gate:
+    """The open connections of one process, oldest first, at most ``limit``.
+
+    At the limit, a new connection takes the place of the oldest idle one (waiting for a
+    request: an idle keep-alive connection, or a slow one that has not finished its request
+    head); only when all are busy is it answered ``503`` and closed. At most ``_SCAN`` are
+    looked at per new connection, busy ones being moved to the back, so the cost stays small."""
+
+    _SCAN = 64
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.conns: dict[_Handler, None] = {}
+
+    def admit(self, handler: _Handler) -> bool:
+        conns = self.conns
+        if len(conns) >= self.limit and not self._evict_idle():
+            metrics.CONNECTIONS_REFUSED.inc()
+            return False
+        conns[handler] = None
+        metrics.CONNECTIONS_OPEN.set(len(conns))
+        return True
+
+    def release(self, handler: _Handler) -> None:
+        if self.conns.pop(handler, _GONE) is not _GONE:
+            metrics.CONNECTIONS_OPEN.set(len(self.conns))
+
+    def _evict_idle(self) -> bool:
+        conns = self.conns
+        for _ in range(min(self._SCAN, len(conns))):
+            oldest = next(iter(conns))
+            del conns[oldest]
+            if oldest.idle():
+                metrics.CONNECTIONS_EVICTED.inc()
+                oldest.force_close()
+                return True
+            conns[oldest] = None  # busy: to the back
+        return False
+
+
+_GONE = object()
+_TOO_MANY = (
+    b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\n"
+    b"Retry-After: 1\r\nConnection: close\r\nContent-Length: 51\r\n\r\n"
+    b'{"error":"too many open connections","field":null}\n'
+)
+
+
+class _Handler(web.RequestHandler):
+    """aiohttp's connection handler with a cap on open connections, and errors for malformed
+    requests that are JSON and logged without the client's address."""
+
+    __slots__ = ("_gate", "_started")
+
+    def __init__(self, manager: web.Server, *, gate: _Gate, **kwargs: Any) -> None:
+        super().__init__(manager, **kwargs)
+        self._gate = gate
+        self._started = False
+
+    def idle(self) -> bool:
+        """Waiting for (the rest of) a request head, nothing being handled."""
+        waiter = self._waiter
+        return waiter is not None and not waiter.done() and not self._messages
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        if not self._gate.admit(self):
+            tcp = cast(asyncio.Transport, transport)
+            tcp.write(_TOO_MANY)
+            tcp.close()
+            return
+        self._started = True
+        super().connection_made(transport)
+
+    def connection_lost(self, exc: BaseException | None) -> None:
+        if self._started:
+            self._started = False
+            self._gate.release(self)
+            super().connection_lost(exc)
+
+    def data_received(self, data: bytes) -> None:
+        if self._started:
+            super().data_received(data)
+
+    def handle_error(
+        self,
+        request: web.BaseRequest,
+        status: int = 500,
+        exc: BaseException | None = None,
+        message: str | None = None,
+    ) -> web.StreamResponse:
+        if status >= 500:
+            self.logger.error("error handling %s %s", request.method, request.path, exc_info=exc)
+            text = "internal error"
+        else:
+            # The exception's message quotes the offending bytes (a header, say): not logged.
+            self.logger.debug("malformed request refused: %s", type(exc).__name__)
+            text = (
+                "request line or header too long"
+                if isinstance(exc, LineTooLong)
+                else "too many headers"
+                if "Too many headers" in (message or "")
+                else "malformed HTTP request"
+            )
+        if request.writer.output_size > 0:
+            raise ConnectionError("the response is under way: no error can be sent")
+        resp = web.Response(
+            status=status,
+            body=orjson.dumps({"error": text, "field": "request"}),
+            content_type="application/json",
+        )
+        resp.force_close()
+        return resp
+
+
+class _Site(web.BaseSite):
+    """A TCP site whose connections are served by ``_Handler``."""
+
+    __slots__ = ("_factory", "_host", "_port", "_reuse_port")
+
+    def __init__(
+        self,
+        runner: web.BaseRunner,
+        host: str,
+        port: int,
+        factory: Callable[[], _Handler],
+        reuse_port: bool,
+    ) -> None:
+        super().__init__(runner)
+        self._host, self._port, self._factory, self._reuse_port = host, port, factory, reuse_port
+
+    @property
+    def name(self) -> str:
+        return f"http://{self._host}:{self._port}"
+
+    async def start(self) -> None:
+        await super().start()
+        self._server = await asyncio.get_running_loop().create_server(
+            self._factory,
+            self._host,
+            self._port,
+            reuse_address=True,
+            reuse_port=self._reuse_port or None,
+        )
+
+
+def connection_limit(wanted: int, reserve: int = 512) -> int:
+    """``wanted``, within what the process may open: the soft limit on open files is raised
+    (up to the hard one) to make room for ``wanted`` connections and ``reserve`` other files
+    (Kafka, ClickHouse, logs); if it cannot be, the cap is lowered to fit, and said so."""
+    wanted = max(1, wanted)
+    try:
+        import resource
+
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        infinite = resource.RLIM_INFINITY
+        need = wanted + reserve
+        if soft != infinite and soft < need:
+            soft = need if hard == infinite else min(need, hard)
+            resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+        if soft != infinite and soft < need:
+            fitted = max(1, soft - reserve)
+            log.warning("open-file limit %d: at most %d connections, not %d", soft, fitted, wanted)
+            return fitted
+    except (ImportError, ValueError, OSError) as e:
+        log.warning("cannot check the open-file limit (%s)", e)
+    return wanted
+
+
+def handler_args(settings: Settings) -> dict[str, Any]:
+    """The connection handler's limits (see the module's docstring)."""
+    return {
+        "keepalive_timeout": settings.read_timeout_seconds,
+        "max_line_size": settings.max_header_bytes,
+        "max_field_size": settings.max_header_bytes,
+        "max_headers": settings.max_headers,
+        "lingering_time": min(2.0, settings.read_timeout_seconds),
+        "auto_decompress": False,
+        "access_log_class": AccessLogger,
+        "access_log": logging.getLogger("aiohttp.access") if settings.access_log else None,
+    }
+
+
+async def start_server(
+    app: web.Application, settings: Settings, *, reuse_port: bool = False, **runner_args: Any
+) -> web.AppRunner:
+    """Start serving ``app`` with the limits of ``settings``; ``await runner.cleanup()`` stops
+    it: no new connections, the requests in flight finish, every cleanup context runs."""
+    args = handler_args(settings)
+    runner = web.AppRunner(app, handler_cancellation=True, shutdown_timeout=10, **runner_args)
+    await runner.setup()
+    server = runner.server
+    assert server is not None
+    gate = _Gate(connection_limit(settings.max_connections))
+    loop = asyncio.get_running_loop()
+
+    def factory() -> _Handler:
+        return _Handler(server, loop=loop, gate=gate, **args)
+
+    await _Site(runner, settings.host, settings.port, factory, reuse_port).start()
+    return runner
 
 
 def serve(
@@ -78,21 +353,33 @@ def serve(
         format="%(asctime)s %(process)d %(levelname)s %(name)s: %(message)s",
     )
 
-    async def app_factory() -> web.Application:
+    async def main() -> None:
         # inside the loop: aiokafka clients must be created with a running loop
-        return make_app()
+        runner = await start_server(
+            make_app(), settings, reuse_port=reuse_port, handle_signals=True
+        )
+        log.info("listening on http://%s:%s", settings.host, settings.port)
+        try:
+            await asyncio.Event().wait()  # until SIGTERM/SIGINT raise GracefulExit
+        finally:
+            await runner.cleanup()
 
-    web.run_app(
-        app_factory(),
-        host=settings.host,
-        port=settings.port,
-        access_log=logging.getLogger("aiohttp.access") if settings.access_log else None,
-        reuse_port=reuse_port or None,
-        handler_cancellation=True,
-        shutdown_timeout=10,
-        loop=uvloop.new_event_loop(),
-        print=lambda *a: log.info("listening on http://%s:%s", settings.host, settings.port),
-    )
+    loop = uvloop.new_event_loop()
+    asyncio.set_event_loop(loop)
+    task = loop.create_task(main())
+    try:
+        loop.run_until_complete(task)
+    except (web.GracefulExit, KeyboardInterrupt):
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            loop.run_until_complete(task)
+    finally:
+        rest = asyncio.all_tasks(loop)
+        for t in rest:
+            t.cancel()
+        loop.run_until_complete(asyncio.gather(*rest, return_exceptions=True))
+        loop.run_until_complete(loop.shutdown_asyncgens())
+        loop.close()
 
 
 def serve_workers(

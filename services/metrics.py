@@ -52,6 +52,20 @@ SPOOL_BYTES = Gauge(
     "Bytes used by the on-disk spool.",
 )
 
+# --- HTTP (both services) -------------------------------------------------------------------
+CONNECTIONS_OPEN = Gauge(
+    "visitorstats_http_connections",
+    "Open HTTP connections of this process.",
+)
+CONNECTIONS_REFUSED = Counter(
+    "visitorstats_http_connections_refused_total",
+    "Connections answered 503 and closed at once: max_connections open, none of them idle.",
+)
+CONNECTIONS_EVICTED = Counter(
+    "visitorstats_http_idle_connections_closed_total",
+    "Idle connections closed to make room for a new one (max_connections open).",
+)
+
 # --- aggregate ------------------------------------------------------------------------------
 EVENTS_CONSUMED = Counter(
     "visitorstats_events_consumed_total",

@@ -96,9 +96,13 @@ class Settings:
     rate_limit_burst: int = 200
     max_visitors_per_partition: int = 2_000_000
     # slow or abusive HTTP clients
+    # (services/http.py states what each does; README "Security and privacy" why these values)
     client_max_size: int = 8 * 1024
-    read_timeout_seconds: float = 10.0
-    max_connections: int = 4096
+    read_timeout_seconds: float = 10.0  # request head, request body, idle keep-alive
+    max_connections: int = 10_000  # per process; ~5 KB idle, ~9 KB per open counter stream
+    max_header_bytes: int = 8190  # the request line, and each header line
+    max_headers: int = 100
+    rate_limit_max_clients: int = 100_000  # token buckets kept (LRU), ~200 bytes each
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
@@ -137,7 +141,10 @@ class Settings:
             rate_limit_burst=_int(e, "VISITORSTATS_RATE_LIMIT_BURST", 200),
             max_visitors_per_partition=_int(e, "VISITORSTATS_MAX_VISITORS", 2_000_000),
             read_timeout_seconds=_float(e, "VISITORSTATS_READ_TIMEOUT_SECONDS", 10.0),
-            max_connections=_int(e, "VISITORSTATS_MAX_CONNECTIONS", 4096),
+            max_connections=_int(e, "VISITORSTATS_MAX_CONNECTIONS", 10_000),
+            max_header_bytes=_int(e, "VISITORSTATS_MAX_HEADER_BYTES", 8190),
+            max_headers=_int(e, "VISITORSTATS_MAX_HEADERS", 100),
+            rate_limit_max_clients=_int(e, "VISITORSTATS_RATE_LIMIT_MAX_CLIENTS", 100_000),
         )
         return replace(s, **overrides) if overrides else s
 

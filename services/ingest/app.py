@@ -1,11 +1,15 @@
 """The ingest HTTP service: ``POST /collect``, ``GET /collect.gif``, ``GET /beacon.js``.
 
 Only this module touches HTTP; the request becomes a ``Beacon`` (beacon.py) and a
-``ClientContext``, and the ``Pipeline`` decides.
+``ClientContext``, and the ``Pipeline`` decides. Every refusal is a JSON
+``{"error": ..., "field": ...}`` with a 4xx status from the OpenAPI document (or 503):
+``415`` another content type or a compressed body, ``413`` a body over 8 KiB, ``408`` a body
+not received within ``read_timeout_seconds``, ``400`` anything malformed or invalid.
 """
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import hashlib
 from importlib import resources
@@ -13,9 +17,10 @@ from typing import Any
 
 import orjson
 from aiohttp import web
+from aiohttp.web_protocol import RequestPayloadError
 
 from services import metrics
-from services.ingest.beacon import BeaconError, parse_beacon
+from services.ingest.beacon import MAX_KEYS, BeaconError, parse_beacon
 from services.ingest.pipeline import ClientContext, Outcome, Pipeline, client_address, origin_of
 from services.settings import Settings
 
@@ -29,6 +34,10 @@ _CORS = {"Access-Control-Allow-Origin": "*"}
 _JSON_TYPES = ("text/plain", "application/json")
 _BEACON_JS = resources.files("services.ingest").joinpath("static/beacon.js").read_bytes()
 _BEACON_JS_ETAG = '"' + hashlib.sha256(_BEACON_JS).hexdigest()[:20] + '"'
+# The beacon fields (beacon.py): a pixel may not give one of them twice; others are ignored.
+_FIELDS = frozenset(
+    ("site", "type", "url", "referrer", "member", "event_id", "visitor", "title", "member_token")
+)
 
 
 def error_response(
@@ -45,35 +54,57 @@ def error_response(
     )
 
 
+def _text(value: str) -> str:
+    """A header as text: aiohttp keeps bytes that are not UTF-8 as lone surrogates."""
+    if value.isascii():
+        return value
+    return value.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+
+
 def _context(request: web.Request, settings: Settings) -> ClientContext:
     headers = request.headers
     origin = headers.get("Origin")
     if not origin or origin == "null":
         origin = origin_of(headers.get("Referer"))
+    forwarded = headers.getall("X-Forwarded-For", ())
     return ClientContext(
         address=client_address(
-            request.remote, headers.get("X-Forwarded-For"), settings.trusted_proxies
+            request.remote,
+            # a proxy may add its own header line instead of extending the client's
+            (forwarded[0] if len(forwarded) == 1 else ",".join(forwarded)) if forwarded else None,
+            settings.trusted_proxies,
         ),
-        user_agent=headers.get("User-Agent", ""),
+        user_agent=_text(headers.get("User-Agent", "")),
         origin=origin.rstrip("/").lower() if origin else None,
         dnt=headers.get("DNT") == "1",
         gpc=headers.get("Sec-GPC") == "1",
     )
 
 
-async def _read_body(request: web.Request) -> bytes:
+async def _read_body(request: web.Request, timeout: float) -> bytes:
+    """At most 8 KiB, within ``timeout`` seconds (a slow sender is cut off with 408)."""
     if request.content_length is not None and request.content_length > MAX_BODY:
         raise _Refused(413, "the body is larger than 8 KiB", "body")
+    encoding = request.headers.get("Content-Encoding")
+    if encoding and encoding.strip().lower() != "identity":
+        # Browsers never compress a request body; decompressing one is an amplifier.
+        raise _Refused(415, "a compressed body is not accepted", "content-encoding")
     chunks = []
     size = 0
-    while True:
-        chunk = await request.content.read(MAX_BODY + 1 - size)
-        if not chunk:
-            break
-        chunks.append(chunk)
-        size += len(chunk)
-        if size > MAX_BODY:
-            raise _Refused(413, "the body is larger than 8 KiB", "body")
+    try:
+        async with asyncio.timeout(timeout):
+            while True:
+                chunk = await request.content.read(MAX_BODY + 1 - size)
+                if not chunk:
+                    break
+                chunks.append(chunk)
+                size += len(chunk)
+                if size > MAX_BODY:
+                    raise _Refused(413, "the body is larger than 8 KiB", "body")
+    except TimeoutError:
+        raise _Refused(408, "the body was not received in time", "body") from None
+    except RequestPayloadError:
+        raise _Refused(400, "the body is malformed", "body") from None
     return b"".join(chunks)
 
 
@@ -87,6 +118,7 @@ def _outcome_label(status: int) -> str:
     return {
         400: "invalid",
         403: "forbidden",
+        408: "timeout",
         413: "too_large",
         415: "unsupported_media_type",
         429: "rate_limited",
@@ -94,11 +126,17 @@ def _outcome_label(status: int) -> str:
     }.get(status, "error")
 
 
+def _refused(endpoint: str, r: _Refused) -> web.Response:
+    label = _outcome_label(r.status)
+    metrics.BEACONS_DROPPED.labels(label).inc()
+    metrics.INGEST_REQUESTS.labels(endpoint, label).inc()
+    return error_response(r.status, r.message, r.field)
+
+
 async def _run(request: web.Request, endpoint: str, raw: dict[str, Any]) -> Outcome:
     try:
         beacon = parse_beacon(raw)
     except BeaconError as e:
-        metrics.BEACONS_DROPPED.labels("invalid").inc()
         raise _Refused(400, e.message, e.field) from None
     return await request.app[PIPELINE].accept(beacon, _context(request, request.app[SETTINGS]))
 
@@ -108,21 +146,20 @@ async def collect(request: web.Request) -> web.Response:
         ctype = request.content_type
         if ctype not in _JSON_TYPES:
             raise _Refused(415, "send text/plain or application/json", "content-type")
-        body = await _read_body(request)
+        body = await _read_body(request, request.app[SETTINGS].read_timeout_seconds)
         if not body.strip():
             raise _Refused(400, "the body is empty", "body")
         try:
             raw = orjson.loads(body)
-        except orjson.JSONDecodeError:
-            raise _Refused(400, "the body is not valid JSON", "body") from None
+        except orjson.JSONDecodeError as e:
+            if "depth" in str(e) or "recursion" in str(e):
+                raise _Refused(400, "the body is nested too deeply", "body") from None
+            raise _Refused(400, "the body is not valid JSON (UTF-8)", "body") from None
         if not isinstance(raw, dict):
             raise _Refused(400, "the body must be one JSON object", "body")
         outcome = await _run(request, "collect", raw)
     except _Refused as r:
-        if r.status != 400:
-            metrics.BEACONS_DROPPED.labels(_outcome_label(r.status)).inc()
-        metrics.INGEST_REQUESTS.labels("collect", _outcome_label(r.status)).inc()
-        return error_response(r.status, r.message, r.field)
+        return _refused("collect", r)
     if outcome.status == 202:
         metrics.INGEST_REQUESTS.labels("collect", "accepted").inc()
         return web.Response(
@@ -133,19 +170,20 @@ async def collect(request: web.Request) -> web.Response:
 
 
 async def collect_gif(request: web.Request) -> web.Response:
-    query = request.rel_url.query
-    raw: dict[str, Any] = {}
-    for name in query:
-        values = query.getall(name)
-        if len(values) > 1:
-            metrics.INGEST_REQUESTS.labels("pixel", "invalid").inc()
-            return error_response(400, f"{name} is given more than once", name)
-        raw[name] = values[0]
     try:
+        query = request.rel_url.query
+        if len(query) > MAX_KEYS:
+            raise _Refused(400, f"a beacon has at most {MAX_KEYS} fields", "query")
+        raw: dict[str, Any] = {}
+        for name, value in query.items():
+            if name in raw:
+                if name in _FIELDS:  # which of two values would count is not for us to guess
+                    raise _Refused(400, f"{name} is given more than once", name)
+                continue
+            raw[name] = value
         outcome = await _run(request, "pixel", raw)
     except _Refused as r:
-        metrics.INGEST_REQUESTS.labels("pixel", _outcome_label(r.status)).inc()
-        return error_response(r.status, r.message, r.field)
+        return _refused("pixel", r)
     if outcome.status == 202:
         metrics.INGEST_REQUESTS.labels("pixel", "accepted").inc()
         return web.Response(
@@ -190,5 +228,6 @@ def add_routes(app: web.Application, pipeline: Pipeline, settings: Settings) -> 
     app[SETTINGS] = settings
     app.router.add_post("/collect", collect)
     app.router.add_route("OPTIONS", "/collect", collect_preflight)
-    app.router.add_get("/collect.gif", collect_gif)
+    # no HEAD: a link checker's HEAD request is not a page view
+    app.router.add_get("/collect.gif", collect_gif, allow_head=False)
     app.router.add_get("/beacon.js", beacon_js)

@@ -1,5 +1,21 @@
 """Validation of a beacon at the boundary: raw fields in, a typed ``Beacon`` out, or a
-``BeaconError`` that names the offending field. Nothing past this module sees raw input."""
+``BeaconError`` that names the offending field. Nothing past this module sees raw input.
+
+The rules (the OpenAPI document in ``services/openapi.py`` states the same):
+
+* the raw object has at most ``MAX_KEYS`` fields; unknown fields are ignored, but a value that
+  is an array or object is bounded too (at most ``MAX_DEPTH`` levels and ``MAX_KEYS`` members
+  in all), so no input can make a walk over it expensive;
+* every known field has a type, a length limit in characters (checked on the raw value), and
+  a format: ``site`` is a site id, ``type`` one of three words, ``url``/``referrer`` absolute
+  http(s) URLs parsed with ``urllib.parse.urlsplit``, ``event_id`` a UUID (kept in canonical
+  form), ``member`` a boolean (``true``/``false``, ``1``/``0``, or the strings ``"1"``, ``"0"``,
+  ``"true"``, ``"false"``, ``""``);
+* in strings every kind of white space becomes a plain space, other control and format
+  characters (bidi overrides, zero-width spaces, C0/C1 controls, unassigned, private use, lone
+  surrogates) are removed, the rest is NFC-normalised and stripped (and cut to the limit,
+  should normalisation have lengthened it).
+"""
 
 from __future__ import annotations
 
@@ -17,7 +33,15 @@ MAX_URL = 2048
 MAX_TITLE = 512
 MAX_VISITOR = 128
 MAX_KEYS = 64
+MAX_DEPTH = 4  # of a value under an unknown field: {"x": {"y": [1]}} is 2 levels deep
 MAX_TOKEN = 256
+MAX_EVENT_ID = 64
+
+# Format characters that carry meaning in real text and cannot be used to disguise it.
+_KEEP_FORMAT = frozenset("\u200c\u200d")  # zero-width non-joiner, zero-width joiner
+_TRUE = ("1", "true")
+_BOOL_STRINGS = ("1", "true", "0", "false", "")
+_URL_SCHEMES = ("http", "https")
 
 
 class BeaconError(ValueError):
@@ -40,12 +64,19 @@ class Beacon:
     member_token: str | None
 
 
-def _clean(text: str) -> str:
-    """NFC-normalise and drop control characters (they have no place in a URL or a title)."""
-    text = unicodedata.normalize("NFC", text)
-    if text.isprintable():
-        return text.strip()
-    return "".join(ch for ch in text if ch.isprintable()).strip()
+def clean(text: str, limit: int) -> str:
+    """Turn white space into spaces, drop other invisible characters, NFC-normalise, strip,
+    cut to ``limit`` characters. The common case (printable ASCII) costs two scans."""
+    if not text.isprintable():
+        text = "".join(
+            " " if ch.isspace() else ch
+            for ch in text
+            if ch.isprintable() or ch.isspace() or ch in _KEEP_FORMAT
+        )
+    if not text.isascii():
+        text = unicodedata.normalize("NFC", text)
+    text = text.strip()
+    return text[:limit].rstrip() if len(text) > limit else text
 
 
 def _string(raw: Mapping[str, Any], name: str, limit: int) -> str | None:
@@ -56,7 +87,7 @@ def _string(raw: Mapping[str, Any], name: str, limit: int) -> str | None:
         raise BeaconError(name, f"{name} must be a string")
     if len(value) > limit:
         raise BeaconError(name, f"{name} is longer than {limit} characters")
-    return _clean(value)
+    return clean(value, limit)
 
 
 def _url(raw: Mapping[str, Any], name: str, *, required: bool) -> str:
@@ -65,31 +96,54 @@ def _url(raw: Mapping[str, Any], name: str, *, required: bool) -> str:
         if required:
             raise BeaconError(name, f"{name} is required for a pageview")
         return ""
+    if " " in value:  # clean() made every white space a space; a URL has none
+        raise BeaconError(name, f"{name} must not contain white space")
     try:
         parts = urlsplit(value)
         parts.port  # noqa: B018 - raises ValueError for a bad port
+        host = parts.hostname
     except ValueError:
         raise BeaconError(name, f"{name} is not a valid URL") from None
-    if parts.scheme.lower() not in ("http", "https") or not parts.hostname:
+    if parts.scheme.lower() not in _URL_SCHEMES or not host:
         raise BeaconError(name, f"{name} must be an absolute http(s) URL")
     return value
 
 
 def _bool(raw: Mapping[str, Any], name: str) -> bool:
     value = raw.get(name, False)
-    if isinstance(value, bool):
+    if value is True or value is False:
         return value
-    if isinstance(value, str) and value.lower() in ("1", "true", "0", "false", ""):
-        return value.lower() in ("1", "true")
-    if isinstance(value, int) and value in (0, 1):
-        return bool(value)
+    if type(value) is int and value in (0, 1):
+        return value == 1
+    if isinstance(value, str) and value in _BOOL_STRINGS:
+        return value in _TRUE
     raise BeaconError(name, f"{name} must be true or false")
 
 
+def _check_nested(name: str, value: dict[Any, Any] | list[Any]) -> None:
+    """An unknown field may hold an array or object, within bounds (iterative: no recursion)."""
+    members = 0
+    stack: list[tuple[Any, int]] = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if depth > MAX_DEPTH:
+            raise BeaconError(name, f"{name} is nested more than {MAX_DEPTH} levels deep")
+        children = item.values() if isinstance(item, dict) else item
+        members += len(children)
+        if members > MAX_KEYS:
+            raise BeaconError(name, f"{name} holds more than {MAX_KEYS} members")
+        for child in children:
+            if isinstance(child, dict | list):
+                stack.append((child, depth + 1))
+
+
 def parse_beacon(raw: Mapping[str, Any]) -> Beacon:
-    """Check every field of one beacon. Unknown fields are ignored."""
+    """Check every field of one beacon. Unknown fields are ignored (within bounds)."""
     if len(raw) > MAX_KEYS:
         raise BeaconError("body", f"a beacon has at most {MAX_KEYS} fields")
+    for name, value in raw.items():
+        if isinstance(value, dict | list):
+            _check_nested(name, value)
     site = raw.get("site")
     if not isinstance(site, str) or not site:
         raise BeaconError("site", "site is required")
@@ -98,9 +152,9 @@ def parse_beacon(raw: Mapping[str, Any]) -> Beacon:
     kind = raw.get("type", "pageview")
     if kind is None or kind == "":
         kind = "pageview"
-    if kind not in EVENT_TYPES:
+    elif not isinstance(kind, str) or kind not in EVENT_TYPES:
         raise BeaconError("type", "type must be pageview, heartbeat or leave")
-    event_id = _string(raw, "event_id", 64)
+    event_id = _string(raw, "event_id", MAX_EVENT_ID)
     if event_id:
         try:
             event_id = str(uuid.UUID(event_id))

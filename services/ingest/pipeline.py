@@ -12,7 +12,9 @@ import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import lru_cache
 from typing import Literal
+from urllib.parse import urlsplit
 
 from services import metrics
 from services.ingest.beacon import Beacon
@@ -59,8 +61,6 @@ ACCEPTED = Outcome(202, "accepted")
 def origin_of(url: str | None) -> str | None:
     if not url:
         return None
-    from urllib.parse import urlsplit
-
     try:
         parts = urlsplit(url)
     except ValueError:
@@ -70,30 +70,63 @@ def origin_of(url: str | None) -> str | None:
     return f"{parts.scheme}://{parts.netloc}".lower()
 
 
-def client_address(
-    peer: str | None,
-    forwarded_for: str | None,
-    trusted: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...],
-) -> str:
-    """The real client: the peer, unless the peer is a trusted proxy, in which case the
-    right-most ``X-Forwarded-For`` entry that is not itself a trusted proxy."""
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+Networks = tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]
 
-    def is_trusted(addr: str) -> bool:
-        try:
-            ip = ipaddress.ip_address(addr)
-        except ValueError:
-            return False
-        return any(ip in net for net in trusted)
 
-    addr = peer or ""
-    if forwarded_for and is_trusted(addr):
-        for hop in reversed([h.strip() for h in forwarded_for.split(",")]):
-            if not hop:
+@lru_cache(maxsize=65536)
+def parse_ip(text: str) -> IPAddress | None:
+    """An address as written in a peer name or an ``X-Forwarded-For`` hop (``1.2.3.4``,
+    ``1.2.3.4:80``, ``2001:db8::1``, ``[2001:db8::1]:443``), IPv4-mapped IPv6 as IPv4;
+    ``None`` for anything else. Cached: the same few addresses come again and again."""
+    text = text.strip()
+    if text.startswith("["):
+        text = text[1 : text.find("]")]
+    elif text.count(":") == 1:
+        text = text.partition(":")[0]
+    try:
+        ip = ipaddress.ip_address(text)
+    except ValueError:
+        return None
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        return ip.ipv4_mapped
+    return ip
+
+
+def client_address(peer: str | None, forwarded_for: str | None, trusted: Networks) -> str:
+    """The real client, in canonical form: the peer, unless the peer is a trusted proxy, in
+    which case the right-most ``X-Forwarded-For`` hop that is not itself a trusted proxy.
+
+    ``forwarded_for`` is every ``X-Forwarded-For`` header of the request joined with commas
+    (a proxy may append its own header line rather than extend the client's). Hops left of
+    the first untrusted one were written by the client and are never looked at; a hop that is
+    not an address stops the walk at the last trusted hop."""
+    ip = parse_ip(peer) if peer else None
+    if ip is None:
+        return peer or ""
+    if forwarded_for and any(ip in net for net in trusted):
+        for hop in reversed(forwarded_for.split(",")):
+            hop_ip = parse_ip(hop)
+            if hop_ip is None:
+                if hop.strip():
+                    break
                 continue
-            addr = hop
-            if not is_trusted(hop):
+            ip = hop_ip
+            if not any(ip in net for net in trusted):
                 break
-    return addr
+    return str(ip)
+
+
+@lru_cache(maxsize=65536)
+def rate_key(address: str) -> str:
+    """Whose budget a beacon is charged to: the IPv4 address, or the /64 of an IPv6 address
+    (one subscriber's allocation: a client rotating addresses inside it gains nothing)."""
+    if ":" not in address:
+        return address
+    ip = parse_ip(address)
+    if not isinstance(ip, ipaddress.IPv6Address):
+        return address
+    return f"{int(ip) >> 64:x}::/64"
 
 
 class Pipeline:
@@ -130,7 +163,7 @@ class Pipeline:
             metrics.BEACONS_DROPPED.labels("gpc").inc()
             return Outcome(202, "gpc")
         now = self.clock()
-        wait = self.limiter.allow(site.id, client.address, now)
+        wait = self.limiter.allow(site.id, rate_key(client.address), now)
         if wait:
             return self._drop("rate_limit", retry_after=wait)
         bot = is_bot(client.user_agent)

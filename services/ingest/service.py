@@ -22,7 +22,11 @@ def make_pipeline(settings: Settings, registry: Registry, publisher: Publisher) 
         registry,
         publisher,
         VisitorHasher(settings.secret, settings.salt_period_seconds, settings.salt_link_seconds),
-        RateLimiter(settings.rate_limit_per_second, settings.rate_limit_burst),
+        RateLimiter(
+            settings.rate_limit_per_second,
+            settings.rate_limit_burst,
+            settings.rate_limit_max_clients,
+        ),
     )
 
 
@@ -39,16 +43,21 @@ def add_publisher(app: web.Application, publisher: Publisher) -> None:
     http.add_ready_check(app, "publish", ready)
 
 
-def create_ingest_app(settings: Settings, registry: Registry) -> web.Application:
-    if not settings.kafka_bootstrap:
-        raise SystemExit("visitorstats ingest needs VISITORSTATS_KAFKA_BOOTSTRAP")
+def create_ingest_app(
+    settings: Settings, registry: Registry, publisher: Publisher | None = None
+) -> web.Application:
+    """The ingest app, publishing to Kafka (or to ``publisher``: the tests hand it the
+    standalone ``LocalPublisher``)."""
+    if publisher is None:
+        if not settings.kafka_bootstrap:
+            raise SystemExit("visitorstats ingest needs VISITORSTATS_KAFKA_BOOTSTRAP")
+        publisher = KafkaPublisher(
+            settings.kafka_bootstrap,
+            settings.kafka_topic,
+            Spool.claim(settings.spool_dir, settings.spool_max_bytes),
+            linger_seconds=settings.publish_linger_seconds,
+        )
     app = http.new_app(settings)
-    publisher = KafkaPublisher(
-        settings.kafka_bootstrap,
-        settings.kafka_topic,
-        Spool.claim(settings.spool_dir, settings.spool_max_bytes),
-        linger_seconds=settings.publish_linger_seconds,
-    )
     add_publisher(app, publisher)
     ingest_routes.add_routes(app, make_pipeline(settings, registry, publisher), settings)
     return app

@@ -65,6 +65,8 @@ class VisitorHasher:
 def verify_member_token(token: str, site: str, secret: bytes, now_s: float) -> bool:
     """A member token is ``EXPIRY.HEXSIG`` with ``HEXSIG = HMAC-SHA256(secret, "site.EXPIRY")``,
     made by the portal's server; valid until the Unix time EXPIRY, for that site only."""
+    if not token.isascii():  # compare_digest refuses non-ASCII str; no valid token has it
+        return False
     expiry, _, signature = token.partition(".")
     if not expiry.isdigit() or len(expiry) > 12 or not signature:
         return False

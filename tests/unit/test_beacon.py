@@ -1,0 +1,212 @@
+"""Property tests of the beacon parser: whatever comes in, a ``Beacon`` or a ``BeaconError``
+naming a field comes out; what comes out is clean and within its limits."""
+
+from __future__ import annotations
+
+import unicodedata
+import uuid
+from typing import Any
+from urllib.parse import urlsplit
+
+import pytest
+from hypothesis import HealthCheck, example, given, settings
+from hypothesis import strategies as st
+
+from services.ingest.beacon import (
+    MAX_DEPTH,
+    MAX_KEYS,
+    MAX_TITLE,
+    MAX_URL,
+    MAX_VISITOR,
+    Beacon,
+    BeaconError,
+    clean,
+    parse_beacon,
+)
+from services.record import EVENT_TYPES
+
+KNOWN = ("site", "type", "url", "referrer", "title", "member", "event_id", "visitor")
+FIELDS = (*KNOWN, "member_token", "body")
+
+json_scalars = (
+    st.none()
+    | st.booleans()
+    | st.integers(min_value=-(2**64), max_value=2**64)
+    | st.floats(allow_nan=False, allow_infinity=False)
+    | st.text(max_size=40)
+)
+json_values = st.recursive(
+    json_scalars,
+    lambda inner: (
+        st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4)
+    ),
+    max_leaves=20,
+)
+# Strings that exercise normalisation: combining marks, white space of every kind, controls,
+# bidi overrides, zero-width characters, lone surrogates, Vietnamese.
+nasty_text = st.text(
+    alphabet=st.characters(codec=None)
+    | st.sampled_from(
+        [
+            *"\u0300\u0301\u0323\u00a0\u2028\u200b\u200d\u202e\ufeff\t\n\r\x00\x7f\x85",
+            *("\u1ec7", "\u0110", "e", "\u0302", "\ud800", "\U0001f600"),
+        ]
+    ),
+    max_size=60,
+)
+site_ids = st.from_regex(r"\A[a-z0-9][a-z0-9-]{0,63}\Z")
+hosts = st.from_regex(r"\A[a-z0-9]([a-z0-9-]{0,20}[a-z0-9])?(\.[a-z]{2,6}){1,2}\Z")
+paths = st.text(
+    alphabet=st.characters(categories=["L", "N"]) | st.sampled_from("/-_.~%?=&#"), max_size=50
+)
+urls = st.builds(
+    lambda scheme, host, path: f"{scheme}://{host}/{path}",
+    st.sampled_from(["http", "https", "HTTPS"]),
+    hosts,
+    paths,
+)
+
+
+@st.composite
+def valid_beacons(draw: st.DrawFn) -> dict[str, Any]:
+    kind = draw(st.sampled_from([*EVENT_TYPES, "", None]))
+    raw: dict[str, Any] = {"site": draw(site_ids)}
+    if kind is not None or draw(st.booleans()):
+        raw["type"] = kind
+    if kind in ("pageview", "", None) or draw(st.booleans()):
+        raw["url"] = draw(urls)
+    if draw(st.booleans()):
+        raw["referrer"] = draw(urls | st.just(""))
+    if draw(st.booleans()):
+        raw["title"] = draw(nasty_text)
+    if draw(st.booleans()):
+        raw["member"] = draw(st.sampled_from([True, False, 0, 1, "0", "1", "true", "false", ""]))
+    if draw(st.booleans()):
+        raw["event_id"] = str(draw(st.uuids()))
+    if draw(st.booleans()):
+        raw["visitor"] = draw(st.text(min_size=1, max_size=MAX_VISITOR))
+    return raw
+
+
+def check_clean(text: str, limit: int) -> None:
+    assert len(text) <= limit
+    assert text == text.strip()
+    assert unicodedata.is_normalized("NFC", text)
+    for ch in text:
+        assert ch.isprintable() or ch in "\u200c\u200d", repr(ch)
+
+
+@settings(max_examples=400, suppress_health_check=[HealthCheck.too_slow])
+@given(st.dictionaries(st.sampled_from(KNOWN) | st.text(max_size=10), json_values, max_size=12))
+@example({"site": "dongha", "url": "http://[::1"})
+@example({"site": "dongha", "url": "http://a:99999/"})
+@example({"site": "dongha", "member_token": "123.\u00e9"})
+@example({"site": "dongha", "type": ["pageview"]})
+@example({"site": "dongha", "event_id": "\u0660" * 32})
+def test_any_object_gives_a_beacon_or_an_error_naming_a_field(raw: dict[str, Any]) -> None:
+    try:
+        beacon = parse_beacon(raw)
+    except BeaconError as e:
+        assert e.field in FIELDS or e.field in raw
+        assert e.message
+        return
+    assert isinstance(beacon, Beacon)
+    assert beacon.type in EVENT_TYPES
+    for text, limit in (
+        (beacon.url, MAX_URL),
+        (beacon.referrer, MAX_URL),
+        (beacon.title, MAX_TITLE),
+        (beacon.visitor or "", MAX_VISITOR),
+    ):
+        check_clean(text, limit)
+
+
+@settings(max_examples=300)
+@given(valid_beacons(), st.dictionaries(st.text(min_size=1, max_size=10), json_values, max_size=6))
+def test_valid_beacons_are_accepted_and_unknown_fields_ignored(
+    raw: dict[str, Any], extra: dict[str, Any]
+) -> None:
+    beacon = parse_beacon(raw)
+    assert beacon.site == raw["site"]
+    assert beacon.type == (raw.get("type") or "pageview")
+    if "event_id" in raw:
+        assert beacon.event_id == str(uuid.UUID(raw["event_id"]))
+    if beacon.url:
+        parts = urlsplit(beacon.url)
+        assert parts.scheme.lower() in ("http", "https") and parts.hostname
+    assert beacon.member == (raw.get("member") in (True, 1, "1", "true"))
+    unknown = {k: v for k, v in extra.items() if k not in (*KNOWN, "member_token")}
+    try:
+        with_extra = parse_beacon({**unknown, **raw})
+    except BeaconError as e:  # only for being too deep or too big
+        assert e.field in unknown and isinstance(unknown[e.field], dict | list)
+        return
+    assert with_extra == beacon
+
+
+@given(nasty_text, st.integers(min_value=1, max_value=80))
+def test_clean_is_idempotent_and_leaves_no_invisible_characters(text: str, limit: int) -> None:
+    once = clean(text, limit)
+    check_clean(once, limit)
+    assert clean(once, limit) == once
+
+
+def test_normalisation_examples() -> None:
+    assert clean("  Tin\u00a0tức\u200b \u202eabc\x00 ", 100) == "Tin tức abc"
+    assert clean("e\u0302\u0323", 10) == "ệ"  # NFC
+    assert clean("x" * 20, 5) == "xxxxx"
+
+
+@pytest.mark.parametrize(
+    ("raw", "field"),
+    [
+        ({}, "site"),
+        ({"site": "Dongha"}, "site"),
+        ({"site": "dongha", "type": "click", "url": "https://a.vn/"}, "type"),
+        ({"site": "dongha"}, "url"),
+        ({"site": "dongha", "url": "   "}, "url"),
+        ({"site": "dongha", "url": "javascript:alert(1)"}, "url"),
+        ({"site": "dongha", "url": "//a.vn/x"}, "url"),
+        ({"site": "dongha", "url": "https://a.vn/a b"}, "url"),
+        ({"site": "dongha", "url": "https://a.vn/" + "x" * MAX_URL}, "url"),
+        ({"site": "dongha", "url": "https://a.vn/", "referrer": "ftp://a.vn/"}, "referrer"),
+        ({"site": "dongha", "url": "https://a.vn/", "member": "yes"}, "member"),
+        ({"site": "dongha", "url": "https://a.vn/", "member": 2}, "member"),
+        ({"site": "dongha", "url": "https://a.vn/", "member": None}, "member"),
+        ({"site": "dongha", "url": "https://a.vn/", "event_id": "not-a-uuid"}, "event_id"),
+        ({"site": "dongha", "url": "https://a.vn/", "title": 5}, "title"),
+        ({"site": "dongha", "url": "https://a.vn/", "visitor": "v" * 129}, "visitor"),
+        ({"site": "dongha", "url": "https://a.vn/", "x": [[[[[1]]]]]}, "x"),
+        ({"site": "dongha", "url": "https://a.vn/", "x": {"a": {"b": {"c": {"d": {}}}}}}, "x"),
+        ({"site": "dongha", "url": "https://a.vn/", "x": list(range(MAX_KEYS + 1))}, "x"),
+        ({"site": "dongha", **{f"k{i}": i for i in range(MAX_KEYS)}}, "body"),
+    ],
+)
+def test_invalid_beacons_name_their_field(raw: dict[str, Any], field: str) -> None:
+    with pytest.raises(BeaconError) as e:
+        parse_beacon(raw)
+    assert e.value.field == field
+
+
+def test_nesting_within_bounds_is_ignored() -> None:
+    nested: Any = 1
+    for _ in range(MAX_DEPTH - 1):
+        nested = [nested]
+    beacon = parse_beacon({"site": "dongha", "url": "https://a.vn/", "x": [nested]})
+    assert beacon.url == "https://a.vn/"
+
+
+def test_accepted_forms() -> None:
+    b = parse_beacon(
+        {
+            "site": "dongha",
+            "type": None,
+            "url": " https://Đông-Hà.vn/tin-tức?a=1#x ",
+            "member": "1",
+            "event_id": "{12345678-1234-5678-1234-567812345678}",
+            "member_token": "",
+        }
+    )
+    assert b.type == "pageview" and b.url == "https://Đông-Hà.vn/tin-tức?a=1#x"
+    assert b.member and b.event_id == "12345678-1234-5678-1234-567812345678"
+    assert b.member_token is None
