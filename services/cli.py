@@ -56,7 +56,18 @@ def main(argv: list[str] | None = None) -> None:
     settings = replace(settings, **{k: v for k, v in overrides.items() if v is not None})
 
     if args.command == "migrate":
-        from services.aggregate.migrate import migrations, render, schema_migrations_ddl
+        from services.aggregate.migrate import (
+            check_identifier,
+            migrations,
+            render,
+            schema_migrations_ddl,
+        )
+
+        if args.cluster is not None:
+            try:
+                check_identifier(args.cluster, "--cluster")
+            except ValueError as e:
+                sys.exit(f"visitorstats migrate: {e}")
 
         if args.print:
             print(schema_migrations_ddl(args.cluster) + ";")

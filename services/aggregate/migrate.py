@@ -76,6 +76,8 @@ ENGINE = {engine} ORDER BY version
 
 
 def schema_migrations_ddl(cluster: str | None, database: str = "default") -> str:
+    if cluster is not None:
+        check_identifier(cluster, "the cluster name")
     engine = (
         f"ReplicatedMergeTree('/clickhouse/tables/{{shard}}/{database}/schema_migrations', "
         "'{replica}')"

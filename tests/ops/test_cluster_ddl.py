@@ -67,3 +67,15 @@ def test_single_server_ddl_parses() -> None:
     joined = "\n".join(out)
     assert "Distributed" not in joined and "ON CLUSTER" not in joined
     assert "PROJECTION daily" in joined and "non_replicated_deduplication_window" in joined
+
+
+def test_a_cluster_name_that_is_not_an_identifier_is_refused() -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "services.cli", "migrate", "--print", "--cluster", "x; DROP"],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=60,
+    )
+    assert result.returncode != 0
+    assert "--cluster must be a plain identifier" in result.stderr
