@@ -31,10 +31,23 @@ def migrations() -> list[Migration]:
     return sorted(found, key=lambda mig: mig.version)
 
 
+_IDENTIFIER = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,127}")
+
+
+def check_identifier(name: str, what: str) -> str:
+    """Names cannot be bound parameters in DDL: allow plain identifiers only."""
+    if not _IDENTIFIER.fullmatch(name):
+        raise ValueError(f"{what} must be a plain identifier ([A-Za-z_][A-Za-z0-9_]*): {name!r}")
+    return name
+
+
 def render(
     migration: Migration, cluster: str | None = None, database: str = "default"
 ) -> list[str]:
     """The statements of one migration, for a single server or for a cluster."""
+    if cluster is not None:
+        check_identifier(cluster, "the cluster name")
+    check_identifier(database, "the database name")
     tables = sorted({name for kind, name in _PLACEHOLDER.findall(migration.sql) if kind == "table"})
 
     def sub(m: re.Match[str]) -> str:
