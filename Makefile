@@ -40,8 +40,9 @@ test: $(TEST_STAMP) system-deps
 	$(MAKE) lint
 	$(VENV)/bin/pytest $(PYTEST_ARGS)
 
+# BENCH_ARGS: e.g. --quick, --freshness-seconds 15, --only ingest,counter, --profile
 bench: $(TEST_STAMP) system-deps
-	$(PY) -m bench
+	$(PY) -m bench $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) data

@@ -5,6 +5,7 @@ It never carries a raw client address or User-Agent: only the keyed visitor hash
 
 from __future__ import annotations
 
+import re
 import uuid
 from dataclasses import dataclass
 from typing import Any
@@ -12,6 +13,10 @@ from typing import Any
 import orjson
 
 EVENT_TYPES = ("pageview", "heartbeat", "leave")
+# A UUID already in canonical form (what ingest publishes): no need to parse and print it again.
+_CANONICAL_UUID = re.compile(
+    r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}"
+).fullmatch
 
 
 class RecordError(ValueError):
@@ -81,10 +86,11 @@ def decode(raw: bytes | None) -> Event:
     if kind not in EVENT_TYPES:
         raise RecordError("field 'type' missing or invalid")
     event_id = _str(value, "event_id", limit=64)
-    try:
-        event_id = str(uuid.UUID(event_id))
-    except ValueError:
-        raise RecordError("field 'event_id' is not a UUID") from None
+    if not _CANONICAL_UUID(event_id):
+        try:
+            event_id = str(uuid.UUID(event_id))
+        except ValueError:
+            raise RecordError("field 'event_id' is not a UUID") from None
     member, bot = value.get("member", False), value.get("bot", False)
     if not isinstance(member, bool) or not isinstance(bot, bool):
         raise RecordError("fields 'member'/'bot' must be booleans")

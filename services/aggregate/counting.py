@@ -15,13 +15,21 @@ process serves the same number; the state kept here is only what the decisions a
 per visitor the time of their latest event, the keys linked across a salt rotation, and the
 recent event ids. That state is a function of the partition's recent rows, so it is rebuilt
 from ClickHouse on start and on rebalance by ``replay`` (exactly the decisions made before).
+
+Memory per online visitor is what limits a partition, so the state is compact: a visitor key
+(32 hex characters, as ingest makes them) and an event id (a UUID) are each kept as one
+integer with the site folded into its high bits, in plain insertion-ordered dicts (an update
+moves a visitor to the end); about 200 bytes per online visitor with one recent event id,
+against about 400 with "site:hex" strings in ``OrderedDict``s (``make bench`` measures it).
+Keys of any other shape (tests, foreign producers) are kept as strings: same decisions.
 """
 
 from __future__ import annotations
 
-from collections import OrderedDict
+import re
 from dataclasses import dataclass
-from datetime import UTC, date, datetime
+from datetime import UTC, date, datetime, timedelta
+from itertools import islice
 from zoneinfo import ZoneInfo
 
 from services.record import Event
@@ -40,21 +48,65 @@ class Row:
     offset: int
 
 
-def local_day(ts_ms: int, tz: ZoneInfo) -> date:
+# tz -> (first ms, ms after the last, date) of the latest local day seen in that zone
+_DAYS: dict[ZoneInfo, tuple[int, int, date]] = {}
+
+
+def _day_of(ts_ms: int, tz: ZoneInfo) -> date:
     return datetime.fromtimestamp(ts_ms / 1000, UTC).astimezone(tz).date()
+
+
+def local_day(ts_ms: int, tz: ZoneInfo) -> date:
+    """The date of ``ts_ms`` in ``tz``. Events come in time order, so the bounds of the last
+    day met per zone answer almost every call without converting a time stamp."""
+    known = _DAYS.get(tz)
+    if known is not None and known[0] <= ts_ms < known[1]:
+        return known[2]
+    day = _day_of(ts_ms, tz)
+    start = datetime(day.year, day.month, day.day, tzinfo=tz)
+    end = datetime.combine(day + timedelta(days=1), start.timetz())
+    start_ms, end_ms = round(start.timestamp() * 1000), round(end.timestamp() * 1000)
+    # Cached only for a day with one UTC offset throughout (not a daylight-saving day), checked
+    # against the exact conversion at both ends.
+    if (
+        start.utcoffset() == end.utcoffset()
+        and start_ms <= ts_ms < end_ms
+        and _day_of(start_ms, tz) == day
+        and _day_of(end_ms - 1, tz) == day
+        and _day_of(end_ms, tz) != day
+    ):
+        _DAYS[tz] = (start_ms, end_ms, day)
+    return day
+
+
+_HEX32 = re.compile(r"[0-9a-f]{32}").fullmatch
+_UUID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}").fullmatch
+_LOW = (1 << 128) - 1
+
+# A visitor or an event id of one site: an int (site number << 128 | the 128-bit key or UUID)
+# or, for any other shape, the string "site:key".
+Key = int | str
+
+
+def _visitor_of(key: Key) -> str:
+    if isinstance(key, int):
+        return f"{key & _LOW:032x}"
+    return key.partition(":")[2]
 
 
 class PartitionState:
     """Counting state of one partition. Bounded: visitors idle longer than the visit timeout
     and event ids older than the dedup horizon are forgotten by ``expire``; on top of that at
     most ``max_visitors`` are kept (the longest idle is forgotten first, which at worst starts
-    a new visit for them — a stated bound under a flood of fake visitors)."""
+    a new visit for them — a stated bound under a flood of fake visitors; once the cap is
+    passed, the longest idle 0.1 % of the cap go at once, so that a flood costs O(1) a visitor)."""
 
     __slots__ = (
         "_aliases",
         "_dedup_ms",
         "_max_visitors",
         "_seen",
+        "_sites",
         "_timeout_ms",
         "_visitors",
         "high_ts",
@@ -72,101 +124,126 @@ class PartitionState:
         self._timeout_ms = visit_timeout_s * 1000
         self._dedup_ms = dedup_horizon_s * 1000
         self._max_visitors = max_visitors
-        # "site:canonical visitor" -> ts of their latest event (humans only), oldest first
-        self._visitors: OrderedDict[str, int] = OrderedDict()
-        self._aliases: dict[str, str] = {}  # "site:key under a later salt" -> canonical key
-        self._seen: OrderedDict[str, int] = OrderedDict()  # (site, event_id) -> ts
+        # visitor key (site + canonical visitor) -> ts of their latest event (humans only),
+        # least recently updated first
+        self._visitors: dict[Key, int] = {}
+        self._aliases: dict[Key, Key] = {}  # key under a later salt -> canonical key
+        self._seen: dict[Key, int] = {}  # (site, event_id) -> ts, in arrival order
+        self._sites: dict[str, int] = {}  # site id -> its number, shifted past the 128 bits
         self.high_ts = 0  # the latest ts seen in this partition: "now" for expiry
 
     def __len__(self) -> int:
         return len(self._visitors)
 
+    def _site(self, site: str) -> int:
+        bits = self._sites.get(site)
+        if bits is None:
+            bits = self._sites[site] = (len(self._sites) + 1) << 128
+        return bits
+
+    @staticmethod
+    def _visitor_key(bits: int, site: str, visitor: str) -> Key:
+        if _HEX32(visitor):
+            return bits | int(visitor, 16)
+        return site + ":" + visitor
+
+    @staticmethod
+    def _event_key(bits: int, site: str, event_id: str) -> Key:
+        if _UUID(event_id):
+            return bits | int(event_id.replace("-", ""), 16)
+        return site + ":" + event_id
+
+    def _canonical(self, event: Event, bits: int, own: Key) -> Key:
+        known = self._aliases.get(own)
+        if known is not None:
+            return known
+        if own in self._visitors:
+            return own
+        prev = event.visitor_prev
+        if prev is not None:
+            prev_key = self._visitor_key(bits, event.site, prev)
+            linked = self._aliases.get(prev_key, prev_key)
+            if linked in self._visitors:
+                self._aliases[own] = linked
+                return linked
+        return own
+
     def canonical(self, event: Event) -> str:
         """The visitor's key as first seen: a key under a new salt that carries a known key of
         the previous salt (``visitor_prev``) is linked to it. Keys are per site."""
-        site = event.site + ":"
-        visitor = event.visitor
-        known = self._aliases.get(site + visitor)
-        if known is not None:
-            return known
-        if site + visitor in self._visitors:
-            return visitor
-        prev = event.visitor_prev
-        if prev is not None:
-            linked = self._aliases.get(site + prev, prev)
-            if site + linked in self._visitors:
-                self._aliases[site + visitor] = linked
-                return linked
-        return visitor
+        bits = self._site(event.site)
+        own = self._visitor_key(bits, event.site, event.visitor)
+        key = self._canonical(event, bits, own)
+        return event.visitor if key == own else _visitor_of(key)
 
     def apply(self, event: Event, tz: ZoneInfo, partition: int, offset: int) -> Row | None:
         """Decide what ``event`` counts for; ``None`` for a duplicate."""
-        seen_key = event.site + event.event_id
-        if seen_key in self._seen:
+        site = event.site
+        bits = self._site(site)
+        seen_key = self._event_key(bits, site, event.event_id)
+        seen = self._seen
+        if seen_key in seen:
             return None
-        self._seen[seen_key] = event.ts
-        if event.ts > self.high_ts:
-            self.high_ts = event.ts
+        ts = event.ts
+        seen[seen_key] = ts
+        if ts > self.high_ts:
+            self.high_ts = ts
+        day = local_day(ts, tz)
         if event.bot:
-            return Row(
-                event, event.visitor, False, False, local_day(event.ts, tz), partition, offset
-            )
-        visitor = self.canonical(event)
-        key = event.site + ":" + visitor
-        last = self._visitors.pop(key, None)
-        starts_visit = event.type == "pageview" and (
-            last is None or event.ts - last >= self._timeout_ms
-        )
-        self._visitors[key] = event.ts if last is None else max(last, event.ts)
-        if len(self._visitors) > self._max_visitors:
-            self._forget_visitor()
-        return Row(
-            event,
-            visitor,
-            starts_visit,
-            event.type == "pageview",
-            local_day(event.ts, tz),
-            partition,
-            offset,
-        )
+            return Row(event, event.visitor, False, False, day, partition, offset)
+        own = self._visitor_key(bits, site, event.visitor)
+        key = self._canonical(event, bits, own)
+        visitors = self._visitors
+        last = visitors.pop(key, None)
+        pageview = event.type == "pageview"
+        starts_visit = pageview and (last is None or ts - last >= self._timeout_ms)
+        visitors[key] = ts if last is None or ts > last else last
+        if len(visitors) > self._max_visitors:
+            self._forget_visitors()
+        visitor = event.visitor if key == own else _visitor_of(key)
+        return Row(event, visitor, starts_visit, pageview, day, partition, offset)
 
     def replay(self, event: Event, visitor: str) -> None:
         """Re-apply a stored row's effect on the state (no decision is made again)."""
-        self._seen[event.site + event.event_id] = event.ts
-        if event.ts > self.high_ts:
-            self.high_ts = event.ts
+        site = event.site
+        bits = self._site(site)
+        ts = event.ts
+        self._seen[self._event_key(bits, site, event.event_id)] = ts
+        if ts > self.high_ts:
+            self.high_ts = ts
         if event.bot:
             return
-        site = event.site + ":"
+        key = self._visitor_key(bits, site, visitor)
         if visitor != event.visitor:
-            self._aliases[site + event.visitor] = visitor
-        last = self._visitors.pop(site + visitor, None)
-        self._visitors[site + visitor] = event.ts if last is None else max(last, event.ts)
+            self._aliases[self._visitor_key(bits, site, event.visitor)] = key
+        visitors = self._visitors
+        last = visitors.pop(key, None)
+        visitors[key] = ts if last is None or ts > last else last
 
-    def _forget_visitor(self) -> None:
-        visitor, _ = self._visitors.popitem(last=False)
+    def _forget_visitors(self) -> None:
         # aliases pointing at a forgotten visitor are dropped lazily by expire()
-        del visitor
+        visitors = self._visitors
+        excess = len(visitors) - self._max_visitors + self._max_visitors // 1000
+        for key in list(islice(visitors, excess)):
+            del visitors[key]
 
     def expire(self) -> None:
         """Forget what can no longer change a decision (relative to the partition's latest ts)."""
         now = self.high_ts
-        idle_before = now - self._timeout_ms
-        visitors = self._visitors
-        # Most-recently-updated visitors are at the end: stop at the first one still active.
-        while visitors:
-            _visitor, ts = next(iter(visitors.items()))
-            if ts >= idle_before:
-                break
-            visitors.popitem(last=False)
-        seen_before = now - self._dedup_ms
-        seen = self._seen
-        while seen:
-            _key, ts = next(iter(seen.items()))
-            if ts >= seen_before:
-                break
-            seen.popitem(last=False)
+        _drop_older(self._visitors, now - self._timeout_ms)
+        _drop_older(self._seen, now - self._dedup_ms)
         if self._aliases:
-            self._aliases = {
-                k: v for k, v in self._aliases.items() if k.split(":", 1)[0] + ":" + v in visitors
-            }
+            visitors = self._visitors
+            self._aliases = {k: v for k, v in self._aliases.items() if v in visitors}
+
+
+def _drop_older(entries: dict[Key, int], before: int) -> None:
+    """Drop entries from the front while their ts is before ``before``: the oldest entries are
+    at the front, and the walk stops at the first one still current."""
+    doomed = []
+    for key, ts in entries.items():
+        if ts >= before:
+            break
+        doomed.append(key)
+    for key in doomed:
+        del entries[key]

@@ -8,6 +8,11 @@ Rotation must change no count, so for ``salt_link_seconds`` after a rotation a b
 carries the key under the previous salt (``visitor_prev``), and the aggregate service links the
 two. The Kafka partition comes from a ``shard`` that does not rotate, so both keys of one
 visitor meet in one partition; only the shard number (not the hash) is used.
+
+A reader's page sends a beacon every few seconds (page views, heartbeats), so the keys are
+kept per (site, address, User-Agent, salt period) for the visitors seen last: two or three
+HMACs (~4 µs) become one dict look-up on the ingest hot path. The cache lives in this process
+only and is bounded; it never outlives a salt period.
 """
 
 from __future__ import annotations
@@ -15,6 +20,8 @@ from __future__ import annotations
 import hashlib
 import hmac
 from dataclasses import dataclass
+
+KEY_CACHE_SIZE = 65_536
 
 
 @dataclass(slots=True, frozen=True)
@@ -32,6 +39,9 @@ class VisitorHasher:
         self._period_ms = salt_period_seconds * 1000
         self._link_ms = salt_link_seconds * 1000
         self._salts: dict[int, bytes] = {}
+        # (site, address, user agent, period, within the link window) -> key
+        self._keys: dict[tuple[str, str, str, int, bool], VisitorKey] = {}
+        self._keys_period = -1
 
     def _salt(self, period: int) -> bytes:
         salt = self._salts.get(period)
@@ -43,13 +53,22 @@ class VisitorHasher:
         return salt
 
     def key(self, site: str, address: str, user_agent: str, now_ms: int) -> VisitorKey:
-        material = f"{site}\0{address}\0{user_agent}".encode()
         period, into = divmod(now_ms, self._period_ms)
+        linked = into < self._link_ms
+        cache_key = (site, address, user_agent, period, linked)
+        known = self._keys.get(cache_key)
+        if known is not None:
+            return known
+        if period != self._keys_period or len(self._keys) >= KEY_CACHE_SIZE:
+            self._keys.clear()
+            self._keys_period = period
+        material = f"{site}\0{address}\0{user_agent}".encode()
         visitor = hmac.digest(self._salt(period), material, "sha256")[:16].hex()
         prev = None
-        if into < self._link_ms:
+        if linked:
             prev = hmac.digest(self._salt(period - 1), material, "sha256")[:16].hex()
-        return VisitorKey(visitor, prev, self._shard(material))
+        key = self._keys[cache_key] = VisitorKey(visitor, prev, self._shard(material))
+        return key
 
     def portal_key(self, site: str, portal_visitor: str) -> VisitorKey:
         """The portal's own (stable, opaque) visitor id: hashed, never rotated."""

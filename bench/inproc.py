@@ -1,0 +1,223 @@
+"""The in-process figures, each run in a process of its own (``python -m bench.inproc KIND``)
+so that nothing else lives in its heap: prints one JSON line.
+
+* ``aggregate``: the aggregate service's consume path, one process — records (as ingest
+  publishes them) decoded, counted by ``PartitionState`` and written by ``Store.insert_events``
+  into embedded ClickHouse (chDB), batch after batch, as ``consume()`` does. Baseline: the same
+  rows, already in columns, inserted into a table of the same schema (the engine's floor).
+* ``memory``: bytes per online visitor held by ``PartitionState`` at N online (each visitor
+  with one pageview, so one remembered event id), measured with tracemalloc. Baseline: a plain
+  ``dict`` of the 32-character hex visitor keys to their time stamps, measured the same way.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import gc
+import hashlib
+import json
+import os
+import random
+import time
+import tracemalloc
+import uuid
+from pathlib import Path
+from typing import Any
+from zoneinfo import ZoneInfo
+
+from bench.deploy import sites_toml
+from bench.wrkrun import BENCH_SITES
+
+T0_MS = 1_780_000_000_000  # a fixed moment (2026-05-28), so every run counts the same days
+
+
+def visitor_key(i: int) -> str:
+    """A key shaped like ingest's (16 bytes of HMAC-SHA256, hex), one per ``i``."""
+    return hashlib.blake2b(i.to_bytes(8, "big"), digest_size=16).hexdigest()
+
+
+def make_events(n: int, visitors: int, seed: int = 7) -> list[Any]:
+    from services.record import Event
+
+    rnd = random.Random(seed)
+    events = []
+    for i in range(n):
+        v = rnd.randrange(visitors)
+        r = rnd.random()
+        kind = "pageview" if r < 0.6 else ("heartbeat" if r < 0.95 else "leave")
+        bot = rnd.random() < 0.02
+        site = BENCH_SITES[v % len(BENCH_SITES)]
+        events.append(
+            Event(
+                event_id=str(uuid.UUID(int=rnd.getrandbits(128), version=4)),
+                site=site,
+                type=kind,
+                ts=T0_MS + i * 2,  # 500 events/s of event time
+                visitor=visitor_key(v),
+                visitor_prev=None,
+                member=not bot and v % 10 == 0,
+                bot=bot,
+                url=f"https://{site}.example.vn/tin-tuc/{v % 50}/bai-viet-so-{i % 5000}.html",
+                referrer="https://www.google.com/" if i % 3 == 0 else "",
+                title=f"Tin tức {i % 5000} — Cổng thông tin điện tử",
+            )
+        )
+    return events
+
+
+def write_registry(workdir: Path) -> Any:
+    from services.sites import Registry
+
+    workdir.mkdir(parents=True, exist_ok=True)
+    (workdir / "sites.toml").write_text(sites_toml(), encoding="utf-8")
+    return Registry.load(workdir / "sites.toml")
+
+
+async def aggregate(n: int, workdir: Path) -> dict[str, Any]:
+    from services.aggregate.consume import Aggregator
+    from services.aggregate.sources import InRecord
+    from services.aggregate.store import EVENT_COLUMNS, Store
+    from services.record import encode, record_key
+    from services.settings import Settings
+
+    registry = write_registry(workdir)
+    settings = Settings.from_env({})
+    store = Store(f"chdb://{workdir / 'clickhouse'}")
+    await store.migrate()
+    events = make_events(n, visitors=max(1000, n // 5))
+    partitions = 4
+    records: list[InRecord] = []
+    offsets = [0] * partitions
+    for e in events:
+        p = hash(record_key(e.site, e.visitor)) % partitions
+        records.append(InRecord(p, offsets[p], encode(e)))
+        offsets[p] += 1
+    human_pageviews = sum(1 for e in events if e.type == "pageview" and not e.bot)
+    del events
+    aggregator = Aggregator(store, registry, settings, "bench")
+    await aggregator.assign(list(range(partitions)))
+    batch = settings.flush_max_events
+    gc.collect()
+    started = time.perf_counter()
+    counting = 0.0
+    for i in range(0, len(records), batch):
+        t0 = time.perf_counter()
+        aggregator.process(records[i : i + batch])
+        counting += time.perf_counter() - t0
+        await aggregator.flush()
+    elapsed = time.perf_counter() - started
+
+    def check(c: Any) -> tuple[int, int]:
+        rows = c.query("SELECT count(), sum(pageview) FROM events WHERE topic = 'bench'")
+        count, pageviews = rows.result_rows[0]
+        return int(count), int(pageviews)
+
+    stored, pageviews = await store.run(check)
+
+    # Baseline: the same rows, prepared as columns beforehand, inserted batch by batch.
+    def copy_rows(c: Any) -> list[list[Any]]:
+        c.command("CREATE TABLE IF NOT EXISTS events_floor AS events")
+        result = c.query(
+            f"SELECT {', '.join(EVENT_COLUMNS)} FROM events WHERE topic = 'bench' "
+            "ORDER BY kafka_partition, kafka_offset"
+        )
+        return [list(col) for col in result.result_columns]
+
+    columns = await store.run(copy_rows)
+
+    def insert_floor(c: Any) -> float:
+        t0 = time.perf_counter()
+        for i in range(0, len(columns[0]), batch):
+            c.insert(
+                "events_floor",
+                [col[i : i + batch] for col in columns],
+                column_names=EVENT_COLUMNS,
+                column_oriented=True,
+            )
+        return time.perf_counter() - t0
+
+    floor_elapsed = await store.run(insert_floor)
+    store.close()
+    return {
+        "events": n,
+        "seconds": elapsed,
+        "events_per_s": n / elapsed,
+        "decode_and_count_seconds": counting,
+        "write_seconds": elapsed - counting,
+        "stored": stored,
+        "pageviews_counted": pageviews,
+        "pageviews_sent": human_pageviews,
+        "baseline_seconds": floor_elapsed,
+        "baseline_events_per_s": len(columns[0]) / floor_elapsed if floor_elapsed else 0.0,
+    }
+
+
+def memory(n: int) -> dict[str, Any]:
+    from services.aggregate.counting import PartitionState
+    from services.record import Event
+
+    tz = ZoneInfo("Asia/Ho_Chi_Minh")
+    rnd = random.Random(11)
+
+    def event(i: int) -> Event:
+        return Event(
+            event_id=str(uuid.UUID(int=rnd.getrandbits(128), version=4)),
+            site=BENCH_SITES[i % len(BENCH_SITES)],
+            type="pageview",
+            ts=T0_MS + i // 10,
+            visitor=visitor_key(i),
+            visitor_prev=None,
+            member=False,
+            bot=False,
+            url="https://bench-a.example.vn/",
+            referrer="",
+            title="",
+        )
+
+    tracemalloc.start()
+    gc.collect()
+    before = tracemalloc.get_traced_memory()[0]
+    state = PartitionState(0, max_visitors=n + 1)
+    for i in range(n):
+        state.apply(event(i), tz, 0, i)
+    gc.collect()
+    held = tracemalloc.get_traced_memory()[0] - before
+    online = len(state)
+    del state
+    gc.collect()
+
+    before = tracemalloc.get_traced_memory()[0]
+    plain: dict[str, int] = {}
+    for i in range(n):
+        plain[visitor_key(i)] = T0_MS + i // 10
+    gc.collect()
+    baseline = tracemalloc.get_traced_memory()[0] - before
+    tracemalloc.stop()
+    return {
+        "online": online,
+        "bytes": held,
+        "bytes_per_visitor": held / n,
+        "baseline_bytes_per_visitor": baseline / n,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("kind", choices=("aggregate", "memory"))
+    parser.add_argument("--events", type=int, default=200_000)
+    parser.add_argument("--visitors", type=int, default=1_000_000)
+    parser.add_argument("--workdir", type=Path, help="where chDB keeps its data (aggregate)")
+    args = parser.parse_args()
+    if args.kind == "aggregate":
+        if args.workdir is None:
+            parser.error("aggregate needs --workdir")
+        result = asyncio.run(aggregate(args.events, args.workdir))
+    else:
+        result = memory(args.visitors)
+    result["pid"] = os.getpid()
+    print("BENCH " + json.dumps(result), flush=True)
+
+
+if __name__ == "__main__":
+    main()

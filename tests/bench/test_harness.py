@@ -1,0 +1,89 @@
+"""``make bench`` keeps working: every benchmark runs for a second or two at a tiny load
+(``python -m bench --quick``), and the harness's ground truth holds — beacons answered 202 =
+records in Kafka = page views counted, in-process rows stored = events fed. No figure is
+asserted: benchmarks are not tests."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from typing import Any
+
+import pytest
+
+from tests.support.procs import ROOT
+
+pytestmark = pytest.mark.bench
+
+FIGURES = (
+    "ingest beacons/s",
+    "ingest p99 latency",
+    "counter JSON requests/s",
+    "freshness p99",
+    "stream subscribers",
+    "aggregate events/s",
+    "aggregate bytes per online visitor",
+)
+
+
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    out = tmp_path_factory.mktemp("bench")
+    proc = subprocess.run(
+        [sys.executable, "-m", "bench", "--quick", "--out", str(out)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    assert (out / "latest.md").read_text(encoding="utf-8") in proc.stdout
+    result: dict[str, Any] = json.loads((out / "latest.json").read_text(encoding="utf-8"))
+    return result
+
+
+@pytest.mark.timeout(900)
+def test_every_figure_is_reported_beside_its_baseline(quick_run: dict[str, Any]) -> None:
+    figures = {f["name"]: f for f in quick_run["figures"]}
+    for name in FIGURES:
+        matching = [f for n, f in figures.items() if n.startswith(name)]
+        assert matching, f"{name} missing from {sorted(figures)}"
+        figure = matching[0]
+        assert figure["value"] is not None and figure["value"] > 0, figure
+        assert figure["baseline"] is not None and figure["baseline"] > 0, figure
+
+
+@pytest.mark.timeout(900)
+def test_beacons_sent_equal_records_in_kafka_equal_pageviews_counted(
+    quick_run: dict[str, Any],
+) -> None:
+    truth = quick_run["truth"]
+    assert truth["beacons_refused_or_failed"] == 0
+    assert truth["beacons_accepted"] > 0
+    assert truth["kafka"]["records"] == truth["kafka"]["beacons_accepted"] > 0
+    # the freshness probes go to a site of their own, on top of the wrk beacons
+    assert truth["records_in_kafka_at_end"] == truth["beacons_accepted"] + truth["probes_accepted"]
+    assert truth["pageviews_counted"] == truth["human_pageviews_accepted"]
+    assert truth["catch_up"]["pageviews"] == truth["catch_up"]["expected"]
+
+
+@pytest.mark.timeout(900)
+def test_the_in_process_figures_count_what_they_were_fed(quick_run: dict[str, Any]) -> None:
+    agg = quick_run["truth"]["aggregate_inproc"]
+    assert agg["rows_stored"] == agg["events"] > 0
+    assert agg["pageviews_counted"] == agg["pageviews_sent"] > 0
+    memory = quick_run["raw"]["memory"]
+    assert memory["online"] > 0 and memory["bytes"] > 0
+
+
+@pytest.mark.timeout(900)
+def test_every_subscriber_holds_on_and_ends_on_the_current_numbers(
+    quick_run: dict[str, Any],
+) -> None:
+    subs = quick_run["truth"]["subscribers"]
+    assert subs["alive"] == subs["wanted"] > 0
+    assert subs["on_current_numbers"] == subs["alive"]
+    assert subs["fewest_events"] > 0
+    baseline = quick_run["raw"]["subscribers"]["baseline"]
+    assert baseline["alive"] == subs["wanted"]
