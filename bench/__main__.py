@@ -23,7 +23,14 @@ from pathlib import Path
 from typing import Any
 
 from bench import freshness, profile, report, wrkrun
-from bench.deploy import Baseline, Deployment, raise_open_files, worker_pids
+from bench.deploy import (
+    Baseline,
+    CpuMeter,
+    Deployment,
+    machine_busy,
+    raise_open_files,
+    worker_pids,
+)
 from bench.report import Figure, Report
 from bench.sse_clients import final_key
 from tests.support.procs import ROOT
@@ -125,6 +132,7 @@ def main(argv: list[str] | None = None) -> int:
     rep = Report(mode="quick" if quick else "full")
     rep.machine = report.machine()
     rep.machine["open_files"] = open_files
+    rep.machine["cores_busy_before_start"] = machine_busy()
     profiles: list[tuple[str, Path]] = []
     workers = args.workers
 
@@ -145,6 +153,16 @@ def main(argv: list[str] | None = None) -> int:
     needs_deployment = only & {"ingest", "latency", "counter", "freshness", "subscribers"}
     dep = Deployment(work / "deployment", workers=workers) if needs_deployment else None
     try:
+
+        def server_pids() -> dict[str, list[int]]:
+            assert dep is not None and dep.broker.proc is not None
+            pids = {"broker": [dep.broker.proc.pid]}
+            if dep.ingest is not None:
+                pids["ingest"] = worker_pids(dep.ingest)
+            if dep.aggregate is not None and dep.aggregate.proc is not None:
+                pids["aggregate"] = [dep.aggregate.proc.pid]
+            return pids
+
         if dep is not None:
             log("starting Tansu and visitorstats ingest")
             dep.start_broker()
@@ -152,15 +170,18 @@ def main(argv: list[str] | None = None) -> int:
 
         if dep is not None and "ingest" in only:
             log(f"ingest beacons/s: baseline ({workers} processes)")
-            with Baseline(work, workers) as base:
+            with Baseline(work, workers) as base, CpuMeter({"baseline": base.pids()}) as cpu:
                 b = wrkrun.beacons(base.url, seconds=sizes.seconds, connections=sizes.connections)
+            b["cpu_cores"] = cpu.shares()
             log(f"ingest beacons/s: visitorstats ingest ({workers} processes)")
             sampler = None
             if args.profile:
                 path = out / "profile-ingest.txt"
                 sampler = profile.Sampler(worker_pids(ingest)[0], sizes.seconds, path)
                 profiles.append(("ingest worker, at full load", path))
-            r = wrkrun.beacons(ingest.url, seconds=sizes.seconds, connections=sizes.connections)
+            with CpuMeter(server_pids()) as cpu:
+                r = wrkrun.beacons(ingest.url, seconds=sizes.seconds, connections=sizes.connections)
+            r["cpu_cores"] = cpu.shares()
             if sampler:
                 sampler.wait()
             tally(r)
@@ -183,14 +204,17 @@ def main(argv: list[str] | None = None) -> int:
         if dep is not None and "latency" in only:
             rate = sizes.latency_rate
             log(f"ingest p99 at {rate}/s: baseline")
-            with Baseline(work, workers) as base:
+            with Baseline(work, workers) as base, CpuMeter({"baseline": base.pids()}) as cpu:
                 b = wrkrun.beacons(
                     base.url, seconds=sizes.seconds, rate=rate, threads=1, connections=128
                 )
+            b["cpu_cores"] = cpu.shares()
             log(f"ingest p99 at {rate}/s: visitorstats ingest")
-            r = wrkrun.beacons(
-                ingest.url, seconds=sizes.seconds, rate=rate, threads=1, connections=128
-            )
+            with CpuMeter(server_pids()) as cpu:
+                r = wrkrun.beacons(
+                    ingest.url, seconds=sizes.seconds, rate=rate, threads=1, connections=128
+                )
+            r["cpu_cores"] = cpu.shares()
             tally(r)
             rep.raw["latency"] = {"baseline": b, "visitorstats": r}
             p99, bp99 = r["latency_us"]["p99"] / 1000, b["latency_us"]["p99"] / 1000
@@ -225,10 +249,13 @@ def main(argv: list[str] | None = None) -> int:
         if dep is not None and "counter" in only:
             counter_path = "/v1/sites/bench-a/counter"
             log("counter JSON requests/s: baseline (1 process)")
-            with Baseline(work, 1) as base:
+            with Baseline(work, 1) as base, CpuMeter({"baseline": base.pids()}) as cpu:
                 b = wrkrun.get(base.url + counter_path, seconds=sizes.seconds)
+            b["cpu_cores"] = cpu.shares()
             log("counter JSON requests/s: visitorstats aggregate (1 process)")
-            r = wrkrun.get(aggregate.url + counter_path, seconds=sizes.seconds)
+            with CpuMeter(server_pids()) as cpu:
+                r = wrkrun.get(aggregate.url + counter_path, seconds=sizes.seconds)
+            r["cpu_cores"] = cpu.shares()
             rep.raw["counter"] = {"baseline": b, "visitorstats": r}
             rep.add(
                 Figure(
@@ -258,6 +285,8 @@ def main(argv: list[str] | None = None) -> int:
                     )
                 )
 
+            meter = CpuMeter(server_pids())
+            meter.__enter__()
             thread = threading.Thread(target=background)
             thread.start()
             sampler = None
@@ -269,6 +298,8 @@ def main(argv: list[str] | None = None) -> int:
                 profiles.append((f"aggregate process, {rate}/s sustained", path))
             loaded = asyncio.run(freshness.probe(ingest.url, aggregate.url, seconds))
             thread.join()
+            meter.__exit__(None, None, None)
+            load["cpu_cores"] = meter.shares()
             if sampler:
                 sampler.wait()
             tally(load)

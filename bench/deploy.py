@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import resource
 import signal
 import subprocess
@@ -100,6 +101,10 @@ class Baseline:
     def __exit__(self, *exc: object) -> None:
         stop(self.proc)
 
+    def pids(self) -> list[int]:
+        assert self.proc is not None
+        return children_or_self(self.proc.pid)
+
 
 def stop(proc: subprocess.Popen[bytes] | None, timeout: float = 30) -> None:
     if proc is None or proc.poll() is not None:
@@ -112,13 +117,68 @@ def stop(proc: subprocess.Popen[bytes] | None, timeout: float = 30) -> None:
         proc.wait()
 
 
+class CpuMeter:
+    """CPU seconds used by named processes (and by the harness's finished children: wrk)
+    between ``__enter__`` and ``__exit__``; ``shares`` gives each as cores busy on average."""
+
+    def __init__(self, pids: dict[str, list[int]]) -> None:
+        self.pids = pids
+        self.used: dict[str, float] = {}
+        self.seconds = 0.0
+
+    @staticmethod
+    def _cpu(pid: int) -> float:
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+        except OSError:
+            return 0.0
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+    def _sample(self) -> dict[str, float]:
+        sample = {name: sum(self._cpu(p) for p in pids) for name, pids in self.pids.items()}
+        children = resource.getrusage(resource.RUSAGE_CHILDREN)
+        sample["wrk"] = children.ru_utime + children.ru_stime
+        return sample
+
+    def __enter__(self) -> CpuMeter:
+        self._start = self._sample()
+        self._t0 = time.monotonic()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        end = self._sample()
+        self.seconds = time.monotonic() - self._t0
+        self.used = {k: end[k] - self._start.get(k, 0.0) for k in end}
+
+    def shares(self) -> dict[str, float]:
+        return {k: round(v / self.seconds, 2) for k, v in self.used.items() if self.seconds}
+
+
+def machine_busy() -> float:
+    """Cores busy over the last second, all processes of the machine (others' too)."""
+
+    def total() -> tuple[float, float]:
+        fields = Path("/proc/stat").read_text().splitlines()[0].split()[1:]
+        values = [int(x) for x in fields]
+        idle = values[3] + values[4]
+        return sum(values), idle
+
+    a_total, a_idle = total()
+    time.sleep(1.0)
+    b_total, b_idle = total()
+    cores = os.cpu_count() or 1
+    return round(cores * (1 - (b_idle - a_idle) / max(1, b_total - a_total)), 2)
+
+
 def worker_pids(service: Service) -> list[int]:
     """The processes that serve requests: the workers under the parent, else the parent."""
     assert service.proc is not None
-    out = subprocess.run(
-        ["pgrep", "-P", str(service.proc.pid)], capture_output=True, text=True
-    ).stdout.split()
-    return [int(p) for p in out] or [service.proc.pid]
+    return children_or_self(service.proc.pid)
+
+
+def children_or_self(pid: int) -> list[int]:
+    out = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True).stdout
+    return [int(p) for p in out.split()] or [pid]
 
 
 class Deployment:

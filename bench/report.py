@@ -88,7 +88,8 @@ def markdown(report: Report) -> str:
         f"Machine: {report.machine.get('nproc')} CPUs ({report.machine.get('cpu')}), "
         f"{report.machine.get('memory_gib')} GiB, Python {report.machine.get('python')}, "
         f"{report.machine.get('wrk')}; load average at start "
-        f"{report.machine.get('load_at_start')}.",
+        f"{report.machine.get('load_at_start')}, "
+        f"{report.machine.get('cores_busy_before_start')} cores busy just before the run.",
         "",
         "| figure | visitorstats | baseline (same run) | ratio | target | met |",
         "| --- | --- | --- | --- | --- | --- |",
@@ -103,6 +104,17 @@ def markdown(report: Report) -> str:
         if f.note:
             value += f" ({f.note})"
         lines.append(f"| {f.name} | {value} | {baseline} | {ratio} | {f.target} | {met} |")
+    cpu_lines = []
+    for figure, sides in report.raw.items():
+        if not isinstance(sides, dict):
+            continue
+        for side, result in sides.items():
+            if isinstance(result, dict) and "cpu_cores" in result:
+                shares = ", ".join(f"{k} {v:.2f}" for k, v in result["cpu_cores"].items())
+                cpu_lines.append(f"- {figure}, {side}: {shares}")
+    if cpu_lines:
+        lines += ["", "Cores busy on average while measured (of the machine's CPUs):", ""]
+        lines += cpu_lines
     lines += ["", "Ground truth (the harness's own counts):", ""]
     for k, v in report.truth.items():
         lines.append(f"- {k}: {v}")

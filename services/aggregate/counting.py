@@ -27,17 +27,17 @@ Keys of any other shape (tests, foreign producers) are kept as strings: same dec
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
 from itertools import islice
+from typing import NamedTuple
 from zoneinfo import ZoneInfo
 
 from services.record import Event
 
 
-@dataclass(slots=True)
-class Row:
-    """One stored event: the event as consumed, plus what the rules made of it."""
+class Row(NamedTuple):
+    """One stored event: the event as consumed, plus what the rules made of it (a named
+    tuple: one is made per event)."""
 
     event: Event
     visitor: str  # the canonical visitor key (linked across salt rotations)
