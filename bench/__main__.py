@@ -270,6 +270,8 @@ def main(argv: list[str] | None = None) -> int:
             )
 
         if dep is not None and "freshness" in only:
+            # the consumer has joined its group and counts: one probe seen end to end
+            warm = asyncio.run(freshness.probe(ingest.url, aggregate.url, 0.1))
             log(f"freshness: probe alone for {sizes.freshness_baseline_seconds}s")
             idle = asyncio.run(
                 freshness.probe(ingest.url, aggregate.url, sizes.freshness_baseline_seconds)
@@ -303,7 +305,7 @@ def main(argv: list[str] | None = None) -> int:
             if sampler:
                 sampler.wait()
             tally(load)
-            truth["probes_accepted"] = idle["probes"] + loaded["probes"]
+            truth["probes_accepted"] = warm["probes"] + idle["probes"] + loaded["probes"]
             rep.raw["freshness"] = {"idle": idle, "loaded": loaded, "load": load}
             ok = (
                 loaded["p99"] is not None
