@@ -1,20 +1,38 @@
-"""The consume loop: records -> counting rules -> one ClickHouse insert -> commit.
+"""The consume loop: records -> counting rules -> ClickHouse -> commit.
 
 How exactly-once holds (see README, "Guarantees"):
 
-1. Every stored row carries its (topic, partition, offset); one batch is one INSERT, which is
-   one atomic part. So ClickHouse itself says how far each partition was counted, and on start
-   or rebalance consumption resumes right after the last stored offset (``assign``).
-2. The counting state (latest event per visitor, linked keys, recent event ids) is rebuilt from
-   the partition's recent rows (``PartitionState.replay``), so decisions after a restart are the
-   ones the dead process would have made.
-3. A batch that failed to insert is retried unchanged, with the same insert-deduplication
-   token, so an insert that did land but whose answer was lost is not counted again.
-4. Offsets are committed to Kafka only after the insert returned (for lag and for tools); the
-   resume point never depends on that commit.
-5. On revoke, the pending batch is written before the partition is given up; if it cannot be,
-   the batch is dropped (nothing committed) and every partition is re-read from ClickHouse's
-   resume point.
+1. **ClickHouse is the record of progress.** Every stored row carries its (topic, partition,
+   offset). When a partition is assigned, and after any doubt, it is counted again from right
+   after its last stored offset (or from the committed offset when that is later: the records in
+   between produced no row — duplicates, dead letters). Records below that point are skipped
+   whatever the broker hands out (``Aggregator.process``), so a redelivery, a stale prefetch or
+   a seek race cannot count a record twice.
+2. **The state is a function of the rows.** A partition's counting state (latest event per
+   visitor, linked keys, recent event ids) is rebuilt from its recent rows
+   (``PartitionState.replay``), so the decisions after a restart or a rebalance are the ones the
+   previous owner made: the same records give the same rows.
+3. **One INSERT per partition per flush, fenced by its token.** The insert-deduplication token
+   is (topic, partition, offset of the first row). A retry sends the same rows with the same
+   token; by 1 and 2, so does any other process that counts the same records, since it resumes
+   at the same point and decides the same. ClickHouse keeps the first of them and drops the
+   others. This fences a *zombie*: a process that lost a partition (session expired, frozen,
+   batch dropped on revoke, ClickHouse hung) but whose insert lands later.
+4. **Every insert is checked.** After the inserts, each partition's stored maximum offset must be
+   the last row just written. If a different insert with the same token won (a zombie's, with
+   other bounds), the partition's state and position are rebuilt from ClickHouse (1, 2). If the
+   token was swallowed with no row stored (ClickHouse can record a token and then lose the part
+   in a crash), the rows are inserted again under a new token.
+5. **Frozen batches.** Once an insert was attempted, the batch (rows and tokens) never changes.
+   While ClickHouse refuses it, the partitions are paused, anything fetched is rewound, and the
+   loop keeps polling so the process stays in the group. On revoke the batch is written (with
+   bounded retries) or dropped; 3 makes a late landing of a dropped batch harmless.
+6. **Commit after write.** Offsets are committed to Kafka only after the rows are stored; the
+   commit is advisory (lag, tools, and a floor for 1).
+7. **One lock.** The rebalance callbacks run in aiokafka's coordinator task, beside this loop.
+   ``Consumer.lock`` serialises them with the loop's process and write steps, so the state, the
+   batch and the positions are only ever changed by one party at a time. Nothing waits on the
+   broker while holding it, except the assignment callback itself.
 """
 
 from __future__ import annotations
@@ -29,29 +47,55 @@ from dataclasses import dataclass, field
 from services import metrics
 from services.aggregate.counting import PartitionState, Row
 from services.aggregate.sources import InRecord, Source
-from services.aggregate.store import Store, batch_token
+from services.aggregate.store import Store
 from services.record import RecordError, decode
 from services.settings import Settings
 from services.sites import Registry
 
 log = logging.getLogger(__name__)
 
+# How long a revoke (a rebalance) may spend writing the pending batch before dropping it.
+REVOKE_WRITE_SECONDS = 20.0
+# How long a graceful stop may spend writing the last batch while ClickHouse refuses it.
+STOP_WRITE_SECONDS = 30.0
+
+
+@dataclass
+class Pending:
+    """One partition's share of the batch."""
+
+    rows: list[Row] = field(default_factory=list)
+    last: int = -1  # last offset processed (rows or not): what the commit covers
+    token: str | None = None  # frozen at the first insert attempt
+    written: bool = False
+    attempt: int = 0  # > 0 after a token was swallowed without its rows (see 4 above)
+
 
 @dataclass
 class Batch:
-    rows: list[Row] = field(default_factory=list)
-    spans: dict[int, list[int]] = field(default_factory=dict)  # partition -> [first, last]
+    parts: dict[int, Pending] = field(default_factory=dict)
     started: float = 0.0
-    token: str | None = None  # fixed at the first insert attempt; retries reuse it
+    frozen: bool = False
 
     def __len__(self) -> int:
-        return len(self.rows)
+        return sum(len(p.rows) for p in self.parts.values())
 
     def empty(self) -> bool:
-        return not self.spans
+        return not self.parts
+
+
+def insert_token(topic: str, partition: int, first_offset: int, attempt: int = 0) -> str:
+    """The identity of a partition's insert: the same records counted from the same point,
+    by any process, give the same token (see 3 above)."""
+    token = f"{topic};{partition};{first_offset}"
+    return token if attempt == 0 else f"{token};{attempt}"
 
 
 class Aggregator:
+    """The counting state of the owned partitions, the pending batch, and its writes.
+
+    Not safe for concurrent use on its own: ``Consumer`` calls it under its lock."""
+
     def __init__(
         self,
         store: Store,
@@ -65,8 +109,9 @@ class Aggregator:
         self.settings = settings
         self.topic = topic
         self.states: dict[int, PartitionState] = {}
+        self.next_offset: dict[int, int] = {}  # per owned partition: the first offset not counted
         self.batch = Batch()
-        self.needs_reset = False
+        self.needs_reset: set[int] = set()  # partitions to rebuild from ClickHouse
         self._on_flushed = on_flushed
 
     def _new_state(self, partition: int) -> PartitionState:
@@ -77,63 +122,82 @@ class Aggregator:
             max_visitors=self.settings.max_visitors_per_partition,
         )
 
-    async def assign(self, partitions: list[int]) -> dict[int, int]:
-        """Rebuild the state of newly owned partitions from ClickHouse; return where to resume.
-        Retries until ClickHouse answers: counting without the state would count wrong."""
+    async def rebuild(
+        self,
+        partitions: list[int],
+        floor: dict[int, int],
+        give_up: Callable[[], bool] = lambda: False,
+    ) -> dict[int, int]:
+        """Rebuild the state of ``partitions`` from ClickHouse; return where each resumes:
+        after its last stored row, or ``floor`` (the committed offset) when later. Retries until
+        ClickHouse answers (counting without the state would count wrong), or ``give_up()``."""
         horizon_ms = 1000 * max(
             self.settings.visit_timeout_seconds, self.settings.dedup_horizon_seconds
         )
         backoff = 0.2
         while True:
             try:
-                offsets = await self.store.next_offsets(self.topic)
+                stored = await self.store.next_offsets(self.topic)
+                states = {}
                 for p in partitions:
                     state = self._new_state(p)
                     for event, visitor in await self.store.recent_rows(self.topic, p, horizon_ms):
                         state.replay(event, visitor)
-                    self.states[p] = state
-                log.info("assigned partitions %s; resuming at %s", partitions, offsets)
-                return {p: offsets[p] for p in partitions if p in offsets}
+                    states[p] = state
+                break
             except Exception as e:
                 metrics.CLICKHOUSE_ERRORS.labels("rebuild").inc()
+                if give_up():
+                    raise
                 log.warning("cannot rebuild state (%s); retrying in %.1fs", e, backoff)
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, 5.0)
+        resume = {p: max(stored.get(p, 0), floor.get(p, 0)) for p in partitions}
+        for p in partitions:
+            self.states[p] = states[p]
+            self.next_offset[p] = resume[p]
+            self.needs_reset.discard(p)
+        log.info("partitions %s rebuilt; resuming at %s", partitions, resume)
+        return resume
 
-    async def revoke(self, partitions: list[int]) -> None:
-        """Write what is pending before giving partitions up; never commit what was not
-        written."""
-        if not self.batch.empty():
-            try:
-                await asyncio.wait_for(self._write(), 20)
-            except Exception as e:
-                log.warning("revoked with an unwritten batch (%s): dropping it, will re-read", e)
-                self.batch = Batch()
-                self.needs_reset = True
+    async def assign(self, partitions: list[int]) -> dict[int, int]:
+        """``rebuild`` with no committed offsets: for driving an Aggregator directly (tests)."""
+        return await self.rebuild(partitions, {})
+
+    def forget(self, partitions: list[int]) -> None:
         for p in partitions:
             self.states.pop(p, None)
+            self.next_offset.pop(p, None)
+            self.needs_reset.discard(p)
             with contextlib.suppress(KeyError):
                 metrics.CONSUMER_LAG.remove(str(p))
 
+    def drop_batch(self) -> None:
+        """Give the pending batch up without writing it. Its partitions must be rebuilt (the
+        state holds the dropped rows' effects); if its insert lands late, the token fences it."""
+        self.needs_reset.update(self.batch.parts)
+        self.batch = Batch()
+
     def process(self, records: list[InRecord]) -> list[tuple[InRecord, str]]:
         """Apply the counting rules to records in log order; return the undecodable ones."""
-        bad: list[tuple[InRecord, str]] = []
         batch = self.batch
+        assert not batch.frozen, "a batch is never changed once an insert was attempted"
+        bad: list[tuple[InRecord, str]] = []
         if batch.empty():
             batch.started = time.monotonic()
         sites = self.registry.sites
         for rec in records:
             state = self.states.get(rec.partition)
             if state is None:
-                # Not ours, or its state is not rebuilt yet: never count it without state.
-                # Re-reading from ClickHouse's resume point picks it up if it is ours.
-                self.needs_reset = True
+                # Not ours, or not rebuilt yet: the assignment seeks it to its resume point.
                 continue
-            span = batch.spans.get(rec.partition)
-            if span is None:
-                batch.spans[rec.partition] = [rec.offset, rec.offset]
-            else:
-                span[1] = rec.offset
+            if rec.offset < self.next_offset[rec.partition] or rec.partition in self.needs_reset:
+                continue  # already counted (redelivery, stale prefetch), or about to be re-read
+            self.next_offset[rec.partition] = rec.offset + 1
+            pending = batch.parts.get(rec.partition)
+            if pending is None:
+                pending = batch.parts[rec.partition] = Pending()
+            pending.last = rec.offset
             try:
                 event = decode(rec.value)
             except RecordError as e:
@@ -147,7 +211,7 @@ class Aggregator:
             if row is None:
                 metrics.EVENTS_COUNTED.labels("duplicate").inc()
                 continue
-            batch.rows.append(row)
+            pending.rows.append(row)
         metrics.EVENTS_CONSUMED.inc(len(records))
         return bad
 
@@ -158,85 +222,202 @@ class Aggregator:
             or time.monotonic() - b.started >= self.settings.flush_interval_seconds
         )
 
-    async def _write(self) -> dict[int, int]:
+    async def write(self) -> dict[int, int]:
+        """Write the pending batch; return the offsets to commit. Raises if ClickHouse fails:
+        the batch is kept, frozen, for the retry."""
         batch = self.batch
-        if batch.token is None:
-            batch.token = batch_token(self.topic, ((p, a, b) for p, (a, b) in batch.spans.items()))
-        if batch.rows:
-            await self.store.insert_events(batch.rows, self.topic, batch.token)
+        batch.frozen = True
+        for p, pending in sorted(batch.parts.items()):
+            if pending.rows and not pending.written:
+                if pending.token is None:
+                    pending.token = insert_token(
+                        self.topic, p, pending.rows[0].offset, pending.attempt
+                    )
+                await self.store.insert_events(pending.rows, self.topic, pending.token)
+                pending.written = True
+        written = {p: pending for p, pending in batch.parts.items() if pending.rows}
+        lost: list[int] = []
+        if written:
+            stored = await self.store.next_offsets(self.topic, list(written))
+            for p, pending in written.items():
+                at = stored.get(p, 0) - 1
+                if at == pending.rows[-1].offset:
+                    continue
+                if at < pending.rows[0].offset:
+                    # The token was taken but no row of it is stored: insert again, new token.
+                    log.warning("insert %s was swallowed; resending", pending.token)
+                    pending.attempt += 1
+                    pending.token = None
+                    pending.written = False
+                    raise RuntimeError(f"insert of partition {p} swallowed by deduplication")
+                # Another insert of these records won (a zombie's): take ClickHouse's word.
+                log.warning(
+                    "partition %d: rows up to %d stored by another writer; rebuilding", p, at
+                )
+                lost.append(p)
         self.batch = Batch()
-        counted_visits = sum(r.starts_visit for r in batch.rows)
-        counted_pv = sum(r.pageview for r in batch.rows)
-        metrics.EVENTS_COUNTED.labels("visit").inc(counted_visits)
-        metrics.EVENTS_COUNTED.labels("pageview").inc(counted_pv)
-        if self._on_flushed is not None and batch.rows:
-            step = max(1, len(batch.rows) // 500)
-            self._on_flushed([r.event.ts for r in batch.rows[::step]])
+        rows = [r for pending in batch.parts.values() for r in pending.rows]
+        metrics.EVENTS_COUNTED.labels("visit").inc(sum(r.starts_visit for r in rows))
+        metrics.EVENTS_COUNTED.labels("pageview").inc(sum(r.pageview for r in rows))
+        if self._on_flushed is not None and rows:
+            step = max(1, len(rows) // 500)
+            self._on_flushed([r.event.ts for r in rows[::step]])
+        for p in lost:
+            self.needs_reset.add(p)
         for state in self.states.values():
             state.expire()
-        return {p: last + 1 for p, (_, last) in batch.spans.items()}
+        return {p: pending.last + 1 for p, pending in batch.parts.items() if p not in lost}
 
-    async def flush(self) -> dict[int, int]:
-        """Write the pending batch; return the offsets to commit. Raises if ClickHouse fails
-        (the batch is kept, unchanged, for the retry)."""
-        return await self._write()
+    flush = write  # the name the counting-rules tests drive it by
 
 
-async def consume(
-    source: Source,
-    aggregator: Aggregator,
-    settings: Settings,
-    stopping: asyncio.Event,
-    drained: Callable[[], bool] = lambda: True,
-) -> None:
-    """Run until ``stopping`` is set and ``drained()`` says nothing more will arrive; the last
-    batch is written before returning."""
+class Consumer:
+    """Runs an ``Aggregator`` over a ``Source``: the loop, and the rebalance callbacks."""
 
-    async def write_and_commit() -> None:
-        backoff = 0.2
-        paused = False
-        offsets: dict[int, int] = {}
+    def __init__(
+        self,
+        source: Source,
+        aggregator: Aggregator,
+        settings: Settings,
+        stopping: asyncio.Event | None = None,
+    ) -> None:
+        self.source = source
+        self.aggregator = aggregator
+        self.settings = settings
+        self.stopping = stopping or asyncio.Event()
+        self.lock = asyncio.Lock()
+
+    async def start(self) -> None:
+        await self.source.start(self.on_assign, self.on_revoke)
+
+    # -- rebalance callbacks (aiokafka's coordinator task) ----------------------------------------
+    async def on_assign(self, partitions: list[int]) -> None:
+        # Hold the new partitions back until their state is rebuilt and their position set
+        # (an optimisation only: records fetched before that are skipped by ``process``).
+        self.source.pause(partitions)
+        async with self.lock:
+            try:
+                await self._assign(partitions)
+            except Exception as e:  # the broker or ClickHouse failed us: the loop tries again
+                log.warning("assignment of %s failed (%r); retrying from the loop", partitions, e)
+                self.aggregator.needs_reset.update(partitions)
+            finally:
+                self.source.resume(partitions)
+
+    async def _assign(self, partitions: list[int]) -> None:
+        committed = await self.source.committed(partitions)
+        resume = await self.aggregator.rebuild(partitions, committed, self.stopping.is_set)
+        await self.source.seek(resume)
+
+    async def on_revoke(self, partitions: list[int]) -> None:
+        """Write what is pending before giving partitions up (bounded); never commit what was
+        not written."""
+        async with self.lock:
+            agg = self.aggregator
+            if not agg.batch.empty():
+                offsets = await self._write_for(REVOKE_WRITE_SECONDS)
+                if offsets is None:
+                    log.warning("revoked with an unwritten batch: dropping it, will re-read")
+                    agg.drop_batch()
+                else:
+                    await self._commit(offsets)
+            agg.forget(partitions)
+
+    # -- the loop -------------------------------------------------------------------------------
+    async def run(self, drained: Callable[[], bool] = lambda: True) -> None:
+        """Run until ``stopping`` is set and ``drained()`` says nothing more will arrive; the last
+        batch is written before returning."""
+        agg, source, settings, stopping = (
+            self.aggregator,
+            self.source,
+            self.settings,
+            self.stopping,
+        )
         while True:
-            try:
-                offsets = await aggregator.flush()
-                break
-            except Exception as e:
-                log.warning("ClickHouse write failed (%s); retrying in %.1fs", e, backoff)
-                if not paused:
-                    source.pause()
-                    paused = True
-                # Keep polling (paused: returns nothing) so the group does not evict us.
-                await source.fetch(backoff, 1)
-                backoff = min(backoff * 2, 5.0)
-                if aggregator.batch.empty():
-                    break  # revoked meanwhile: the batch was written or dropped there
-        if paused:
-            source.resume()
-        if offsets:
-            started = time.monotonic()
-            try:
-                await source.commit(offsets)
-                metrics.COMMIT_LATENCY.observe(time.monotonic() - started)
-            except Exception as e:  # the resume point lives in ClickHouse; this is advisory
-                log.info("offset commit failed: %s", e)
-
-    while True:
-        if aggregator.needs_reset:
-            aggregator.needs_reset = False
-            owned = source.assigned()
-            await source.seek(await aggregator.assign(owned))
-        stopping_now = stopping.is_set() and drained()
-        if stopping_now:
-            records = []
-        else:
-            records = await source.fetch(
-                settings.flush_interval_seconds / 2, settings.flush_max_events
-            )
-        if records:
-            bad = aggregator.process(records)
+            if agg.needs_reset:
+                async with self.lock:
+                    owned = set(source.assigned())
+                    parts = sorted(agg.needs_reset & owned)
+                    agg.forget(sorted(agg.needs_reset - owned))
+                    if parts and agg.batch.empty():
+                        try:
+                            await self._assign(parts)
+                        except Exception as e:
+                            log.warning("cannot rebuild %s yet (%r)", parts, e)
+                            await asyncio.sleep(1)
+            stopping_now = stopping.is_set() and drained()
+            records: list[InRecord] = []
+            if not stopping_now:
+                records = await source.fetch(
+                    settings.flush_interval_seconds / 2, settings.flush_max_events
+                )
+            bad: list[tuple[InRecord, str]] = []
+            if records:
+                async with self.lock:
+                    bad = agg.process(records)
             if bad:
                 await source.dead_letter([r for r, _ in bad], bad[0][1])
-        if aggregator.due() or (stopping_now and not aggregator.batch.empty()):
-            await write_and_commit()
-        if stopping_now:
+            if agg.due() or (stopping_now and not agg.batch.empty()):
+                offsets = await self._write_until_done(STOP_WRITE_SECONDS if stopping_now else None)
+                if offsets:
+                    await self._commit(offsets)
+            if stopping_now:
+                return
+
+    async def _write_for(self, seconds: float) -> dict[int, int] | None:
+        """Under the lock: try to write the batch for up to ``seconds``; None if it failed."""
+        deadline = time.monotonic() + seconds
+        backoff = 0.2
+        while True:
+            try:
+                return await self.aggregator.write()
+            except Exception as e:
+                if time.monotonic() + backoff > deadline:
+                    log.warning("ClickHouse write failed (%s); giving up", e)
+                    return None
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, 2.0)
+
+    async def _write_until_done(self, limit: float | None) -> dict[int, int] | None:
+        """Write the batch, retrying with backoff while ClickHouse refuses it. Between attempts
+        the lock is released (a rebalance may write or drop the batch meanwhile) and the
+        partitions are paused but still polled, so the group keeps this member."""
+        agg, source = self.aggregator, self.source
+        deadline = None if limit is None else time.monotonic() + limit
+        backoff = 0.2
+        paused = False
+        try:
+            while True:
+                async with self.lock:
+                    if agg.batch.empty():
+                        return None  # written or dropped by a revoke meanwhile
+                    try:
+                        return await agg.write()
+                    except Exception as e:
+                        log.warning("ClickHouse write failed (%s); retrying in %.1fs", e, backoff)
+                        if deadline is not None and time.monotonic() > deadline:
+                            log.error("stopping with an unwritten batch of %d rows", len(agg.batch))
+                            agg.drop_batch()
+                            return None
+                        if not paused:
+                            source.pause(None)
+                            paused = True
+                fetched = await source.fetch(backoff, 1)
+                if fetched:
+                    async with self.lock:
+                        await source.rewind(fetched)
+                backoff = min(backoff * 2, 5.0)
+        finally:
+            if paused:
+                async with self.lock:
+                    source.resume(None)
+
+    async def _commit(self, offsets: dict[int, int]) -> None:
+        if not offsets:
             return
+        started = time.monotonic()
+        try:
+            await self.source.commit(offsets)
+            metrics.COMMIT_LATENCY.observe(time.monotonic() - started)
+        except Exception as e:  # the resume point lives in ClickHouse; this is advisory
+            log.info("offset commit failed: %s", e)

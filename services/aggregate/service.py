@@ -11,7 +11,7 @@ from aiohttp import web
 
 from services import http
 from services.aggregate import api
-from services.aggregate.consume import Aggregator, consume
+from services.aggregate.consume import Aggregator, Consumer
 from services.aggregate.counter import CounterService
 from services.aggregate.sources import KafkaSource, Source
 from services.aggregate.store import Store
@@ -51,12 +51,13 @@ def add_aggregate(
         aggregator = Aggregator(
             store, registry, settings, source.topic, on_flushed=counter.note_flushed
         )
+        consumer = Consumer(source, aggregator, settings, stopping)
 
         async def run() -> None:
             backoff = 0.5
             while not stopping.is_set():
                 try:
-                    await source.start(aggregator.assign, aggregator.revoke)
+                    await consumer.start()
                     break
                 except Exception as e:  # broker not there yet: keep serving the counter
                     log.warning("cannot start consuming (%s); retrying in %.1fs", e, backoff)
@@ -64,7 +65,7 @@ def add_aggregate(
                     backoff = min(backoff * 2, 5.0)
             else:
                 return
-            await consume(source, aggregator, settings, stopping, drained)
+            await consumer.run(drained)
 
         task = asyncio.create_task(run(), name="consume")
         yield

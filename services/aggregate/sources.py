@@ -6,19 +6,21 @@ callbacks, pause/resume, commit, and a dead-letter sink."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener, TopicPartition
+from aiokafka.errors import IllegalStateError
 
 from services import metrics
 from services.ingest.publish_types import OutRecord
 
 log = logging.getLogger(__name__)
 
-OnAssign = Callable[[list[int]], Awaitable[dict[int, int]]]
+OnAssign = Callable[[list[int]], Awaitable[None]]
 OnRevoke = Callable[[list[int]], Awaitable[None]]
 
 
@@ -35,19 +37,22 @@ class Source(Protocol):
     async def start(self, on_assign: OnAssign, on_revoke: OnRevoke) -> None: ...
     async def fetch(self, timeout: float, max_records: int) -> list[InRecord]: ...
     async def commit(self, offsets: dict[int, int]) -> None: ...
+    async def committed(self, partitions: list[int]) -> dict[int, int]: ...
     async def seek(self, offsets: dict[int, int]) -> None: ...
+    async def rewind(self, records: list[InRecord]) -> None: ...
     def assigned(self) -> list[int]: ...
-    def pause(self) -> None: ...
-    def resume(self) -> None: ...
+    def pause(self, partitions: list[int] | None) -> None: ...
+    def resume(self, partitions: list[int] | None) -> None: ...
     async def dead_letter(self, records: list[InRecord], reason: str) -> None: ...
     async def stop(self) -> None: ...
     def ready(self) -> tuple[bool, str]: ...
 
 
 class LocalLog:
-    """The standalone hand-off: an in-memory log with one partition. Offsets continue from
-    what ClickHouse already holds, so the same progress rule works as with Kafka. A hard kill
-    loses what was appended but not yet written (at most one flush interval)."""
+    """The standalone hand-off: an in-memory log with one partition, holding only what was
+    appended and not yet fetched. Its offsets continue from what ClickHouse already holds (set
+    by ``seek`` at start), so the same progress rule works as with Kafka. A hard kill loses what
+    was appended but not yet written: at most one flush interval (plus one write)."""
 
     topic = "local"
 
@@ -56,7 +61,6 @@ class LocalLog:
         self._next = 0
         self._arrived = asyncio.Event()
         self._paused = False
-        self._on_revoke: OnRevoke | None = None
 
     def append(self, record: OutRecord) -> None:
         self._records.append(InRecord(0, self._next, record.value))
@@ -64,9 +68,7 @@ class LocalLog:
         self._arrived.set()
 
     async def start(self, on_assign: OnAssign, on_revoke: OnRevoke) -> None:
-        self._on_revoke = on_revoke
-        offsets = await on_assign([0])
-        self._next = max(self._next, offsets.get(0, 0))
+        await on_assign([0])
 
     def pending(self) -> int:
         return len(self._records)
@@ -86,16 +88,30 @@ class LocalLog:
     async def commit(self, offsets: dict[int, int]) -> None:
         return None
 
+    async def committed(self, partitions: list[int]) -> dict[int, int]:
+        return {}
+
     async def seek(self, offsets: dict[int, int]) -> None:
-        return None  # nothing to re-read: the log only holds what was not yet processed
+        """Nothing can be re-read (what was fetched is gone); but what waits here, appended
+        before the resume point was known, is renumbered from it."""
+        target = offsets.get(0, 0)
+        first = self._records[0].offset if self._records else self._next
+        if target > first:
+            shift = target - first
+            for rec in self._records:
+                rec.offset += shift
+            self._next += shift
+
+    async def rewind(self, records: list[InRecord]) -> None:
+        self._records[:0] = records
 
     def assigned(self) -> list[int]:
         return [0]
 
-    def pause(self) -> None:
+    def pause(self, partitions: list[int] | None) -> None:
         self._paused = True
 
-    def resume(self) -> None:
+    def resume(self, partitions: list[int] | None) -> None:
         self._paused = False
         self._arrived.set()
 
@@ -122,112 +138,148 @@ class _Listener(ConsumerRebalanceListener):  # type: ignore[misc]
     async def on_partitions_assigned(self, assigned: Any) -> None:
         parts = sorted(tp.partition for tp in assigned if tp.topic == self._source.topic)
         if parts:
-            # aiokafka may hand out records of a new partition while this callback awaits:
-            # hold them back until the state is rebuilt and the position is set.
-            self._source.pause_partitions(parts)
-            try:
-                offsets = await self._on_assign(parts)
-                await self._source.seek(offsets)
-            finally:
-                self._source.resume_partitions(parts)
+            await self._on_assign(parts)
 
 
 class KafkaSource:
+    """A consumer group member. Positions are set by the consume loop (``seek``) from
+    ClickHouse's record of progress; auto-commit is off and the commit is advisory."""
+
     def __init__(self, bootstrap: str, topic: str, group: str, dead_letter_topic: str) -> None:
         self.topic = topic
         self._dlq_topic = dead_letter_topic
         self._bootstrap = bootstrap
-        self._consumer = AIOKafkaConsumer(
-            bootstrap_servers=bootstrap,
-            group_id=group,
+        self._group = group
+        self._consumer = self._new_consumer()
+        self._dlq: AIOKafkaProducer | None = None
+        self._ok = False
+        self._position: dict[int, int] = {}  # partition -> next offset to read (for the lag)
+
+    def _new_consumer(self) -> AIOKafkaConsumer:
+        return AIOKafkaConsumer(
+            bootstrap_servers=self._bootstrap,
+            group_id=self._group,
             enable_auto_commit=False,
             auto_offset_reset="earliest",
             isolation_level="read_uncommitted",
             max_partition_fetch_bytes=4 * 1024 * 1024,
             session_timeout_ms=10_000,
             heartbeat_interval_ms=2_000,
+            # A revoke may spend a while writing its last batch (consume.REVOKE_WRITE_SECONDS);
+            # the group waits that long for a live member before giving its partitions away.
+            rebalance_timeout_ms=60_000,
             max_poll_interval_ms=300_000,
         )
-        self._dlq: AIOKafkaProducer | None = None
-        self._ok = False
+
+    def _tp(self, partition: int) -> TopicPartition:
+        return TopicPartition(self.topic, partition)
 
     async def start(self, on_assign: OnAssign, on_revoke: OnRevoke) -> None:
-        await self._consumer.start()
+        """Join the group. A client whose start failed is not reused: a failed start can leave
+        it half set up, so the next attempt gets a fresh one."""
+        try:
+            await asyncio.wait_for(self._consumer.start(), 30)
+        except BaseException:
+            with contextlib.suppress(Exception):
+                await self._consumer.stop()
+            self._consumer = self._new_consumer()
+            raise
         self._consumer.subscribe([self.topic], listener=_Listener(self, on_assign, on_revoke))
         self._ok = True
 
     async def fetch(self, timeout: float, max_records: int) -> list[InRecord]:
         try:
-            batches = await self._consumer.getmany(
-                timeout_ms=int(timeout * 1000), max_records=max_records
+            # getmany waits for a rebalance to end whatever its timeout: bound it, so that a
+            # stop is not held up by a broker that went away mid-rebalance.
+            batches = await asyncio.wait_for(
+                self._consumer.getmany(timeout_ms=int(timeout * 1000), max_records=max_records),
+                timeout + 10,
             )
             self._ok = True
+        except TimeoutError:
+            return []
         except Exception as e:
             self._ok = False
             log.warning("fetch failed: %s", e)
             await asyncio.sleep(timeout)
             return []
         out = []
+        fetched = {}
         for tp, records in batches.items():
             for r in records:
                 out.append(InRecord(tp.partition, r.offset, r.value))
-        self._update_lag()
+            if records:
+                fetched[tp.partition] = records[-1].offset + 1
+        self._update_lag(fetched)
         return out
 
-    def _update_lag(self) -> None:
+    def _update_lag(self, fetched: dict[int, int]) -> None:
+        """Records behind the end of each owned partition, from the broker's high watermark
+        and the next offset this process will read."""
+        self._position.update(fetched)
         for tp in self._consumer.assignment():
             high = self._consumer.highwater(tp)
-            if high is None:
-                continue
-            try:
-                pos = self._consumer._fetcher._subscriptions.assignment[tp].position
-            except (AttributeError, KeyError):
-                pos = None
-            if pos is not None:
+            pos = self._position.get(tp.partition)
+            if high is not None and pos is not None:
                 metrics.CONSUMER_LAG.labels(str(tp.partition)).set(max(0, high - pos))
 
     async def commit(self, offsets: dict[int, int]) -> None:
         owned = {tp.partition for tp in self._consumer.assignment()}
-        to_commit = {TopicPartition(self.topic, p): o for p, o in offsets.items() if p in owned}
+        to_commit = {self._tp(p): o for p, o in offsets.items() if p in owned}
         if to_commit:
             await self._consumer.commit(to_commit)
 
-    async def seek(self, offsets: dict[int, int]) -> None:
-        committed: dict[int, int] = {}
-        for p in offsets:
-            c = await self._consumer.committed(TopicPartition(self.topic, p))
+    async def committed(self, partitions: list[int]) -> dict[int, int]:
+        out = {}
+        for p in partitions:
+            c = await self._consumer.committed(self._tp(p))
             if c is not None:
-                committed[p] = c
-        for p in set(offsets) | set(committed):
-            # ClickHouse holds the truth; a committed offset past it can only cover records
-            # that produced no row (duplicates, dead letters), so the later of the two is right.
-            target = max(offsets.get(p, 0), committed.get(p, 0))
-            if p in offsets or p in committed:
-                self._consumer.seek(TopicPartition(self.topic, p), target)
+                out[p] = c
+        return out
+
+    async def seek(self, offsets: dict[int, int]) -> None:
+        for p, offset in offsets.items():
+            # IllegalStateError: no longer assigned; a rebalance is under way and will set it
+            with contextlib.suppress(IllegalStateError):
+                self._consumer.seek(self._tp(p), offset)
+                self._position[p] = offset
+
+    async def rewind(self, records: list[InRecord]) -> None:
+        first: dict[int, int] = {}
+        for r in records:
+            first[r.partition] = min(r.offset, first.get(r.partition, r.offset))
+        await self.seek(first)
 
     def assigned(self) -> list[int]:
         return sorted(tp.partition for tp in self._consumer.assignment())
 
-    def pause(self) -> None:
-        self._consumer.pause(*self._consumer.assignment())
+    def _tps(self, partitions: list[int] | None) -> list[TopicPartition]:
+        owned = self._consumer.assignment()
+        if partitions is None:
+            return list(owned)
+        return [tp for tp in map(self._tp, partitions) if tp in owned]
 
-    def pause_partitions(self, partitions: list[int]) -> None:
-        self._consumer.pause(*(TopicPartition(self.topic, p) for p in partitions))
+    def pause(self, partitions: list[int] | None) -> None:
+        self._consumer.pause(*self._tps(partitions))
 
-    def resume_partitions(self, partitions: list[int]) -> None:
-        self._consumer.resume(*(TopicPartition(self.topic, p) for p in partitions))
-
-    def resume(self) -> None:
-        self._consumer.resume(*self._consumer.assignment())
+    def resume(self, partitions: list[int] | None) -> None:
+        self._consumer.resume(*self._tps(partitions))
 
     async def dead_letter(self, records: list[InRecord], reason: str) -> None:
+        """Publish undecodable records to the dead-letter topic. Bounded: the partition must
+        not stall on a dead letter, so a failure leaves them in the log only."""
         metrics.DEAD_LETTERS.inc(len(records))
         try:
             if self._dlq is None:
-                self._dlq = AIOKafkaProducer(bootstrap_servers=self._bootstrap, acks="all")
-                await self._dlq.start()
-            for r in records:
-                await self._dlq.send_and_wait(
+                producer = AIOKafkaProducer(bootstrap_servers=self._bootstrap, acks="all")
+                try:
+                    await asyncio.wait_for(producer.start(), 10)
+                except BaseException:
+                    await producer.stop()
+                    raise
+                self._dlq = producer
+            futures = [
+                await self._dlq.send(
                     self._dlq_topic,
                     r.value or b"",
                     headers=[
@@ -235,7 +287,10 @@ class KafkaSource:
                         ("source", f"{self.topic}/{r.partition}/{r.offset}".encode()),
                     ],
                 )
-        except Exception as e:  # the partition must not stall on a dead letter
+                for r in records
+            ]
+            await asyncio.wait_for(asyncio.gather(*futures), 10)
+        except Exception as e:
             log.warning("dead-letter publish failed (%s); %d records logged only", e, len(records))
 
     async def stop(self) -> None:

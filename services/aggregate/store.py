@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import date
@@ -82,13 +82,16 @@ class Store:
     # -- plumbing -------------------------------------------------------------------------------
     def _connect(self) -> Any:
         if self._client is None:
-            self._client = clickhouse_connect.get_client(
-                dsn=dsn_of(self.url),
-                connect_timeout=5,
-                send_receive_timeout=30,
-                autogenerate_session_id=False,
-                compress=False,
-            )
+            options: dict[str, Any] = {}
+            if not self.url.startswith("chdb://"):
+                # no sessions: replicas behind a load balancer do not share them
+                options = {
+                    "connect_timeout": 5,
+                    "send_receive_timeout": 30,
+                    "autogenerate_session_id": False,
+                    "compress": False,
+                }
+            self._client = clickhouse_connect.get_client(dsn=dsn_of(self.url), **options)
         return self._client
 
     def _call(self, fn: Callable[[Any], T]) -> T:
@@ -101,7 +104,22 @@ class Store:
             raise
 
     async def run(self, fn: Callable[[Any], T]) -> T:
-        return await asyncio.get_running_loop().run_in_executor(self._executor, self._call, fn)
+        """Run ``fn`` on the ClickHouse thread. A call whose caller stopped waiting (a timeout
+        while ClickHouse hangs) is skipped when its turn comes, so a backlog of abandoned
+        counter refreshes does not pile up behind a stuck statement."""
+        abandoned = False
+
+        def job(client_fn: Callable[[Any], T]) -> T:
+            if abandoned:
+                raise asyncio.CancelledError("abandoned")
+            return self._call(client_fn)
+
+        future = asyncio.get_running_loop().run_in_executor(self._executor, job, fn)
+        try:
+            return await future
+        except asyncio.CancelledError:
+            abandoned = True
+            raise
 
     def close(self) -> None:
         def _close() -> None:
@@ -146,8 +164,8 @@ class Store:
 
     # -- writes ---------------------------------------------------------------------------------
     async def insert_events(self, rows: Sequence[Row], topic: str, token: str) -> None:
-        """One INSERT for the whole batch: one part, atomic. ``token`` makes a retried insert
-        of the same batch a no-op (ClickHouse insert deduplication)."""
+        """One INSERT: one part, atomic. ``token`` makes another insert with the same token a
+        no-op (ClickHouse insert deduplication); see consume.py for how tokens are chosen."""
         columns: list[list[Any]] = [[] for _ in EVENT_COLUMNS]
         (site, eid, typ, ts, day, vis, vkey, mem, bot, sv, pv, url, ref, title, tp, part, off) = (
             columns
@@ -196,14 +214,20 @@ class Store:
         )
 
     # -- reads ----------------------------------------------------------------------------------
-    async def next_offsets(self, topic: str) -> dict[int, int]:
-        """Per partition, the offset after the last record stored: where consuming resumes."""
+    async def next_offsets(self, topic: str, partitions: list[int] | None = None) -> dict[int, int]:
+        """Per partition (all, or those given), the offset after the last record stored: where
+        consuming resumes. Partitions with no row are absent."""
+        where = "topic = {topic:String}"
+        parameters: dict[str, Any] = {"topic": topic}
+        if partitions is not None:
+            where += " AND kafka_partition IN {parts:Array(UInt32)}"
+            parameters["parts"] = partitions
         result = await self.run(
             lambda c: (
                 c.query(
-                    "SELECT kafka_partition, max(kafka_offset) FROM events "
-                    "WHERE topic = {topic:String} GROUP BY kafka_partition",
-                    parameters={"topic": topic},
+                    f"SELECT kafka_partition, max(kafka_offset) FROM events WHERE {where} "
+                    "GROUP BY kafka_partition",
+                    parameters=parameters,
                 ).result_rows
             )
         )
@@ -302,8 +326,3 @@ class Store:
         except Exception:
             metrics.CLICKHOUSE_ERRORS.labels("query").inc()
             raise
-
-
-def batch_token(topic: str, spans: Iterable[tuple[int, int, int]]) -> str:
-    """A batch's identity: its topic and, per partition, the first and last offset."""
-    return topic + ";" + ";".join(f"{p}:{a}-{b}" for p, a, b in sorted(spans))

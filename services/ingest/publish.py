@@ -8,10 +8,11 @@ to the on-disk spool (broker unreachable), or handed to the in-process aggregate
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import Callable
-from typing import Protocol
+from typing import Any, Protocol
 
 from aiokafka import AIOKafkaProducer
 
@@ -59,8 +60,20 @@ class LocalPublisher:
 class KafkaPublisher:
     """Collects records for ``linger_seconds`` and sends one batch per partition.
 
-    Order per visitor is kept: a visitor's records go to one partition, in the order of
-    acceptance, and while the spool holds anything, new records queue behind it.
+    Two paths, never both at once for the same records, so that order per visitor holds (a
+    visitor's records go to one partition, in the order of acceptance):
+
+    * **direct**: while the broker answers and the spool is empty, a flush is sent and every
+      record acknowledged (``acks="all"``) before its request is answered;
+    * **spooled**: once a send fails or times out (``ack_timeout_seconds``), the flush and every
+      later one go to the on-disk spool, behind what is already there. The drain loop sends the
+      spool oldest first and switches back to direct only when the spool is empty, so new
+      records never overtake spooled ones. A record whose send timed out may still arrive from
+      the producer's own queue and again from the spool: a duplicate ``event_id``, which the
+      aggregate service counts once.
+
+    A producer whose start failed (broker down when ingest started) is thrown away and a fresh
+    one started by the drain loop: aiokafka's clients are not meant to be started twice.
     """
 
     def __init__(
@@ -70,20 +83,15 @@ class KafkaPublisher:
         spool: Spool,
         linger_seconds: float = 0.002,
         max_pending: int = 20_000,
+        ack_timeout_seconds: float = 10.0,
     ) -> None:
+        self._bootstrap = bootstrap
         self._topic = topic
         self._linger = linger_seconds
         self._spool = spool
         self._max_pending = max_pending
-        self._producer = AIOKafkaProducer(
-            bootstrap_servers=bootstrap,
-            acks="all",
-            enable_idempotence=False,
-            linger_ms=0,
-            max_batch_size=1024 * 1024,
-            request_timeout_ms=10_000,
-            retry_backoff_ms=200,
-        )
+        self._ack_timeout = ack_timeout_seconds
+        self._producer: AIOKafkaProducer | None = None
         self._pending: list[tuple[OutRecord, asyncio.Future[None]]] = []
         self._wakeup = asyncio.Event()
         self._flusher: asyncio.Task[None] | None = None
@@ -94,18 +102,42 @@ class KafkaPublisher:
 
     async def start(self) -> None:
         try:
-            await asyncio.wait_for(self._producer.start(), 15)
-            self._partitions = sorted(await self._producer.partitions_for(self._topic))
-            self._broker_ok = bool(self._partitions)
+            await self._connect(15)
         except Exception as e:  # broker unreachable at start: accept into the spool
             log.warning("Kafka not reachable at start (%s); spooling", e)
-            self._broker_ok = False
+        self._broker_ok = self._producer is not None and self._spool.empty()
         self._flusher = asyncio.create_task(self._flush_loop(), name="publish-flush")
         self._drainer = asyncio.create_task(self._drain_loop(), name="spool-drain")
 
+    async def _connect(self, timeout: float) -> AIOKafkaProducer:
+        if self._producer is not None:
+            return self._producer
+        producer = AIOKafkaProducer(
+            bootstrap_servers=self._bootstrap,
+            acks="all",
+            enable_idempotence=False,
+            linger_ms=0,
+            max_batch_size=1024 * 1024,
+            request_timeout_ms=10_000,
+            retry_backoff_ms=200,
+        )
+        try:
+            async with asyncio.timeout(timeout):
+                await producer.start()
+                partitions = sorted(await producer.partitions_for(self._topic))
+            if not partitions:
+                raise RuntimeError(f"topic {self._topic!r} has no partitions")
+        except BaseException:
+            await _close(producer)
+            raise
+        self._partitions = partitions
+        self._producer = producer
+        return producer
+
     async def stop(self) -> None:
         """Flush what is pending (to Kafka, else to the spool), drain the spool while the
-        broker answers, then close."""
+        broker answers, then close. What the broker does not take stays in the spool on disk
+        and is sent by the next process that claims it."""
         self._closing = True
         self._wakeup.set()
         if self._flusher:
@@ -113,9 +145,17 @@ class KafkaPublisher:
         if self._drainer:
             self._drainer.cancel()
             await asyncio.gather(self._drainer, return_exceptions=True)
-        if self._broker_ok and not self._spool.empty():
-            await self._drain_once()
-        await self._producer.stop()
+        if not self._spool.empty():
+            try:
+                # while the broker answers, drain it all; if it is away, do not hold the stop
+                # up for long: the spool waits on disk for the next process
+                async with asyncio.timeout(None if self._broker_ok else 5):
+                    await self._connect(5)
+                    await self._drain_once()
+            except Exception as e:
+                log.warning("stopping with %d records left in the spool (%r)", len(self._spool), e)
+        if self._producer is not None:
+            await _close(self._producer)
         self._spool.close()
 
     def ready(self) -> tuple[bool, str]:
@@ -161,7 +201,7 @@ class KafkaPublisher:
                 return
             except Exception as e:
                 metrics.PUBLISH_ERRORS.inc()
-                log.warning("publish failed (%s); spooling %d records", e, len(records))
+                log.warning("publish failed (%r); spooling %d records", e, len(records))
                 self._broker_ok = False
         # The broker is unreachable (or the spool is still draining): keep order, spool.
         try:
@@ -176,23 +216,36 @@ class KafkaPublisher:
                 fut.set_result(None)
 
     async def _send(self, records: list[OutRecord]) -> None:
-        """Send records in batches per partition and wait for every acknowledgement."""
+        """Send records in batches per partition and wait for every acknowledgement, at most
+        ``ack_timeout_seconds``. The delivery futures are waited on, never cancelled."""
+        producer = self._producer
+        if producer is None:
+            raise ConnectionError("no producer")
         n = len(self._partitions)
         batches: dict[int, list[OutRecord]] = {}
         for rec in records:
             batches.setdefault(self._partitions[rec.shard % n], []).append(rec)
-        futures = []
-        for partition, recs in batches.items():
-            batch = self._producer.create_batch()
-            for rec in recs:
-                if batch.append(key=rec.key, value=rec.value, timestamp=None) is None:
-                    futures.append(
-                        await self._producer.send_batch(batch, self._topic, partition=partition)
-                    )
-                    batch = self._producer.create_batch()
-                    batch.append(key=rec.key, value=rec.value, timestamp=None)
-            futures.append(await self._producer.send_batch(batch, self._topic, partition=partition))
-        await asyncio.wait_for(asyncio.gather(*futures), 30)
+        futures: list[asyncio.Future[Any]] = []
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self._ack_timeout
+        async with asyncio.timeout_at(deadline):
+            for partition, recs in batches.items():
+                batch = producer.create_batch()
+                for rec in recs:
+                    if batch.append(key=rec.key, value=rec.value, timestamp=None) is None:
+                        futures.append(
+                            await producer.send_batch(batch, self._topic, partition=partition)
+                        )
+                        batch = producer.create_batch()
+                        batch.append(key=rec.key, value=rec.value, timestamp=None)
+                futures.append(await producer.send_batch(batch, self._topic, partition=partition))
+        for f in futures:
+            f.add_done_callback(_retrieve)
+        done, not_done = await asyncio.wait(futures, timeout=max(0.0, deadline - loop.time()))
+        if not_done:
+            raise TimeoutError(f"{len(not_done)} batches not acknowledged in time")
+        for f in done:
+            f.result()
         metrics.BEACONS_PUBLISHED.inc(len(records))
 
     async def _drain_once(self) -> None:
@@ -202,21 +255,37 @@ class KafkaPublisher:
             self._spool.pop(len(records))
 
     async def _drain_loop(self) -> None:
-        """While the spool holds records, retry the broker with backoff and drain in order."""
+        """While the spool holds records, retry the broker with backoff and drain in order;
+        go back to direct sends only once it is empty."""
         backoff = 0.2
         while True:
             if self._spool.empty() and self._broker_ok:
                 await asyncio.sleep(0.2)
                 continue
             try:
-                if not self._partitions:
-                    await asyncio.wait_for(self._producer.start(), 10)
-                    self._partitions = sorted(await self._producer.partitions_for(self._topic))
+                await self._connect(10)
                 await self._drain_once()
                 self._broker_ok = True
                 backoff = 0.2
             except Exception as e:
                 metrics.PUBLISH_ERRORS.inc()
-                log.info("broker still unreachable (%s); retrying in %.1fs", e, backoff)
+                log.info("broker still unreachable (%r); retrying in %.1fs", e, backoff)
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, 5.0)
+
+
+async def _close(producer: AIOKafkaProducer) -> None:
+    """Stop a producer; if the broker does not answer (its queue cannot be flushed), close its
+    connections anyway: what it held is in the spool."""
+    try:
+        await asyncio.wait_for(producer.stop(), 5)
+    except Exception as e:
+        log.warning("producer did not stop cleanly (%r); closing its connections", e)
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(producer.client.close(), 5)
+
+
+def _retrieve(future: asyncio.Future[Any]) -> None:
+    """Mark a delivery future's outcome as seen (a late failure is already handled)."""
+    if not future.cancelled():
+        future.exception()

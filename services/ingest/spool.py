@@ -11,6 +11,7 @@ A crash in the middle of a drain may send some records twice: the aggregate serv
 from __future__ import annotations
 
 import fcntl
+import itertools
 import os
 import struct
 from collections import deque
@@ -56,6 +57,7 @@ class Spool:
         # (segment number, record) for every record not yet acknowledged
         self._records: deque[tuple[int, OutRecord]] = deque()
         self._bytes = 0
+        self._refused = False
         self._tail: int = 0
         self._tail_file: int | None = None
         self._tail_size = 0
@@ -83,7 +85,9 @@ class Spool:
         return not self._records
 
     def full(self) -> bool:
-        return self._bytes >= self._max
+        """True once an append was refused, until something was drained: the spool cannot take
+        a typical flush any more (not only once the very last byte is used)."""
+        return self._refused or self._bytes >= self._max
 
     def __len__(self) -> int:
         return len(self._records)
@@ -100,7 +104,9 @@ class Spool:
             chunks.append(rec.key)
             chunks.append(rec.value)
         blob = b"".join(chunks)
-        if self._bytes + len(blob) > self._max:
+        # once refused, refused until something was drained: answers and readiness agree
+        if self._refused or self._bytes + len(blob) > self._max:
+            self._refused = True
             raise SpoolFullError(f"spool full ({self._bytes} bytes)")
         if self._tail_file is None or self._tail_size + len(blob) > _SEGMENT_BYTES:
             self._open_tail()
@@ -121,10 +127,11 @@ class Spool:
         self._tail_size = 0
 
     def peek(self, n: int) -> list[OutRecord]:
-        return [rec for _, rec in list(self._records)[:n]]
+        return [rec for _, rec in itertools.islice(self._records, n)]
 
     def pop(self, n: int) -> None:
         """Forget the oldest ``n`` records: they were acknowledged by the broker."""
+        self._refused = False
         for _ in range(min(n, len(self._records))):
             segment, rec = self._records.popleft()
             self._bytes -= _HEADER.size + len(rec.key) + len(rec.value)

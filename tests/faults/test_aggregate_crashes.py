@@ -1,0 +1,93 @@
+"""Aggregate processes killed, started and stopped while tens of thousands of beacons flow:
+every number of the counter ends equal to the ground truth."""
+
+from __future__ import annotations
+
+import random
+import signal
+import time
+
+import pytest
+
+from tests.faults.conftest import (
+    PARTITIONS,
+    Deployment,
+    assert_counter,
+    counted_pageviews,
+    owned_partitions,
+    wait_consuming,
+    wait_counting,
+    wait_for,
+)
+from tests.faults.load import Plan, Sender
+from tests.support.procs import numbers
+
+pytestmark = pytest.mark.faults
+
+
+def test_sigkill_of_the_aggregate_process_during_a_stream(deployment: Deployment) -> None:
+    """One ingest, one aggregate process SIGKILLed three times at random moments (mid-batch,
+    mid-write, mid-rebalance: wherever it is) and restarted; 25 000 beacons."""
+    ingest = deployment.ingest()
+    aggregate = deployment.aggregate()
+    plan = Plan.generate(25_000, seed=11)
+    sender = Sender([ingest.url], plan, rate=500).start()
+    rng = random.Random(5)
+    pageviews = sum(e.type == "pageview" for v in plan.visitors if not v.bot for e in v.events)
+    for _ in range(3):
+        # each process gets to count something, and is killed at a random moment after,
+        # while records are still coming to it
+        aggregate.wait_ready(90)
+        wait_counting(aggregate.url, counted_pageviews(aggregate.url))
+        time.sleep(rng.uniform(0, 1.0))
+        assert counted_pageviews(aggregate.url) < pageviews
+        aggregate.kill()
+        aggregate.start(wait_ready=False)
+    sender.join()
+    aggregate.wait_ready(90)
+    assert_counter(aggregate.url, plan)
+
+
+def test_two_and_three_aggregate_processes_join_and_leave(
+    shared_deployment: Deployment,
+) -> None:
+    """Two ingest processes; aggregate processes sharing ClickHouse come and go during the
+    stream: 1 -> 2 -> 3 -> one frozen past its session and thawed (a zombie holding a pending
+    batch, which it writes late) -> one stopped -> one SIGKILLed and one started -> 1. The
+    numbers are the ground truth, and every process answers the same."""
+    d = shared_deployment
+    ingests = [d.ingest(), d.ingest()]
+    a1 = d.aggregate()
+    plan = Plan.generate(20_000, seed=12)
+    sender = Sender([i.url for i in ingests], plan, rate=350).start()
+
+    sender.wait_progress(0.05)
+    a2 = d.aggregate()
+    # flushing every 2 s, it nearly always holds a pending batch when it is frozen below
+    a3 = d.aggregate(VISITORSTATS_FLUSH_INTERVAL_SECONDS="2")
+    wait_consuming(a3)
+    # Frozen longer than its session: the group gives its partitions away; thawed, it still
+    # holds a batch and writes it. The insert tokens must fence that late write.
+    a3.signal(signal.SIGSTOP)
+    frozen = time.monotonic()
+    wait_for(
+        lambda: owned_partitions(a1) | owned_partitions(a2) == set(range(PARTITIONS)),
+        timeout=120,
+        what="the partitions of the frozen process to be given to the others",
+    )
+    print(f"frozen process replaced after {time.monotonic() - frozen:.1f}s")
+    a3.signal(signal.SIGCONT)
+    wait_consuming(a2)
+    assert a2.stop() == 0  # a graceful leave: its last batch written, then the group rebalances
+    wait_consuming(a1)
+    a1.kill()
+    a4 = d.aggregate()
+    wait_consuming(a4)
+    assert a3.stop() == 0
+    assert not sender.done(), "the stream ended before the last change: slow it down"
+    sender.join()
+    got = assert_counter(a4.url, plan)
+
+    a5 = d.aggregate()  # a fresh process over the same ClickHouse answers the same numbers
+    again = assert_counter(a5.url, plan)
+    assert numbers(again) == numbers(got)

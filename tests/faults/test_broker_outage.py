@@ -1,0 +1,103 @@
+"""The broker unreachable (Tansu frozen with SIGSTOP) while beacons flow: ingest keeps
+accepting into its on-disk spool and delivers everything once the broker is back; a full
+spool answers 503 with Retry-After and fails /readyz; SIGTERM drains."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.faults.conftest import Deployment, assert_counter, metric, wait_for
+from tests.faults.load import Plan, Sender
+from tests.support.procs import Service, http
+
+pytestmark = pytest.mark.faults
+
+OUTAGE_SECONDS = 20
+
+
+def spooled_bytes(workdir: Path) -> int:
+    return sum(p.stat().st_size for p in (workdir / "data" / "spool").glob("*/*.spool"))
+
+
+def ready(service: Service) -> tuple[int, dict[str, object]]:
+    status, _, body = http("GET", f"{service.url}/readyz")
+    return status, json.loads(body)
+
+
+def test_broker_paused_during_the_stream(deployment: Deployment) -> None:
+    d = deployment
+    ingest = d.ingest()
+    aggregate = d.aggregate()
+    plan = Plan.generate(10_000, seed=13)
+    sender = Sender([ingest.url], plan, rate=250).start()
+    sender.wait_progress(0.2)
+
+    d.broker.pause()
+    paused_at = time.monotonic()
+    accepted_before = sender.sent
+    # ingest keeps answering 202 (into its spool) and stays ready
+    wait_for(lambda: sender.sent > accepted_before + 1000, timeout=90, what="202s while paused")
+    assert metric(ingest.url, "visitorstats_spool_depth") > 0
+    status, body = ready(ingest)
+    assert status == 200, body
+    # the counter keeps being served meanwhile
+    assert http("GET", f"{aggregate.url}/v1/sites/dongha/counter")[0] == 200
+    time.sleep(max(0.0, OUTAGE_SECONDS - (time.monotonic() - paused_at)))
+    d.broker.resume()
+
+    sender.join()
+    assert set(sender.statuses) == {202}, sender.statuses  # nothing refused, nothing retried
+    assert_counter(aggregate.url, plan)
+    wait_for(lambda: metric(ingest.url, "visitorstats_spool_depth") == 0, what="spool drained")
+    assert spooled_bytes(d.workdir) == 0
+
+
+def test_full_spool_refuses_and_sigterm_drains(deployment: Deployment) -> None:
+    d = deployment
+    small = {"VISITORSTATS_SPOOL_MAX_BYTES": str(64 * 1024)}
+    ingest = d.ingest(**small)
+    aggregate = d.aggregate()
+    plan = Plan.generate(3_000, seed=14)
+
+    # 1. Broker down: the spool fills, then beacons are refused with 503 + Retry-After, and
+    #    the service says it is not ready.
+    d.broker.pause()
+    first = Sender([ingest.url], plan, threads=4, retry=False).start().join(timeout=300)
+    assert first.statuses[202] > 100, first.statuses
+    assert first.statuses[503] > 0, first.statuses
+    status, body = ready(ingest)
+    assert status == 503 and "publish" in body["failing"], body  # type: ignore[operator]
+    status, headers, _ = http(
+        "POST",
+        f"{ingest.url}/collect",
+        json.dumps({"site": "dongha", "url": "https://portal.example.vn/"}).encode(),
+        {"Content-Type": "text/plain", "X-Forwarded-For": "10.200.0.1"},
+    )
+    assert status == 503 and int(headers["Retry-After"]) >= 1
+
+    # 2. SIGTERM while the broker is still away: what is spooled stays on disk...
+    assert ingest.stop(timeout=60) == 0
+    assert spooled_bytes(d.workdir) > 0
+    # ...and the next process that claims the spool delivers it once the broker is back.
+    d.broker.resume()
+    ingest = d.ingest(**small)
+    wait_for(lambda: spooled_bytes(d.workdir) == 0, timeout=90, what="the old spool delivered")
+
+    # 3. Broker down again; beacons spooled; broker back and SIGTERM at once: the process
+    #    drains its spool before it exits.
+    d.broker.pause()
+    second = Sender([ingest.url], plan, threads=4, retry=False).start().join(timeout=300)
+    assert second.statuses[202] > 0
+    d.broker.resume()
+    assert ingest.stop(timeout=60) == 0
+    assert spooled_bytes(d.workdir) == 0
+
+    # Everything refused is sent again (same event_ids) and accepted: the counter holds
+    # every beacon once, however many times it was sent.
+    ingest = d.ingest()
+    Sender([ingest.url], plan).start().join()
+    assert_counter(aggregate.url, plan)

@@ -1,0 +1,65 @@
+"""ClickHouse unreachable at the aggregate service while beacons flow: first killed (connection
+refused), then frozen (SIGSTOP: connections hang). The service keeps serving the last good
+numbers marked ``"stale": true``, retries, and after recovery counts every beacon once."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import pytest
+
+from tests.faults.conftest import (
+    Deployment,
+    assert_counter,
+    counted_pageviews,
+    wait_counting,
+    wait_for,
+)
+from tests.faults.load import SITE, Plan, Sender
+from tests.support.chdb_http import ChdbHttpServer
+from tests.support.procs import Service, counter, http, numbers, wait_counter
+
+pytestmark = pytest.mark.faults
+
+OUTAGE_SECONDS = 12
+
+
+def outage(aggregate: Service, sender: Sender, stop: Any, restore: Any) -> None:
+    """Break ClickHouse while the stream flows; check the counter goes stale with the last good
+    numbers, and comes back fresh after ``restore``."""
+    wait_counting(aggregate.url, counted_pageviews(aggregate.url))
+    started = time.monotonic()
+    stop()
+    stale = wait_counter(aggregate.url, SITE, lambda c: c["stale"], timeout=60)
+    assert stale["stale"] is True, stale
+    before = sent = sender.sent
+    # while it lasts: the same numbers, still stale, never made up; not ready
+    wait_for(lambda: sender.sent > sent + 200, what="beacons accepted during the outage")
+    again = counter(aggregate.url, SITE)
+    assert again["stale"] is True
+    assert numbers(again) == numbers(stale)
+    assert again["as_of"] == stale["as_of"]
+    assert http("GET", f"{aggregate.url}/readyz")[0] == 503
+    time.sleep(max(0.0, OUTAGE_SECONDS - (time.monotonic() - started)))
+    restore()
+    fresh = wait_counter(aggregate.url, SITE, lambda c: not c["stale"], timeout=90)
+    assert fresh["stale"] is False, fresh
+    assert sender.sent > before
+
+
+def test_clickhouse_down_during_the_stream(
+    shared_deployment: Deployment, clickhouse: ChdbHttpServer
+) -> None:
+    d = shared_deployment
+    ingest = d.ingest()
+    aggregate = d.aggregate()
+    plan = Plan.generate(12_000, seed=15)
+    sender = Sender([ingest.url], plan, rate=250).start()
+
+    outage(aggregate, sender, clickhouse.kill, clickhouse.start)
+    outage(aggregate, sender, clickhouse.pause, clickhouse.resume)
+    assert not sender.done(), "the stream ended during the outages: slow it down"
+
+    sender.join()
+    assert_counter(aggregate.url, plan)

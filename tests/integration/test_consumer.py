@@ -1,0 +1,176 @@
+"""The consume path (``Consumer``, ``KafkaSource``, ``Aggregator``, ``Store``) against the real
+broker (Tansu) and the real ClickHouse engine behind its HTTP interface (chDB): a process
+SIGKILLed with a batch pending, and one SIGKILLed while its insert hangs in a frozen ClickHouse
+that then carries it out. Another process resumes, and every record is stored exactly once."""
+
+from __future__ import annotations
+
+import asyncio
+import queue
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import clickhouse_connect
+import pytest
+from aiokafka import AIOKafkaProducer
+
+from services.record import Event, encode
+from tests.support.chdb_http import ChdbHttpServer
+from tests.support.tansu import Tansu, create_topic
+
+pytestmark = pytest.mark.integration
+
+ROOT = Path(__file__).resolve().parents[2]
+TOPIC = "consume"
+VISITORS = 50
+
+
+class Runner:
+    """``consumer_proc`` as a child process, its output lines readable as they come."""
+
+    def __init__(self, bootstrap: str, url: str, flush: float, log: Path) -> None:
+        command = "tests.integration.consumer_proc"
+        with open(log, "ab") as stderr:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", command, bootstrap, TOPIC, url, str(flush)],
+                cwd=ROOT,
+                stdout=subprocess.PIPE,
+                stderr=stderr,
+            )
+        self.lines: queue.Queue[str] = queue.Queue()
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self) -> None:
+        assert self.proc.stdout is not None
+        for raw in self.proc.stdout:
+            self.lines.put(raw.decode().strip())
+
+    def wait_line(self, predicate: object, timeout: float = 90) -> str:
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                line = self.lines.get(timeout=max(0.01, deadline - time.monotonic()))
+            except queue.Empty:
+                raise AssertionError("the consumer process said nothing useful") from None
+            if predicate(line):  # type: ignore[operator]
+                return line
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait()
+        assert self.proc.stdout is not None
+        self.proc.stdout.close()
+
+
+def events(first: int, n: int) -> list[tuple[bytes, bytes]]:
+    """(key, value) of ``n`` records: visitors in turn, a heartbeat every third record."""
+    out = []
+    for i in range(first, first + n):
+        visitor = f"{i % VISITORS:032x}"
+        kind = "heartbeat" if i % 3 == 2 else "pageview"
+        event = Event(
+            str(uuid.UUID(int=i + 1)), "hcm", kind, 1_790_000_000_000 + i, visitor, None,
+            False, False, "https://portal.example.vn/", "", "",
+        )  # fmt: skip
+        out.append((visitor.encode(), encode(event)))
+    return out
+
+
+def expected(n: int) -> tuple[int, int, int, int]:
+    pageviews = sum(1 for i in range(n) if i % 3 != 2)
+    visits = sum(1 for v in range(min(n, VISITORS)) if v % 3 != 2)
+    return (n, n, pageviews, visits)
+
+
+async def produce(bootstrap: str, records: list[tuple[bytes, bytes]]) -> None:
+    producer = AIOKafkaProducer(bootstrap_servers=bootstrap, acks="all")
+    await producer.start()
+    try:
+        futures = [await producer.send(TOPIC, value, key=key) for key, value in records]
+        await asyncio.gather(*futures)
+    finally:
+        await producer.stop()
+
+
+def stored(dsn: str) -> tuple[int, int, int, int]:
+    client = clickhouse_connect.get_client(dsn=dsn)
+    try:
+        row = client.query(
+            "SELECT count(), uniqExact(kafka_partition, kafka_offset), sum(pageview), "
+            "sum(starts_visit) FROM events WHERE topic = {t:String}",
+            parameters={"t": TOPIC},
+        ).result_rows[0]
+    finally:
+        client.close()
+    return tuple(int(x) for x in row)  # type: ignore[return-value]
+
+
+def wait_stored(dsn: str, want: tuple[int, int, int, int], timeout: float = 90) -> None:
+    deadline = time.monotonic() + timeout
+    got = stored(dsn)
+    while got[0] < want[0] and time.monotonic() < deadline:
+        time.sleep(0.2)
+        got = stored(dsn)
+    time.sleep(1)  # anything counted twice would show by now
+    assert stored(dsn) == want
+
+
+@pytest.fixture
+def clickhouse(tmp_path: Path) -> Iterator[ChdbHttpServer]:
+    server = ChdbHttpServer(tmp_path / "clickhouse").start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def topic(tansu: Tansu) -> Tansu:
+    asyncio.run(create_topic(tansu.bootstrap, TOPIC, 3))
+    return tansu
+
+
+def test_killed_with_a_pending_batch(
+    topic: Tansu, clickhouse: ChdbHttpServer, tmp_path: Path
+) -> None:
+    asyncio.run(produce(topic.bootstrap, events(0, 600)))
+    # flushes every 60 s: it is killed holding everything it read, unwritten
+    first = Runner(topic.bootstrap, clickhouse.dsn, 60, tmp_path / "first.log")
+    try:
+        first.wait_line(lambda line: line == "pending 600")
+    finally:
+        first.kill()
+    asyncio.run(produce(topic.bootstrap, events(600, 400)))
+    second = Runner(topic.bootstrap, clickhouse.dsn, 0.2, tmp_path / "second.log")
+    try:
+        wait_stored(clickhouse.dsn, expected(1000))
+    finally:
+        second.kill()
+
+
+def test_killed_while_its_insert_hangs_then_lands(
+    topic: Tansu, clickhouse: ChdbHttpServer, tmp_path: Path
+) -> None:
+    asyncio.run(produce(topic.bootstrap, events(0, 300)))
+    first = Runner(topic.bootstrap, clickhouse.dsn, 0.2, tmp_path / "first.log")
+    try:
+        first.wait_line(lambda line: line.startswith("written"))
+        clickhouse.pause()  # its next insert hangs inside ClickHouse...
+        asyncio.run(produce(topic.bootstrap, events(300, 300)))
+        first.wait_line(lambda line: line.startswith("pending") and line != "pending 0")
+        time.sleep(1.0)
+    finally:
+        first.kill()  # ...the process dies...
+    clickhouse.resume()  # ...and ClickHouse carries the insert out after all
+    asyncio.run(produce(topic.bootstrap, events(600, 400)))
+    second = Runner(topic.bootstrap, clickhouse.dsn, 0.2, tmp_path / "second.log")
+    try:
+        wait_stored(clickhouse.dsn, expected(1000))
+    finally:
+        second.kill()

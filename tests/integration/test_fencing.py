@@ -1,0 +1,151 @@
+"""Two aggregators counting the same partition (a zombie that lost it, and its new owner) on
+the real ClickHouse engine (chDB): whichever writes first, every record is stored once, and
+the loser learns it and rebuilds from ClickHouse."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+
+from services.aggregate.consume import Aggregator
+from services.aggregate.sources import InRecord
+from services.aggregate.store import Store
+from services.record import Event, encode
+from services.settings import Settings
+from services.sites import Registry
+
+pytestmark = pytest.mark.integration
+
+SITES = """
+[sites.hcm]
+timezone = "Asia/Ho_Chi_Minh"
+"""
+TOPIC = "fence"
+T0 = 1_790_000_000_000
+
+
+def records(first: int, last: int) -> list[InRecord]:
+    """Page views of 7 visitors, a heartbeat every third record, ``first..last`` inclusive."""
+    out = []
+    for offset in range(first, last + 1):
+        kind = "heartbeat" if offset % 3 == 2 else "pageview"
+        event = Event(
+            str(uuid.UUID(int=offset + 1)),
+            "hcm",
+            kind,
+            T0 + offset * 1000,
+            f"{offset % 7:032x}",
+            None,
+            False,
+            False,
+            "https://portal.example.vn/",
+            "",
+            "",
+        )
+        out.append(InRecord(0, offset, encode(event)))
+    return out
+
+
+@pytest.fixture
+async def store(tmp_path: Path) -> AsyncIterator[Store]:
+    s = Store(f"chdb://{tmp_path}/clickhouse")
+    await s.migrate()
+    try:
+        yield s
+    finally:
+        s.close()
+
+
+async def stored(store: Store) -> tuple[int, int, int, int]:
+    """(rows, distinct offsets, page views, visits) of the partition."""
+    row = await store.run(
+        lambda c: c.query(
+            "SELECT count(), uniqExact(kafka_offset), sum(pageview), sum(starts_visit) "
+            "FROM events WHERE topic = {t:String}",
+            parameters={"t": TOPIC},
+        ).result_rows[0]
+    )
+    return tuple(int(x) for x in row)  # type: ignore[return-value]
+
+
+def aggregator(store: Store) -> Aggregator:
+    return Aggregator(store, Registry.parse(SITES), Settings(), TOPIC)
+
+
+def expected(last: int) -> tuple[int, int, int, int]:
+    """Every record once; a visit for each visitor whose first event is a page view (one who
+    starts with a heartbeat has no visit while active, by the rules)."""
+    n = last + 1
+    pageviews = sum(1 for o in range(n) if o % 3 != 2)
+    visits = sum(1 for v in range(min(7, n)) if v % 3 != 2)
+    return (n, n, pageviews, visits)
+
+
+@pytest.mark.parametrize("zombie_first", [True, False])
+async def test_a_zombie_write_is_fenced(store: Store, zombie_first: bool) -> None:
+    # both own partition 0 at offset 20, after an earlier batch [0..19] was stored
+    first = aggregator(store)
+    assert await first.rebuild([0], {}) == {0: 0}
+    first.process(records(0, 19))
+    await first.write()
+
+    zombie, owner = aggregator(store), aggregator(store)
+    assert await zombie.rebuild([0], {}) == {0: 20}
+    assert await owner.rebuild([0], {}) == {0: 20}
+    zombie.process(records(20, 49))  # it then loses the partition, its batch unwritten
+    owner.process(records(20, 79))  # the new owner counts further in one batch
+
+    order = [zombie, owner] if zombie_first else [owner, zombie]
+    await order[0].write()
+    await order[1].write()
+    # the second writer's insert carried the first one's token: dropped by ClickHouse, and the
+    # writer knows its rows are not what is stored
+    assert order[1].needs_reset == {0}
+    assert not order[0].needs_reset
+    stored_last = 79 if not zombie_first else 49
+    assert await stored(store) == expected(stored_last)
+
+    # the owner goes on from ClickHouse's word; every record is stored once
+    if zombie_first:
+        resume = await owner.rebuild([0], {})
+        assert resume == {0: 50}
+        owner.process(records(20, 99))  # a redelivery from before the resume point is skipped
+    else:
+        owner.process(records(80, 99))
+    await owner.write()
+    assert await stored(store) == expected(99)
+
+
+async def test_a_retry_after_a_lost_answer_is_counted_once(store: Store) -> None:
+    """The insert landed but its answer was lost: the retry (same rows, same token) stores
+    nothing more, and the aggregator finds its rows there."""
+    agg = aggregator(store)
+    await agg.rebuild([0], {})
+    agg.process(records(0, 29))
+    batch = agg.batch
+    await agg.write()
+    agg.batch = batch  # as if write() had raised after the INSERT reached ClickHouse
+    for pending in batch.parts.values():
+        pending.written = False
+    assert await agg.write() == {0: 30}
+    assert not agg.needs_reset
+    assert await stored(store) == expected(29)
+
+
+async def test_records_below_the_resume_point_are_never_counted_again(store: Store) -> None:
+    agg = aggregator(store)
+    await agg.rebuild([0], {})
+    agg.process(records(0, 9))
+    await agg.write()
+    # a restarted process; the broker redelivers from an older committed offset
+    again = aggregator(store)
+    assert await again.rebuild([0], {0: 5}) == {0: 10}
+    again.process(records(5, 14))
+    assert await again.write() == {0: 15}
+    assert await stored(store) == expected(14)
+    # a committed offset past the last row (the tail produced no row) is where it resumes
+    third = aggregator(store)
+    assert await third.rebuild([0], {0: 17}) == {0: 17}

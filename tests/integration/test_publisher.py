@@ -1,0 +1,169 @@
+"""KafkaPublisher and its on-disk spool against the real broker (Tansu): the broker frozen and
+back, down when ingest starts, and the spool full. Every acknowledged record arrives, in order
+per key (a duplicate of one may follow it: the aggregate service counts an event_id once)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+from aiokafka import AIOKafkaConsumer, TopicPartition
+
+from services.ingest.publish import KafkaPublisher, Unavailable
+from services.ingest.publish_types import OutRecord
+from services.ingest.spool import Spool
+from tests.support.tansu import Tansu, create_topic, free_port
+
+pytestmark = pytest.mark.integration
+
+TOPIC = "beacons"
+PARTITIONS = 3
+KEYS = 40
+
+
+def record(key: int, seq: int) -> OutRecord:
+    return OutRecord(f"k{key}".encode(), json.dumps({"k": key, "seq": seq}).encode(), key * 7919)
+
+
+async def read_all(bootstrap: str, expected: int) -> list[tuple[int, int, int]]:
+    """(partition, key, seq) of every record on the topic, in log order per partition."""
+    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, auto_offset_reset="earliest")
+    await consumer.start()
+    out: list[tuple[int, int, int]] = []
+    try:
+        consumer.assign([TopicPartition(TOPIC, p) for p in range(PARTITIONS)])
+        idle = 0
+        while idle < 6 and len(out) < expected:
+            batches = await consumer.getmany(timeout_ms=500)
+            idle = 0 if batches else idle + 1
+            for tp, records in batches.items():
+                for r in records:
+                    v = json.loads(r.value)
+                    out.append((tp.partition, v["k"], v["seq"]))
+    finally:
+        await consumer.stop()
+    return out
+
+
+def check_order(got: list[tuple[int, int, int]], per_key: int) -> None:
+    """Every (key, seq) arrived; per key, in one partition, first copies in order."""
+    seen: dict[int, list[int]] = {}
+    partition_of: dict[int, int] = {}
+    for partition, key, seq in got:
+        assert partition_of.setdefault(key, partition) == partition, f"key {key} moved"
+        if seq not in seen.setdefault(key, []):
+            seen[key].append(seq)
+    for key in range(KEYS):
+        assert seen.get(key) == list(range(per_key)), f"key {key}: {seen.get(key)}"
+
+
+@pytest.fixture
+async def topic(tansu: Tansu) -> AsyncIterator[Tansu]:
+    await create_topic(tansu.bootstrap, TOPIC, PARTITIONS)
+    yield tansu
+
+
+async def publish_keys(publisher: KafkaPublisher, seqs: range) -> None:
+    """Each key's records one after another (as a visitor's beacons), keys concurrently."""
+
+    async def one_key(key: int) -> None:
+        for seq in seqs:
+            await publisher.publish(record(key, seq))
+
+    await asyncio.gather(*(one_key(k) for k in range(KEYS)))
+
+
+async def test_broker_frozen_then_back_delivers_all_in_order(topic: Tansu, tmp_path: Path) -> None:
+    spool = Spool(tmp_path / "spool", 64 * 1024 * 1024)
+    publisher = KafkaPublisher(topic.bootstrap, TOPIC, spool, ack_timeout_seconds=2)
+    await publisher.start()
+    try:
+        await publish_keys(publisher, range(0, 20))
+        topic.pause()
+        # acknowledged from the spool while the broker is away
+        await publish_keys(publisher, range(20, 60))
+        assert len(spool) > 0
+        assert publisher.ready() == (True, "broker unreachable; spooling")
+        topic.resume()
+        # new records keep coming while the spool drains: they queue behind it
+        await publish_keys(publisher, range(60, 80))
+        for _ in range(300):
+            if spool.empty():
+                break
+            await asyncio.sleep(0.1)
+        assert spool.empty()
+    finally:
+        await publisher.stop()
+    check_order(await read_all(topic.bootstrap, KEYS * 80), 80)
+    assert not list((tmp_path / "spool").glob("*.spool"))
+
+
+async def test_broker_down_when_ingest_starts(tmp_path: Path) -> None:
+    port = free_port()
+    spool = Spool(tmp_path / "spool", 64 * 1024 * 1024)
+    publisher = KafkaPublisher(f"127.0.0.1:{port}", TOPIC, spool, ack_timeout_seconds=2)
+    await publisher.start()  # nothing listens: it starts anyway, spooling
+    broker = None
+    try:
+        await publish_keys(publisher, range(0, 10))
+        assert len(spool) == KEYS * 10
+        broker = Tansu(port=port, log_path=tmp_path / "tansu.log").start()
+        await create_topic(broker.bootstrap, TOPIC, PARTITIONS)
+        await publish_keys(publisher, range(10, 20))
+        for _ in range(300):
+            if spool.empty():
+                break
+            await asyncio.sleep(0.1)
+        assert spool.empty()
+        await publish_keys(publisher, range(20, 25))  # and straight to the broker after
+        await publisher.stop()
+        check_order(await read_all(broker.bootstrap, KEYS * 25), 25)
+    finally:
+        await publisher.stop()
+        if broker is not None:
+            broker.stop()
+
+
+async def test_a_full_spool_refuses_and_stop_drains_it(topic: Tansu, tmp_path: Path) -> None:
+    directory = tmp_path / "spool"
+    publisher = KafkaPublisher(
+        topic.bootstrap, TOPIC, Spool.claim(directory, 4096), ack_timeout_seconds=2
+    )
+    await publisher.start()
+    topic.pause()
+    accepted = 0
+    try:
+        with pytest.raises(Unavailable):
+            for seq in range(2000):
+                await publisher.publish(record(seq % KEYS, seq // KEYS))
+                accepted += 1
+        assert publisher.ready() == (False, "broker unreachable and spool full")
+        topic.resume()
+    finally:
+        await publisher.stop()  # the broker is back: stopping drains the spool
+    assert not list(directory.glob("*/*.spool"))
+    got = await read_all(topic.bootstrap, accepted)
+    assert {(k, s) for _, k, s in got} == {(q % KEYS, q // KEYS) for q in range(accepted)}
+
+
+async def test_a_spool_left_behind_is_sent_by_the_next_process(
+    topic: Tansu, tmp_path: Path
+) -> None:
+    directory = tmp_path / "spool"
+    left = Spool.claim(directory, 1024 * 1024)  # what a process killed during an outage leaves
+    left.append([record(k, seq) for seq in range(5) for k in range(KEYS)])
+    left.close()
+    successor = KafkaPublisher(topic.bootstrap, TOPIC, Spool.claim(directory, 1024 * 1024))
+    await successor.start()
+    try:
+        await publish_keys(successor, range(5, 10))  # new records queue behind the old ones
+        for _ in range(300):
+            if not list(directory.glob("*/*.spool")):
+                break
+            await asyncio.sleep(0.1)
+    finally:
+        await successor.stop()
+    check_order(await read_all(topic.bootstrap, KEYS * 10), 10)
