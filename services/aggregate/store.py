@@ -104,22 +104,9 @@ class Store:
             raise
 
     async def run(self, fn: Callable[[Any], T]) -> T:
-        """Run ``fn`` on the ClickHouse thread. A call whose caller stopped waiting (a timeout
-        while ClickHouse hangs) is skipped when its turn comes, so a backlog of abandoned
-        counter refreshes does not pile up behind a stuck statement."""
-        abandoned = False
-
-        def job(client_fn: Callable[[Any], T]) -> T:
-            if abandoned:
-                raise asyncio.CancelledError("abandoned")
-            return self._call(client_fn)
-
-        future = asyncio.get_running_loop().run_in_executor(self._executor, job, fn)
-        try:
-            return await future
-        except asyncio.CancelledError:
-            abandoned = True
-            raise
+        # A call whose caller stopped waiting before its turn (a timeout while ClickHouse
+        # hangs) is cancelled in the executor's queue, so abandoned calls do not pile up.
+        return await asyncio.get_running_loop().run_in_executor(self._executor, self._call, fn)
 
     def close(self) -> None:
         def _close() -> None:
@@ -197,7 +184,9 @@ class Store:
                     columns,
                     column_names=EVENT_COLUMNS,
                     column_oriented=True,
-                    settings={"insert_deduplication_token": token},
+                    # through a cluster's Distributed table: written to the shard before the
+                    # answer, so that the check that follows (consume.py) reads it
+                    settings={"insert_deduplication_token": token, "insert_distributed_sync": 1},
                 )
             )
         except Exception:
