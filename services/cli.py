@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import os
+import shutil
 import sys
+import tempfile
 from pathlib import Path
 
 from services.settings import Settings
@@ -35,10 +38,23 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _multiprocess_metrics(settings: Settings) -> Path | None:
+    """With several worker processes, ``/metrics`` must add up all of them: prometheus_client's
+    multiprocess mode, in a fresh directory under the data directory (removed at exit). It must
+    be set before ``services.metrics`` is first imported (here: before ``services.http``)."""
+    if settings.workers <= 1 or os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        return None
+    if "services.metrics" in sys.modules:  # too late: each worker shows its own numbers
+        print("visitorstats: /metrics shows one worker's numbers", file=sys.stderr)
+        return None
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    path = Path(tempfile.mkdtemp(prefix="metrics-", dir=settings.data_dir))
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(path)
+    return path
+
+
 def main(argv: list[str] | None = None) -> None:
     args = _parser().parse_args(argv)
-    import os
-
     env = dict(os.environ)
     if args.command == "aggregate" and "VISITORSTATS_PORT" not in env:
         env["VISITORSTATS_PORT"] = "8081"
@@ -90,6 +106,7 @@ def main(argv: list[str] | None = None) -> None:
     if not len(registry):
         sys.exit(f"visitorstats: no site in {settings.sites_path}")
     settings = settings.with_secret()
+    metrics_dir = _multiprocess_metrics(settings) if args.command == "ingest" else None
 
     from services import http
 
@@ -106,9 +123,13 @@ def main(argv: list[str] | None = None) -> None:
     elif args.command == "ingest":
         from services.ingest.service import create_ingest_app
 
-        http.serve_workers(
-            lambda: create_ingest_app(settings, registry), settings, settings.workers
-        )
+        try:
+            http.serve_workers(
+                lambda: create_ingest_app(settings, registry), settings, settings.workers
+            )
+        finally:
+            if metrics_dir is not None:
+                shutil.rmtree(metrics_dir, ignore_errors=True)
     elif args.command == "aggregate":
         from services.aggregate.service import create_aggregate_app
 

@@ -31,16 +31,26 @@ from typing import Any, cast
 
 import orjson
 import uvloop
-from aiohttp import web
+from aiohttp import hdrs, web
 from aiohttp.abc import AbstractAccessLogger
 from aiohttp.http_exceptions import LineTooLong
-from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, generate_latest
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    REGISTRY,
+    CollectorRegistry,
+    generate_latest,
+    multiprocess,
+)
 
 from services import metrics, openapi
 from services.settings import Settings
 
 ReadyCheck = Callable[[], Awaitable[tuple[bool, str]]]
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 READY_CHECKS = web.AppKey("ready_checks", dict[str, ReadyCheck])
+# (method, path) -> handler, called by the server without routing or middleware (see
+# ``add_fast_route``)
+FAST_ROUTES = web.AppKey("fast_routes", dict[tuple[str, str], Handler])
 OPENAPI = web.AppKey("openapi", dict[str, bytes])
 
 log = logging.getLogger(__name__)
@@ -68,9 +78,20 @@ async def readyz(request: web.Request) -> web.Response:
     )
 
 
+def _metrics_registry() -> CollectorRegistry:
+    """The process's own registry; with several worker processes (``PROMETHEUS_MULTIPROC_DIR``
+    set by ``visitorstats`` before ``services.metrics`` was imported), the sum of all of them."""
+    directory = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+    if not directory:
+        return REGISTRY
+    registry = CollectorRegistry()
+    multiprocess.MultiProcessCollector(registry, directory)  # type: ignore[no-untyped-call]
+    return registry
+
+
 async def metrics_endpoint(request: web.Request) -> web.Response:
     return web.Response(
-        body=generate_latest(REGISTRY), headers={"Content-Type": CONTENT_TYPE_LATEST}
+        body=generate_latest(_metrics_registry()), headers={"Content-Type": CONTENT_TYPE_LATEST}
     )
 
 
@@ -115,6 +136,31 @@ def add_routes(app: web.Application) -> None:
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/metrics", metrics_endpoint)
     app.router.add_get("/openapi.json", openapi_endpoint)
+
+
+def add_fast_route(app: web.Application, method: str, path: str, handler: Handler) -> None:
+    """Let the server call ``handler`` for ``method path`` directly: no router, no middleware
+    (for the hot beacon endpoints). The route must also be registered with the router, which
+    serves it when the fast path does not apply (a request with ``Expect``) and documents it.
+    The handler must not rely on ``request.app``/``match_info`` nor raise ``HTTPException``
+    (the JSON-errors middleware is not around it), and answers everything itself."""
+    app.setdefault(FAST_ROUTES, {})[(method, path)] = handler
+
+
+def _dispatcher(app: web.Application, routed: Handler) -> Handler:
+    """The server's request handler: a fast route when one matches, else the app."""
+    fast = app.get(FAST_ROUTES)
+    if not fast:
+        return routed
+    get = fast.get
+
+    def dispatch(request: web.Request) -> Awaitable[web.StreamResponse]:
+        handler = get((request.method, request.rel_url.path_safe))
+        if handler is None or hdrs.EXPECT in request.headers:
+            return routed(request)
+        return handler(request)
+
+    return dispatch
 
 
 def add_ready_check(app: web.Application, name: str, check: ReadyCheck) -> None:
@@ -333,6 +379,10 @@ async def start_server(
     await runner.setup()
     server = runner.server
     assert server is not None
+    server.request_handler = cast(
+        Callable[[web.BaseRequest], Awaitable[web.StreamResponse]],
+        _dispatcher(app, server.request_handler),
+    )
     gate = _Gate(connection_limit(settings.max_connections))
     loop = asyncio.get_running_loop()
 

@@ -4,6 +4,11 @@ Names follow the Prometheus conventions: prefix ``visitorstats_``, counters end 
 durations are ``_seconds`` histograms. Labels are bounded: ``site`` only ever carries a site id
 from the registry (checked before a metric is touched), ``reason``/``outcome``/``kind`` come
 from closed sets, ``partition`` is bounded by the topic's partition count.
+
+With several ingest processes (``VISITORSTATS_WORKERS`` > 1) ``visitorstats`` sets
+``PROMETHEUS_MULTIPROC_DIR`` before this module is imported: every process writes its values
+there and ``/metrics`` answers their sum (gauges: the sum over the live processes, or the
+maximum, as their ``multiprocess_mode`` says).
 """
 
 from __future__ import annotations
@@ -46,16 +51,19 @@ PUBLISH_ERRORS = Counter(
 SPOOL_DEPTH = Gauge(
     "visitorstats_spool_depth",
     "Records waiting in the on-disk spool for the broker.",
+    multiprocess_mode="livesum",
 )
 SPOOL_BYTES = Gauge(
     "visitorstats_spool_bytes",
     "Bytes used by the on-disk spool.",
+    multiprocess_mode="livesum",
 )
 
 # --- HTTP (both services) -------------------------------------------------------------------
 CONNECTIONS_OPEN = Gauge(
     "visitorstats_http_connections",
-    "Open HTTP connections of this process.",
+    "Open HTTP connections (of all worker processes).",
+    multiprocess_mode="livesum",
 )
 CONNECTIONS_REFUSED = Counter(
     "visitorstats_http_connections_refused_total",
@@ -84,6 +92,7 @@ CONSUMER_LAG = Gauge(
     "visitorstats_consumer_lag",
     "Records behind the end of the partition, per assigned partition.",
     ["partition"],
+    multiprocess_mode="livesum",
 )
 BATCH_SIZE = Histogram(
     "visitorstats_batch_size",
@@ -114,17 +123,21 @@ ONLINE = Gauge(
     "visitorstats_online",
     "Visitors online now, per site and kind (guests, members, total, bots).",
     ["site", "kind"],
+    multiprocess_mode="max",
 )
 COUNTER_STALE = Gauge(
     "visitorstats_snapshot_stale",
     "1 while the counter of a site serves its last good numbers because a refresh failed.",
     ["site"],
+    multiprocess_mode="max",
 )
 COUNTER_AGE = Gauge(
     "visitorstats_snapshot_refreshed_timestamp_seconds",
     "Unix time of the last successful counter refresh.",
+    multiprocess_mode="max",
 )
 STREAM_SUBSCRIBERS = Gauge(
     "visitorstats_stream_subscribers",
     "Open counter streams (server-sent events).",
+    multiprocess_mode="livesum",
 )

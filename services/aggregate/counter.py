@@ -183,9 +183,12 @@ class CounterService:
         self.healthy = False
         self._peaks: dict[str, tuple[int, int]] = {}
         self._flushed: list[int] = []  # ts (ms) of events written since the last refresh
+        self._landed = asyncio.Event()  # set when a flush lands: refresh now, not at the tick
 
     def note_flushed(self, ts_ms: list[int]) -> None:
+        """Events were written: ``run`` refreshes as soon as it may (``min_gap_seconds``)."""
         self._flushed.extend(ts_ms)
+        self._landed.set()
 
     async def refresh(self) -> None:
         now_ms = int(self.clock() * 1000)
@@ -243,10 +246,33 @@ class CounterService:
         if known[0] > snap.peaks.get(site.id, (0, 0))[0]:
             snap.peaks[site.id] = known
 
-    async def run(self, stopping: asyncio.Event) -> None:
+    async def run(self, stopping: asyncio.Event, min_gap_seconds: float = 0.25) -> None:
+        """Refresh every ``interval`` seconds, and right after a flush lands (``note_flushed``),
+        but never more often than every ``min_gap_seconds`` (at most 4 refreshes a second)."""
+        landed = self._landed
         while not stopping.is_set():
             started = time.monotonic()
+            landed.clear()  # a flush landing during the refresh wakes the next one
             await self.refresh()
-            elapsed = time.monotonic() - started
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stopping.wait(), max(0.05, self.interval - elapsed))
+            # the earliest next refresh, and the latest
+            soon = started + min(min_gap_seconds, self.interval)
+            tick = started + max(0.05, self.interval)
+            while not stopping.is_set() and not landed.is_set():
+                left = tick - time.monotonic()
+                if left <= 0:
+                    break
+                await _first(stopping, landed, left)
+            left = soon - time.monotonic()
+            if left > 0 and not stopping.is_set():
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(stopping.wait(), left)
+
+
+async def _first(a: asyncio.Event, b: asyncio.Event, timeout: float) -> None:
+    """Wait until ``a`` or ``b`` is set, at most ``timeout`` seconds."""
+    waits = [asyncio.ensure_future(a.wait()), asyncio.ensure_future(b.wait())]
+    try:
+        await asyncio.wait(waits, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for w in waits:
+            w.cancel()

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
 
-from services.record import EVENT_TYPES
+from services.record import _CANONICAL_UUID, EVENT_TYPES
 from services.sites import SITE_ID
 
 MAX_URL = 2048
@@ -155,7 +155,7 @@ def parse_beacon(raw: Mapping[str, Any]) -> Beacon:
     elif not isinstance(kind, str) or kind not in EVENT_TYPES:
         raise BeaconError("type", "type must be pageview, heartbeat or leave")
     event_id = _string(raw, "event_id", MAX_EVENT_ID)
-    if event_id:
+    if event_id and not _CANONICAL_UUID(event_id):  # canonical already: kept as it is
         try:
             event_id = str(uuid.UUID(event_id))
         except ValueError:

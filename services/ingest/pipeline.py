@@ -8,8 +8,10 @@ which either lets it through or drops it with a reason from a closed set (and a 
 from __future__ import annotations
 
 import ipaddress
+import itertools
+import os
+import secrets
 import time
-import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import lru_cache
@@ -56,6 +58,32 @@ class Outcome:
 
 
 ACCEPTED = Outcome(202, "accepted")
+
+
+class EventIds:
+    """Server-side event ids: version-4 UUID strings made of a random prefix drawn once per
+    process (74 random bits, a new one after a fork) and a 48-bit counter in the last group
+    (XORed into random bits). Unique within a process for 2**48 ids, and across processes as
+    likely as random UUIDs; a tenth of the cost of ``str(uuid.uuid4())`` (no system call)."""
+
+    def __init__(self) -> None:
+        self._reset()
+        os.register_at_fork(after_in_child=self._reset)
+
+    def _reset(self) -> None:
+        n = secrets.randbits(128)
+        n = (n & ~(0xF << 76)) | (0x4 << 76)  # version 4
+        n = (n & ~(0x3 << 62)) | (0x2 << 62)  # variant RFC 4122
+        h = f"{n:032x}"
+        self._prefix = f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-"
+        self._low = n & 0xFFFFFFFFFFFF
+        self._count = itertools.count()
+
+    def __call__(self) -> str:
+        return f"{self._prefix}{(next(self._count) ^ self._low) & 0xFFFFFFFFFFFF:012x}"
+
+
+new_event_id = EventIds()
 
 
 def origin_of(url: str | None) -> str | None:
@@ -143,9 +171,15 @@ class Pipeline:
         self.hasher = hasher
         self.limiter = limiter
         self.clock = clock
+        # metric children bound once (labels() per beacon costs more than the inc())
+        self._accepted = {site.id: metrics.BEACONS_ACCEPTED.labels(site.id) for site in registry}
+        self._dropped = {
+            reason: metrics.BEACONS_DROPPED.labels(reason)
+            for reason in ("unknown_site", "origin", "rate_limit", "dnt", "gpc", "unavailable")
+        }
 
     def _drop(self, reason: str, retry_after: float | None = None) -> Outcome:
-        metrics.BEACONS_DROPPED.labels(reason).inc()
+        self._dropped[reason].inc()
         status, message, field = _REFUSALS[reason]
         return Outcome(status, reason, message, field, retry_after)
 
@@ -157,10 +191,10 @@ class Pipeline:
             return self._drop("origin")
         # A reader who asked not to be tracked is answered like any other, and not counted.
         if site.honor_dnt and client.dnt:
-            metrics.BEACONS_DROPPED.labels("dnt").inc()
+            self._dropped["dnt"].inc()
             return Outcome(202, "dnt")
         if site.honor_gpc and client.gpc:
-            metrics.BEACONS_DROPPED.labels("gpc").inc()
+            self._dropped["gpc"].inc()
             return Outcome(202, "gpc")
         now = self.clock()
         wait = self.limiter.allow(site.id, rate_key(client.address), now)
@@ -178,7 +212,7 @@ class Pipeline:
         else:
             key = self.hasher.key(site.id, client.address, client.user_agent, now_ms)
         event = Event(
-            event_id=beacon.event_id or str(uuid.uuid4()),
+            event_id=beacon.event_id or new_event_id(),
             site=site.id,
             type=beacon.type,
             ts=now_ms,
@@ -195,5 +229,8 @@ class Pipeline:
             await self.publisher.publish(record)
         except Unavailable:
             return self._drop("unavailable", retry_after=5)
-        metrics.BEACONS_ACCEPTED.labels(site.id).inc()
+        accepted = self._accepted.get(site.id)
+        if accepted is None:
+            accepted = self._accepted[site.id] = metrics.BEACONS_ACCEPTED.labels(site.id)
+        accepted.inc()
         return ACCEPTED
