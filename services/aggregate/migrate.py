@@ -12,6 +12,10 @@ import re
 from dataclasses import dataclass
 from importlib import resources
 
+# One consumer partition's insert goes to one shard: its deduplication token then fences it
+# there (a random key would split one insert across shards, out of reach of the token).
+SHARDING_KEYS = {"events": "kafka_partition"}
+
 _PLACEHOLDER = re.compile(r"\{(table|engine):([a-z_]+)\}")
 
 
@@ -72,7 +76,8 @@ def render(
         for name in tables:
             statements.append(
                 f"CREATE TABLE IF NOT EXISTS {name} ON CLUSTER {cluster} AS {name}_local "
-                f"ENGINE = Distributed({cluster}, {database}, {name}_local, rand())"
+                f"ENGINE = Distributed({cluster}, {database}, {name}_local, "
+                f"{SHARDING_KEYS.get(name, 'rand()')})"
             )
     return statements
 

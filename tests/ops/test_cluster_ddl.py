@@ -55,7 +55,8 @@ def test_cluster_ddl_parses_and_creates_replicated_and_distributed_tables() -> N
     joined = "\n".join(out)
     assert "ON CLUSTER visitorstats" in joined
     assert "ReplicatedMergeTree('/clickhouse/tables/{shard}/default/events'" in joined
-    assert "ENGINE = Distributed(visitorstats, default, events_local, rand())" in joined
+    assert "ENGINE = Distributed(visitorstats, default, events_local, kafka_partition)" in joined
+    assert "ENGINE = Distributed(visitorstats, default, peaks_local, rand())" in joined
     assert "replicated_deduplication_window" in joined
     assert "non_replicated_deduplication_window" not in joined
     for table in ("events", "peaks", "schema_migrations"):

@@ -1,7 +1,9 @@
 -- Every consumed, non-duplicate event, with what the counting rules made of it.
--- One INSERT per batch = one part = atomic; the (topic, partition, offset) columns make the table
--- its own record of consumer progress. The aggregate projections are written inside each part,
--- so daily counts and progress can never disagree with the rows.
+-- One INSERT per partition per flush = one part = atomic; the (topic, partition, offset) columns
+-- make the table its own record of consumer progress. The deduplication window (10000 inserts,
+-- minutes at full speed) is how long an insert's token fences a late duplicate of it.
+-- The aggregate projections are written inside each part, so daily counts and progress can
+-- never disagree with the rows.
 CREATE TABLE IF NOT EXISTS {table:events} {on_cluster}
 (
     site LowCardinality(String),
@@ -32,4 +34,4 @@ CREATE TABLE IF NOT EXISTS {table:events} {on_cluster}
 )
 ENGINE = {engine:events}
 ORDER BY (site, ts)
-SETTINGS {dedup_window_setting} = 1000
+SETTINGS {dedup_window_setting} = 10000
