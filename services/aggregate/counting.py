@@ -96,8 +96,9 @@ def _visitor_of(key: Key) -> str:
 
 class PartitionState:
     """Counting state of one partition. Bounded: visitors idle longer than the visit timeout
-    and event ids older than the dedup horizon are forgotten by ``expire``; on top of that at
-    most ``max_visitors`` are kept (the longest idle is forgotten first, which at worst starts
+    and event ids older than the dedup horizon are forgotten by ``expire`` (which also keeps at
+    most ``max_visitors`` event ids, oldest forgotten first); on top of that at most
+    ``max_visitors`` visitors are kept (the longest idle is forgotten first, which at worst starts
     a new visit for them — a stated bound under a flood of fake visitors; once the cap is
     passed, the longest idle 0.1 % of the cap go at once, so that a flood costs O(1) a visitor)."""
 
@@ -232,6 +233,14 @@ class PartitionState:
         now = self.high_ts
         _drop_older(self._visitors, now - self._timeout_ms)
         _drop_older(self._seen, now - self._dedup_ms)
+        # The dedup memory is bounded by count too (as many ids as visitors): under a flood from
+        # many addresses the oldest ids go first, and only a resend older than them could count
+        # twice.
+        seen = self._seen
+        excess = len(seen) - self._max_visitors
+        if excess > 0:
+            for key in list(islice(seen, excess)):
+                del seen[key]
         if self._aliases:
             visitors = self._visitors
             self._aliases = {k: v for k, v in self._aliases.items() if v in visitors}

@@ -105,3 +105,12 @@ def test_local_day_and_periods() -> None:
     assert p["yesterday"] == (date(2026, 3, 1), date(2026, 3, 1))
     assert p["this_month"] == (date(2026, 3, 1), date(2026, 3, 2))
     assert periods(date(2026, 3, 8))["this_week"] == (date(2026, 3, 2), date(2026, 3, 8))
+
+
+def test_the_event_id_memory_is_bounded_by_count_too() -> None:
+    s = PartitionState(0, max_visitors=3)
+    for i in range(5):
+        s.apply(ev(f"v{i}", i, eid=f"e{i}"), UTC, 0, i)
+    s.expire()
+    assert s.apply(ev("v4", 10, eid="e4"), UTC, 0, 5) is None  # recent ids still known
+    assert s.apply(ev("v0", 11, eid="e0"), UTC, 0, 6) is not None  # the oldest was forgotten
