@@ -4,6 +4,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 from importlib import resources
 
@@ -25,6 +26,7 @@ _CORS = {
     "Access-Control-Expose-Headers": "ETag",
 }
 _CACHE = "public, max-age=1"
+STREAM_WRITE_TIMEOUT_SECONDS = 30.0
 _WIDGET_JS = resources.files("services.aggregate").joinpath("static/widget.js").read_bytes()
 _WIDGET_JS_ETAG = '"' + hashlib.sha256(_WIDGET_JS).hexdigest()[:20] + '"'
 
@@ -101,9 +103,14 @@ async def counter_stream(request: web.Request) -> web.StreamResponse:
         # reconnect after 3 s when the connection drops
         await response.write(b"retry: 3000\n\n")
         async for latest in fanout.subscribe(site, min_interval=1.0, keepalive=keepalive):
-            await response.write(_KEEPALIVE if latest is None else latest.event)
-    except ConnectionError:
-        pass  # the client went away while we wrote
+            # A subscriber that stops reading would hold its connection forever: a write that
+            # cannot drain within the limit ends the stream (the widget reconnects or polls).
+            await asyncio.wait_for(
+                response.write(_KEEPALIVE if latest is None else latest.event),
+                STREAM_WRITE_TIMEOUT_SECONDS,
+            )
+    except (ConnectionError, TimeoutError):
+        pass  # the client went away, or stopped reading
     finally:
         metrics.STREAM_SUBSCRIBERS.dec()
     return response
