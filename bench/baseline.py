@@ -10,13 +10,12 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import multiprocessing
-import os
-import signal
 from collections.abc import AsyncIterator
 
 import uvloop
 from aiohttp import web
+
+from services.http import fork_workers
 
 
 async def accepted(request: web.Request) -> web.Response:
@@ -95,22 +94,8 @@ def main() -> None:
     if args.workers <= 1:
         serve(args.host, args.port, False)
         return
-    ctx = multiprocessing.get_context("fork")
-    procs = [
-        ctx.Process(target=serve, args=(args.host, args.port, True)) for _ in range(args.workers)
-    ]
-    for p in procs:
-        p.start()
-
-    def forward(signum: int, frame: object) -> None:
-        for p in procs:
-            if p.pid:
-                os.kill(p.pid, signal.SIGTERM)
-
-    signal.signal(signal.SIGTERM, forward)
-    signal.signal(signal.SIGINT, forward)
-    for p in procs:
-        p.join()
+    # the same process management as the product's workers (not part of what is measured)
+    fork_workers(lambda: serve(args.host, args.port, True), args.workers)
 
 
 if __name__ == "__main__":

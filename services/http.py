@@ -440,11 +440,14 @@ def serve_workers(
     if workers <= 1:
         serve(make_app, settings)
         return
+    fork_workers(lambda: serve(make_app, settings, reuse_port=True), workers)
+
+
+def fork_workers(target: Callable[[], None], workers: int) -> None:
+    """Run ``target`` in ``workers`` forked processes until they exit; SIGTERM and SIGINT to
+    this process are passed on to each of them."""
     ctx = multiprocessing.get_context("fork")
-    procs = [
-        ctx.Process(target=serve, args=(make_app, settings), kwargs={"reuse_port": True})
-        for _ in range(workers)
-    ]
+    procs = [ctx.Process(target=target) for _ in range(workers)]
     for p in procs:
         p.start()
 

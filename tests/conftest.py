@@ -5,6 +5,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.support.chdb_http import ChdbHttpServer
 from tests.support.tansu import Tansu
 
 
@@ -15,3 +16,13 @@ def tansu(tmp_path: Path) -> Iterator[Tansu]:
         yield broker
     finally:
         broker.stop()
+
+
+@pytest.fixture
+def clickhouse(tmp_path: Path) -> Iterator[ChdbHttpServer]:
+    """A ClickHouse HTTP endpoint over chDB, for several processes sharing one database."""
+    server = ChdbHttpServer(tmp_path / "clickhouse").start()
+    try:
+        yield server
+    finally:
+        server.stop()

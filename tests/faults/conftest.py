@@ -83,15 +83,6 @@ def deployment(tmp_path: Path, broker: Tansu) -> Iterator[Deployment]:
 
 
 @pytest.fixture
-def clickhouse(tmp_path: Path) -> Iterator[ChdbHttpServer]:
-    server = ChdbHttpServer(tmp_path / "clickhouse").start()
-    try:
-        yield server
-    finally:
-        server.stop()
-
-
-@pytest.fixture
 def shared_deployment(
     tmp_path: Path, broker: Tansu, clickhouse: ChdbHttpServer
 ) -> Iterator[Deployment]:

@@ -12,7 +12,6 @@ import sys
 import threading
 import time
 import uuid
-from collections.abc import Iterator
 from pathlib import Path
 
 import clickhouse_connect
@@ -119,15 +118,6 @@ def wait_stored(dsn: str, want: tuple[int, int, int, int], timeout: float = 90) 
         got = stored(dsn)
     time.sleep(1)  # anything counted twice would show by now
     assert stored(dsn) == want
-
-
-@pytest.fixture
-def clickhouse(tmp_path: Path) -> Iterator[ChdbHttpServer]:
-    server = ChdbHttpServer(tmp_path / "clickhouse").start()
-    try:
-        yield server
-    finally:
-        server.stop()
 
 
 @pytest.fixture
