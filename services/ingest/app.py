@@ -27,7 +27,14 @@ from multidict import CIMultiDict
 
 from services import http, metrics
 from services.ingest.beacon import MAX_KEYS, BeaconError, parse_beacon
-from services.ingest.pipeline import ClientContext, Outcome, Pipeline, client_address, origin_of
+from services.ingest.pipeline import (
+    ClientContext,
+    Outcome,
+    Pipeline,
+    client_address,
+    is_trusted,
+    origin_of,
+)
 from services.settings import Settings
 
 PIPELINE = web.AppKey("pipeline", Pipeline)
@@ -148,8 +155,8 @@ class _Ingest:
         self.accept = pipeline.accept
         self.trusted = settings.trusted_proxies
         self.read_timeout = settings.read_timeout_seconds
-        # (peer, X-Forwarded-For) -> the client address; the trusted networks are fixed
-        self._addresses: dict[tuple[str | None, str | None], str] = {}
+        # (peer, X-Forwarded-For) -> (the client address, whether its rate is limited)
+        self._addresses: dict[tuple[str | None, str | None], tuple[str, bool]] = {}
 
     def context(self, request: web.Request) -> ClientContext:
         headers = request.headers
@@ -161,14 +168,19 @@ class _Ingest:
         fwd = (forwarded[0] if len(forwarded) == 1 else ",".join(forwarded)) if forwarded else None
         peer = request.remote
         key = (peer, fwd)
-        address = self._addresses.get(key)
-        if address is None:
+        known = self._addresses.get(key)
+        if known is None:
             address = client_address(peer, fwd, self.trusted)
+            # A trusted proxy that names no client is the load balancer (or this host) itself:
+            # every reader behind it would share one budget, so it is not rate-limited.
+            limited = fwd is not None or not is_trusted(peer, self.trusted)
             if len(self._addresses) >= _ADDRESS_CACHE_SIZE:
                 self._addresses.clear()
-            self._addresses[key] = address
+            known = self._addresses[key] = (address, limited)
+        address, limited = known
         return ClientContext(
             address=address,
+            rate_limited=limited,
             user_agent=_text(headers.get("User-Agent", "")),
             origin=origin.rstrip("/").lower() if origin else None,
             dnt=headers.get("DNT") == "1",

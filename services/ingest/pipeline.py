@@ -46,6 +46,7 @@ class ClientContext:
     origin: str | None  # the Origin header, or the origin of the Referer
     dnt: bool
     gpc: bool
+    rate_limited: bool = True  # False for a trusted proxy's own requests (no X-Forwarded-For)
 
 
 @dataclass(slots=True, frozen=True)
@@ -145,6 +146,11 @@ def client_address(peer: str | None, forwarded_for: str | None, trusted: Network
     return str(ip)
 
 
+def is_trusted(peer: str | None, trusted: Networks) -> bool:
+    ip = parse_ip(peer) if peer else None
+    return ip is not None and any(ip in net for net in trusted)
+
+
 @lru_cache(maxsize=65536)
 def rate_key(address: str) -> str:
     """Whose budget a beacon is charged to: the IPv4 address, or the /64 of an IPv6 address
@@ -197,7 +203,11 @@ class Pipeline:
             self._dropped["gpc"].inc()
             return Outcome(202, "gpc")
         now = self.clock()
-        wait = self.limiter.allow(site.id, rate_key(client.address), now)
+        wait = (
+            self.limiter.allow(site.id, rate_key(client.address), now)
+            if client.rate_limited
+            else 0.0
+        )
         if wait:
             return self._drop("rate_limit", retry_after=wait)
         bot = is_bot(client.user_agent)
