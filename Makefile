@@ -20,10 +20,11 @@ $(TEST_STAMP): pyproject.toml $(STAMP)
 run: $(STAMP)
 	$(VENV)/bin/visitorstats run
 
-# Debian packages the tests drive for real: Chromium + ChromeDriver, Prometheus (+promtool), wrk.
+# Debian packages the tests drive for real: Chromium + ChromeDriver, Prometheus (+promtool), wrk,
+# and Node.js to check the browser scripts' syntax.
 system-deps:
 	@missing=""; \
-	for b in chromium:chromium chromedriver:chromium-driver prometheus:prometheus promtool:prometheus wrk:wrk; do \
+	for b in chromium:chromium chromedriver:chromium-driver prometheus:prometheus promtool:prometheus wrk:wrk node:nodejs; do \
 	  command -v $${b%%:*} >/dev/null 2>&1 || missing="$$missing $${b##*:}"; \
 	done; \
 	if [ -n "$$missing" ]; then \
