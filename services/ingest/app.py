@@ -216,11 +216,7 @@ class _Ingest:
             outcome = await self._run(request, raw)
         except _Refused as r:
             return _refused("collect", r)
-        if outcome.status == 202:
-            _ACCEPTED_METRIC["collect"].inc()
-            return web.Response(status=202, body=_ACCEPTED_BODY, headers=_ACCEPTED_HEADERS)
-        metrics.INGEST_REQUESTS.labels("collect", _outcome_label(outcome.status)).inc()
-        return error_response(outcome.status, outcome.message, outcome.field, outcome.retry_after)
+        return _answer("collect", outcome, _ACCEPTED_BODY, _ACCEPTED_HEADERS)
 
     async def collect_gif(self, request: web.Request) -> web.Response:
         try:
@@ -237,11 +233,17 @@ class _Ingest:
             outcome = await self._run(request, raw)
         except _Refused as r:
             return _refused("pixel", r)
-        if outcome.status == 202:
-            _ACCEPTED_METRIC["pixel"].inc()
-            return web.Response(status=202, body=_GIF, headers=_GIF_HEADERS)
-        metrics.INGEST_REQUESTS.labels("pixel", _outcome_label(outcome.status)).inc()
-        return error_response(outcome.status, outcome.message, outcome.field, outcome.retry_after)
+        return _answer("pixel", outcome, _GIF, _GIF_HEADERS)
+
+
+def _answer(endpoint: str, outcome: Outcome, body: bytes, headers: Any) -> web.Response:
+    """The answer to a beacon the pipeline decided on: ``202`` with the endpoint's ready body,
+    or the pipeline's refusal."""
+    if outcome.status == 202:
+        _ACCEPTED_METRIC[endpoint].inc()
+        return web.Response(status=202, body=body, headers=headers)
+    metrics.INGEST_REQUESTS.labels(endpoint, _outcome_label(outcome.status)).inc()
+    return error_response(outcome.status, outcome.message, outcome.field, outcome.retry_after)
 
 
 async def collect_preflight(request: web.Request) -> web.Response:
