@@ -236,7 +236,9 @@ class _Ingest:
         return _answer("pixel", outcome, _GIF, _GIF_HEADERS)
 
 
-def _answer(endpoint: str, outcome: Outcome, body: bytes, headers: Any) -> web.Response:
+def _answer(
+    endpoint: str, outcome: Outcome, body: bytes, headers: CIMultiDict[str]
+) -> web.Response:
     """The answer to a beacon the pipeline decided on: ``202`` with the endpoint's ready body,
     or the pipeline's refusal."""
     if outcome.status == 202:
