@@ -16,6 +16,12 @@ Limits against slow and oversized clients, per process (``Settings``; defaults i
 * request bodies are never decompressed (``Content-Encoding`` is refused by ``/collect``);
 * no log line names a client: the access log (off by default) writes method, path, status,
   size and time, and malformed requests are logged without the peer's address.
+
+An app with lane routes (``add_lane_route``: the ingest beacons) is served through the fast
+lane (``services/fastlane.py``), which answers the usual requests of those routes itself and
+hands every other connection, from its first unusual request on, to the handler above; lane
+connections count against the same cap and are closed after ``read_timeout_seconds`` idle.
+The lane writes no access log.
 """
 
 from __future__ import annotations
@@ -26,12 +32,13 @@ import logging
 import multiprocessing
 import os
 import signal
-from collections.abc import Awaitable, Callable
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, cast
 
 import orjson
 import uvloop
-from aiohttp import hdrs, web
+from aiohttp import web
 from aiohttp.abc import AbstractAccessLogger
 from aiohttp.http_exceptions import LineTooLong
 from prometheus_client import (
@@ -43,14 +50,13 @@ from prometheus_client import (
 )
 
 from services import metrics, openapi
+from services.fastlane import TOO_MANY, LaneHandler, LaneProtocol
 from services.settings import Settings
 
 ReadyCheck = Callable[[], Awaitable[tuple[bool, str]]]
-Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 READY_CHECKS = web.AppKey("ready_checks", dict[str, ReadyCheck])
-# (method, path) -> handler, called by the server without routing or middleware (see
-# ``add_fast_route``)
-FAST_ROUTES = web.AppKey("fast_routes", dict[tuple[str, str], Handler])
+# (method, path) -> handler of the fast lane (see ``add_lane_route``)
+LANE_ROUTES = web.AppKey("lane_routes", dict[tuple[bytes, bytes], LaneHandler])
 OPENAPI = web.AppKey("openapi", dict[str, bytes])
 
 log = logging.getLogger(__name__)
@@ -138,29 +144,11 @@ def add_routes(app: web.Application) -> None:
     app.router.add_get("/openapi.json", openapi_endpoint)
 
 
-def add_fast_route(app: web.Application, method: str, path: str, handler: Handler) -> None:
-    """Let the server call ``handler`` for ``method path`` directly: no router, no middleware
-    (for the hot beacon endpoints). The route must also be registered with the router, which
-    serves it when the fast path does not apply (a request with ``Expect``) and documents it.
-    The handler must not rely on ``request.app``/``match_info`` nor raise ``HTTPException``
-    (the JSON-errors middleware is not around it), and answers everything itself."""
-    app.setdefault(FAST_ROUTES, {})[(method, path)] = handler
-
-
-def _dispatcher(app: web.Application, routed: Handler) -> Handler:
-    """The server's request handler: a fast route when one matches, else the app."""
-    fast = app.get(FAST_ROUTES)
-    if not fast:
-        return routed
-    get = fast.get
-
-    def dispatch(request: web.Request) -> Awaitable[web.StreamResponse]:
-        handler = get((request.method, request.rel_url.path_safe))
-        if handler is None or hdrs.EXPECT in request.headers:
-            return routed(request)
-        return handler(request)
-
-    return dispatch
+def add_lane_route(app: web.Application, method: str, path: str, handler: LaneHandler) -> None:
+    """Let the server's fast lane (``services/fastlane.py``) answer ``method path`` when the
+    request has the usual shape. The route must also be registered with the router: aiohttp
+    serves the requests the lane hands over, and the OpenAPI document names it."""
+    app.setdefault(LANE_ROUTES, {})[(method.encode(), path.encode())] = handler
 
 
 def add_ready_check(app: web.Application, name: str, check: ReadyCheck) -> None:
@@ -187,6 +175,9 @@ class AccessLogger(AbstractAccessLogger):
         )
 
 
+_Conn = Any  # a connection at the gate: ``_Handler`` or ``LaneProtocol`` (idle(), force_close())
+
+
 class _Gate:
     """The open connections of one process, oldest first, at most ``limit``.
 
@@ -199,9 +190,9 @@ class _Gate:
 
     def __init__(self, limit: int) -> None:
         self.limit = limit
-        self.conns: dict[_Handler, None] = {}
+        self.conns: dict[_Conn, None] = {}
 
-    def admit(self, handler: _Handler) -> bool:
+    def admit(self, handler: _Conn) -> bool:
         conns = self.conns
         if len(conns) >= self.limit and not self._evict_idle():
             metrics.CONNECTIONS_REFUSED.inc()
@@ -210,9 +201,24 @@ class _Gate:
         metrics.CONNECTIONS_OPEN.set(len(conns))
         return True
 
-    def release(self, handler: _Handler) -> None:
+    def release(self, handler: _Conn) -> None:
         if self.conns.pop(handler, _GONE) is not _GONE:
             metrics.CONNECTIONS_OPEN.set(len(self.conns))
+
+    def close_lane(self) -> None:
+        """Stopping: close the fast lane's connections, each once its answer is out."""
+        for conn in [c for c in self.conns if isinstance(c, LaneProtocol)]:
+            conn.close_when_idle()
+
+    async def sweep(self, timeout: float) -> None:
+        """Close the fast lane's connections idle for ``timeout`` seconds (aiohttp's own
+        connections keep their own time)."""
+        while True:
+            await asyncio.sleep(min(1.0, timeout / 4))
+            now = time.monotonic()
+            for conn in [c for c in self.conns if isinstance(c, LaneProtocol)]:
+                if conn.idle_for(now) >= timeout:
+                    conn.force_close()
 
     def _evict_idle(self) -> bool:
         conns = self.conns
@@ -228,11 +234,6 @@ class _Gate:
 
 
 _GONE = object()
-_TOO_MANY = (
-    b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\n"
-    b"Retry-After: 1\r\nConnection: close\r\nContent-Length: 51\r\n\r\n"
-    b'{"error":"too many open connections","field":null}\n'
-)
 
 
 class _Handler(web.RequestHandler):
@@ -254,7 +255,7 @@ class _Handler(web.RequestHandler):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         if not self._gate.admit(self):
             tcp = cast(asyncio.Transport, transport)
-            tcp.write(_TOO_MANY)
+            tcp.write(TOO_MANY)
             tcp.close()
             return
         self._started = True
@@ -311,7 +312,7 @@ class _Site(web.BaseSite):
         runner: web.BaseRunner,
         host: str,
         port: int,
-        factory: Callable[[], _Handler],
+        factory: Callable[[], asyncio.Protocol],
         reuse_port: bool,
     ) -> None:
         super().__init__(runner)
@@ -375,19 +376,34 @@ async def start_server(
     """Start serving ``app`` with the limits of ``settings``; ``await runner.cleanup()`` stops
     it: no new connections, the requests in flight finish, every cleanup context runs."""
     args = handler_args(settings)
+    gate = _Gate(connection_limit(settings.max_connections))
+    lane = app.get(LANE_ROUTES)
+    if lane:
+
+        async def sweeping(app: web.Application) -> AsyncIterator[None]:
+            task = asyncio.create_task(gate.sweep(settings.read_timeout_seconds))
+            yield
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+            gate.close_lane()
+
+        app.cleanup_ctx.append(sweeping)
     runner = web.AppRunner(app, handler_cancellation=True, shutdown_timeout=10, **runner_args)
     await runner.setup()
     server = runner.server
     assert server is not None
-    server.request_handler = cast(
-        Callable[[web.BaseRequest], Awaitable[web.StreamResponse]],
-        _dispatcher(app, server.request_handler),
-    )
-    gate = _Gate(connection_limit(settings.max_connections))
     loop = asyncio.get_running_loop()
 
-    def factory() -> _Handler:
+    def handler() -> _Handler:
         return _Handler(server, loop=loop, gate=gate, **args)
+
+    factory: Callable[[], asyncio.Protocol] = handler
+    if lane:
+        max_line, max_headers = settings.max_header_bytes, settings.max_headers
+
+        def factory() -> asyncio.Protocol:
+            return LaneProtocol(lane, handler, gate, max_line, max_headers)
 
     await _Site(runner, settings.host, settings.port, factory, reuse_port).start()
     return runner

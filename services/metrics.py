@@ -13,6 +13,9 @@ maximum, as their ``multiprocess_mode`` says).
 
 from __future__ import annotations
 
+from bisect import bisect_left
+from typing import Any
+
 from prometheus_client import Counter, Gauge, Histogram
 
 _LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5)
@@ -141,3 +144,29 @@ STREAM_SUBSCRIBERS = Gauge(
     "Open counter streams (server-sent events).",
     multiprocess_mode="livesum",
 )
+
+
+def count_safe(counters: list[tuple[Any, ...]]) -> None:
+    """Add 1 to every child of every tuple (``OutRecord.counters``), one ``inc`` per child."""
+    tally: dict[tuple[Any, ...], int] = {}
+    for c in counters:
+        tally[c] = tally.get(c, 0) + 1
+    for children, n in tally.items():
+        for child in children:
+            child.inc(n)
+
+
+def observe_many(histogram: Histogram, values: list[float]) -> None:
+    """``histogram.observe(v)`` for every value, with one increment per bucket and one of the
+    sum (prometheus_client has no bulk observe; ``tests/unit/test_metrics.py`` checks that the
+    exposition is exactly that of one ``observe`` per value)."""
+    if not values:
+        return
+    bounds = histogram._upper_bounds
+    counts = [0] * len(bounds)
+    for v in values:
+        counts[bisect_left(bounds, v)] += 1
+    for bucket, n in zip(histogram._buckets, counts, strict=True):
+        if n:
+            bucket.inc(n)
+    histogram._sum.inc(sum(values))

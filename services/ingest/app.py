@@ -6,19 +6,24 @@ Only this module touches HTTP; the request becomes a ``Beacon`` (beacon.py) and 
 ``415`` another content type or a compressed body, ``413`` a body over 8 KiB, ``408`` a body
 not received within ``read_timeout_seconds``, ``400`` anything malformed or invalid.
 
-The two beacon endpoints are the hot path: they are registered with the router (OpenAPI, HEAD
-and other methods, ``Expect``) and also as fast routes (``services.http.FAST_ROUTES``) that the
-server calls directly, without routing or middleware; their answers are built from constant
-headers, their metric children are bound once.
+The two beacon endpoints are the hot path. ``_Ingest.collect`` and ``_Ingest.pixel`` decide
+for both ways a request can come in: the server's fast lane (``services/fastlane.py``: the
+usual request shape, answered from ready bytes) and aiohttp's router (everything the lane hands
+over: split heads, ``Expect``, chunked bodies, odd framing). The answers of the accepted
+beacons are built once; what an accepted beacon counts for is counted by the publisher, per
+batch, once the record is safe.
 """
 
 from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import hashlib
+from collections.abc import Callable
+from http import HTTPStatus
 from importlib import resources
-from typing import Any
+from typing import Any, NamedTuple
 
 import orjson
 from aiohttp import web
@@ -26,8 +31,10 @@ from aiohttp.web_protocol import RequestPayloadError
 from multidict import CIMultiDict
 
 from services import http, metrics
-from services.ingest.beacon import MAX_KEYS, BeaconError, parse_beacon
+from services.fastlane import Pending, RawRequest, Reply
+from services.ingest.beacon import BeaconError, parse_beacon, query_fields
 from services.ingest.pipeline import (
+    PUBLISHED,
     ClientContext,
     Outcome,
     Pipeline,
@@ -35,6 +42,7 @@ from services.ingest.pipeline import (
     is_trusted,
     origin_of,
 )
+from services.ingest.publish import Unavailable
 from services.settings import Settings
 
 PIPELINE = web.AppKey("pipeline", Pipeline)
@@ -42,15 +50,8 @@ SETTINGS = web.AppKey("settings", Settings)
 
 MAX_BODY = 8 * 1024
 _GIF = base64.b64decode("R0lGODlhAQABAIAAAAAAAP///yH5BAEAAAAALAAAAAABAAEAAAIBRAA7")
-_ACCEPTED_BODY = b'{"status":"accepted"}'
 _CORS = {"Access-Control-Allow-Origin": "*"}
-# The 202 answers' headers, built once (a Response copies them: the constants stay as they are).
-_ACCEPTED_HEADERS: CIMultiDict[str] = CIMultiDict(
-    {"Access-Control-Allow-Origin": "*", "Content-Type": "application/json"}
-)
-_GIF_HEADERS: CIMultiDict[str] = CIMultiDict(
-    {"Cache-Control": "no-store", "Access-Control-Allow-Origin": "*", "Content-Type": "image/gif"}
-)
+_CORS_HEADER = ("Access-Control-Allow-Origin", "*")
 _JSON_TYPES = ("text/plain", "application/json")
 _JSON_CONTENT_TYPES = frozenset(
     (
@@ -84,22 +85,56 @@ _ACCEPTED_METRIC = {
 }
 
 
+class Answer(NamedTuple):
+    """What a beacon request is answered, for either server path: aiohttp's (``response``) or
+    the fast lane's (``reply``: the head as ready bytes)."""
+
+    status: int
+    body: bytes
+    headers: tuple[tuple[str, str], ...]
+
+    def response(self) -> web.Response:
+        return web.Response(status=self.status, body=self.body, headers=CIMultiDict(self.headers))
+
+    def reply(self) -> Reply:
+        return Reply(_head(self.status, self.headers), self.body)
+
+
+def _head(status: int, headers: tuple[tuple[str, str], ...]) -> bytes:
+    lines = [f"HTTP/1.1 {status} {HTTPStatus(status).phrase}\r\n"]
+    lines.extend(f"{name}: {value}\r\n" for name, value in headers)
+    return "".join(lines).encode("latin-1")
+
+
+def error_answer(
+    status: int, message: str, field: str | None, retry_after: float | None = None
+) -> Answer:
+    headers: tuple[tuple[str, str], ...] = (("Content-Type", "application/json"), _CORS_HEADER)
+    if retry_after is not None:
+        headers += (("Retry-After", str(max(1, round(retry_after + 0.5)))),)
+    return Answer(status, orjson.dumps({"error": message, "field": field}), headers)
+
+
 def error_response(
     status: int, message: str, field: str | None, retry_after: float | None = None
 ) -> web.Response:
-    headers = dict(_CORS)
-    if retry_after is not None:
-        headers["Retry-After"] = str(max(1, round(retry_after + 0.5)))
-    return web.Response(
-        status=status,
-        body=orjson.dumps({"error": message, "field": field}),
-        content_type="application/json",
-        headers=headers,
-    )
+    return error_answer(status, message, field, retry_after).response()
+
+
+_ACCEPTED = {
+    "collect": Answer(
+        202, b'{"status":"accepted"}', (("Content-Type", "application/json"), _CORS_HEADER)
+    ),
+    "pixel": Answer(
+        202, _GIF, (("Content-Type", "image/gif"), ("Cache-Control", "no-store"), _CORS_HEADER)
+    ),
+}
+# the accepted answers as the lane writes them, built once
+_ACCEPTED_REPLY = {endpoint: answer.reply() for endpoint, answer in _ACCEPTED.items()}
 
 
 def _text(value: str) -> str:
-    """A header as text: aiohttp keeps bytes that are not UTF-8 as lone surrogates."""
+    """A header as text: header bytes that are not UTF-8 are kept as lone surrogates."""
     if value.isascii():
         return value
     return value.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
@@ -115,22 +150,24 @@ def _outcome_label(status: int) -> str:
     return _OUTCOME_LABELS.get(status, "error")
 
 
-def _refused(endpoint: str, r: _Refused) -> web.Response:
+def _refused(endpoint: str, r: _Refused) -> Answer:
     label = _outcome_label(r.status)
     metrics.BEACONS_DROPPED.labels(label).inc()
     metrics.INGEST_REQUESTS.labels(endpoint, label).inc()
-    return error_response(r.status, r.message, r.field)
+    return error_answer(r.status, r.message, r.field)
+
+
+def _check_body_headers(length: int | None, encoding: str | None) -> None:
+    if length is not None and length > MAX_BODY:
+        raise _Refused(413, "the body is larger than 8 KiB", "body")
+    if encoding and encoding.strip().lower() != "identity":
+        # Browsers never compress a request body; decompressing one is an amplifier.
+        raise _Refused(415, "a compressed body is not accepted", "content-encoding")
 
 
 async def _read_body(request: web.Request, timeout: float) -> bytes:
     """At most 8 KiB, within ``timeout`` seconds (a slow sender is cut off with 408)."""
-    length = request.content_length
-    if length is not None and length > MAX_BODY:
-        raise _Refused(413, "the body is larger than 8 KiB", "body")
-    encoding = request.headers.get("Content-Encoding")
-    if encoding and encoding.strip().lower() != "identity":
-        # Browsers never compress a request body; decompressing one is an amplifier.
-        raise _Refused(415, "a compressed body is not accepted", "content-encoding")
+    _check_body_headers(request.content_length, request.headers.get("Content-Encoding"))
     try:
         if request.content.is_eof():  # all of it arrived with the head: nothing to wait for
             body = await request.read()
@@ -143,30 +180,46 @@ async def _read_body(request: web.Request, timeout: float) -> bytes:
         raise _Refused(408, "the body was not received in time", "body") from None
     except RequestPayloadError:
         raise _Refused(400, "the body is malformed", "body") from None
-    if len(body) > MAX_BODY:  # client_max_size may be configured above 8 KiB
-        raise _Refused(413, "the body is larger than 8 KiB", "body")
     return body
 
 
+def _headers_of(request: web.Request) -> dict[str, str]:
+    """The request's headers as the lane sees them (``RawRequest.headers``)."""
+    headers: dict[str, str] = {}
+    for name, value in request.headers.items():
+        name = name.lower()
+        if name in headers:
+            if name == "x-forwarded-for":
+                headers[name] += "," + value
+            continue
+        headers[name] = value
+    return headers
+
+
+class Later(NamedTuple):
+    """An answer that waits for the beacon's publication."""
+
+    future: asyncio.Future[None]
+    finish: Callable[[asyncio.Future[None]], Answer]
+
+
 class _Ingest:
-    """The beacon endpoints of one app, with what they need bound once."""
+    """The beacon endpoints of one app, with what they need bound once. ``collect`` and
+    ``pixel`` decide for both server paths; the aiohttp handlers and the lane handlers only
+    translate."""
 
     def __init__(self, pipeline: Pipeline, settings: Settings) -> None:
-        self.accept = pipeline.accept
+        self.pipeline = pipeline
         self.trusted = settings.trusted_proxies
         self.read_timeout = settings.read_timeout_seconds
         # (peer, X-Forwarded-For) -> (the client address, whether its rate is limited)
         self._addresses: dict[tuple[str | None, str | None], tuple[str, bool]] = {}
 
-    def context(self, request: web.Request) -> ClientContext:
-        headers = request.headers
-        origin = headers.get("Origin")
+    def context(self, headers: dict[str, str], peer: str | None) -> ClientContext:
+        origin = headers.get("origin")
         if not origin or origin == "null":
-            origin = origin_of(headers.get("Referer"))
-        forwarded = headers.getall("X-Forwarded-For", ())
-        # a proxy may add its own header line instead of extending the client's
-        fwd = (forwarded[0] if len(forwarded) == 1 else ",".join(forwarded)) if forwarded else None
-        peer = request.remote
+            origin = origin_of(headers.get("referer"))
+        fwd = headers.get("x-forwarded-for")
         key = (peer, fwd)
         known = self._addresses.get(key)
         if known is None:
@@ -181,28 +234,42 @@ class _Ingest:
         return ClientContext(
             address=address,
             rate_limited=limited,
-            user_agent=_text(headers.get("User-Agent", "")),
+            user_agent=_text(headers.get("user-agent", "")),
             origin=origin.rstrip("/").lower() if origin else None,
-            dnt=headers.get("DNT") == "1",
-            gpc=headers.get("Sec-GPC") == "1",
+            dnt=headers.get("dnt") == "1",
+            gpc=headers.get("sec-gpc") == "1",
         )
 
-    async def _run(self, request: web.Request, raw: dict[str, Any]) -> Outcome:
+    def _run(
+        self, endpoint: str, raw: dict[str, Any], headers: dict[str, str], peer: str | None
+    ) -> Answer | Later:
         try:
             beacon = parse_beacon(raw)
         except BeaconError as e:
             raise _Refused(400, e.message, e.field) from None
-        return await self.accept(beacon, self.context(request))
-
-    async def collect(self, request: web.Request) -> web.Response:
+        pipeline = self.pipeline
+        decided = pipeline.decide(beacon, self.context(headers, peer), endpoint)
+        if isinstance(decided, Outcome):
+            return _answer(endpoint, decided)
         try:
-            # the usual headers as sent, known good without parsing them (aiohttp's parser)
-            if (
-                request.headers.get("Content-Type") not in _JSON_CONTENT_TYPES
-                and request.content_type not in _JSON_TYPES
-            ):
+            fut = pipeline.submit(decided)
+        except Unavailable:
+            return _answer(endpoint, pipeline.settle_unavailable())
+
+        def finish(fut: asyncio.Future[None]) -> Answer:
+            return _answer(endpoint, pipeline.settle(decided, fut))
+
+        return Later(fut, finish)
+
+    def collect(self, headers: dict[str, str], peer: str | None, body: bytes) -> Answer | Later:
+        try:
+            # the usual headers as sent, known good without parsing them
+            ctype = headers.get("content-type")
+            if ctype not in _JSON_CONTENT_TYPES and _media_type(ctype) not in _JSON_TYPES:
                 raise _Refused(415, "send text/plain or application/json", "content-type")
-            body = await _read_body(request, self.read_timeout)
+            if len(body) > MAX_BODY:  # client_max_size may be configured above 8 KiB
+                raise _Refused(413, "the body is larger than 8 KiB", "body")
+            _check_body_headers(None, headers.get("content-encoding"))
             if not body.strip():
                 raise _Refused(400, "the body is empty", "body")
             try:
@@ -213,39 +280,86 @@ class _Ingest:
                 raise _Refused(400, "the body is not valid JSON (UTF-8)", "body") from None
             if type(raw) is not dict:
                 raise _Refused(400, "the body must be one JSON object", "body")
-            outcome = await self._run(request, raw)
+            return self._run("collect", raw, headers, peer)
         except _Refused as r:
             return _refused("collect", r)
-        return _answer("collect", outcome, _ACCEPTED_BODY, _ACCEPTED_HEADERS)
 
-    async def collect_gif(self, request: web.Request) -> web.Response:
+    def pixel(self, headers: dict[str, str], peer: str | None, query: str) -> Answer | Later:
         try:
-            query = request.rel_url.query
-            if len(query) > MAX_KEYS:
-                raise _Refused(400, f"a beacon has at most {MAX_KEYS} fields", "query")
+            try:
+                pairs = query_fields(query)
+            except BeaconError as e:
+                raise _Refused(400, e.message, e.field) from None
             raw: dict[str, Any] = {}
-            for name, value in query.items():
+            for name, value in pairs:
                 if name in raw:
                     if name in _FIELDS:  # which of two values would count is not for us to guess
                         raise _Refused(400, f"{name} is given more than once", name)
                     continue
                 raw[name] = value
-            outcome = await self._run(request, raw)
+            return self._run("pixel", raw, headers, peer)
         except _Refused as r:
             return _refused("pixel", r)
-        return _answer("pixel", outcome, _GIF, _GIF_HEADERS)
+
+    # -- aiohttp's path (requests the lane hands over) ------------------------------------------
+    async def collect_request(self, request: web.Request) -> web.Response:
+        try:
+            headers = _headers_of(request)
+            ctype = headers.get("content-type")
+            if ctype not in _JSON_CONTENT_TYPES and _media_type(ctype) not in _JSON_TYPES:
+                raise _Refused(415, "send text/plain or application/json", "content-type")
+            body = await _read_body(request, self.read_timeout)
+        except _Refused as r:
+            return _refused("collect", r).response()
+        return await _respond(self.collect(headers, request.remote, body))
+
+    async def pixel_request(self, request: web.Request) -> web.Response:
+        query = request.rel_url.raw_query_string
+        return await _respond(self.pixel(_headers_of(request), request.remote, query))
+
+    # -- the lane's path ------------------------------------------------------------------------
+    def collect_lane(self, req: RawRequest) -> Reply | Pending:
+        return _lane(self.collect(req.headers, req.peer, req.body), "collect")
+
+    def pixel_lane(self, req: RawRequest) -> Reply | Pending:
+        return _lane(self.pixel(req.headers, req.peer, req.query), "pixel")
 
 
-def _answer(
-    endpoint: str, outcome: Outcome, body: bytes, headers: CIMultiDict[str]
-) -> web.Response:
+def _media_type(ctype: str | None) -> str:
+    return (ctype or "").partition(";")[0].strip().lower()
+
+
+async def _respond(answer: Answer | Later) -> web.Response:
+    if isinstance(answer, Answer):
+        return answer.response()
+    with contextlib.suppress(Exception):
+        await answer.future
+    return answer.finish(answer.future).response()
+
+
+def _lane(answer: Answer | Later, endpoint: str) -> Reply | Pending:
+    if isinstance(answer, Later):
+        finish = answer.finish
+        return Pending(answer.future, lambda fut: _lane_reply(finish(fut), endpoint))
+    return _lane_reply(answer, endpoint)
+
+
+def _lane_reply(answer: Answer, endpoint: str) -> Reply:
+    if answer is _ACCEPTED[endpoint]:
+        return _ACCEPTED_REPLY[endpoint]
+    return answer.reply()
+
+
+def _answer(endpoint: str, outcome: Outcome) -> Answer:
     """The answer to a beacon the pipeline decided on: ``202`` with the endpoint's ready body,
     or the pipeline's refusal."""
+    if outcome is PUBLISHED:  # counted by the publisher
+        return _ACCEPTED[endpoint]
     if outcome.status == 202:
         _ACCEPTED_METRIC[endpoint].inc()
-        return web.Response(status=202, body=body, headers=headers)
+        return _ACCEPTED[endpoint]
     metrics.INGEST_REQUESTS.labels(endpoint, _outcome_label(outcome.status)).inc()
-    return error_response(outcome.status, outcome.message, outcome.field, outcome.retry_after)
+    return error_answer(outcome.status, outcome.message, outcome.field, outcome.retry_after)
 
 
 async def collect_preflight(request: web.Request) -> web.Response:
@@ -279,10 +393,10 @@ def add_routes(app: web.Application, pipeline: Pipeline, settings: Settings) -> 
     app[PIPELINE] = pipeline
     app[SETTINGS] = settings
     ingest = _Ingest(pipeline, settings)
-    app.router.add_post("/collect", ingest.collect)
+    app.router.add_post("/collect", ingest.collect_request)
     app.router.add_route("OPTIONS", "/collect", collect_preflight)
     # no HEAD: a link checker's HEAD request is not a page view
-    app.router.add_get("/collect.gif", ingest.collect_gif, allow_head=False)
+    app.router.add_get("/collect.gif", ingest.pixel_request, allow_head=False)
     app.router.add_get("/beacon.js", beacon_js)
-    http.add_fast_route(app, "POST", "/collect", ingest.collect)
-    http.add_fast_route(app, "GET", "/collect.gif", ingest.collect_gif)
+    http.add_lane_route(app, "POST", "/collect", ingest.collect_lane)
+    http.add_lane_route(app, "GET", "/collect.gif", ingest.pixel_lane)

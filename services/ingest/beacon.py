@@ -23,8 +23,9 @@ import unicodedata
 import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass
+from functools import lru_cache
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import unquote_plus, urlsplit
 
 from services.record import _CANONICAL_UUID, EVENT_TYPES
 from services.sites import SITE_ID
@@ -96,17 +97,47 @@ def _url(raw: Mapping[str, Any], name: str, *, required: bool) -> str:
         if required:
             raise BeaconError(name, f"{name} is required for a pageview")
         return ""
+    problem = _url_problem(value)
+    if problem is not None:
+        raise BeaconError(name, f"{name} {problem}")
+    return value
+
+
+@lru_cache(maxsize=65536)
+def _url_problem(value: str) -> str | None:
+    """What is wrong with a cleaned URL, or None. Cached: the readers of one page all send
+    its URL, and a reader sends it with every event."""
     if " " in value:  # clean() made every white space a space; a URL has none
-        raise BeaconError(name, f"{name} must not contain white space")
+        return "must not contain white space"
     try:
         parts = urlsplit(value)
         parts.port  # noqa: B018 - raises ValueError for a bad port
         host = parts.hostname
     except ValueError:
-        raise BeaconError(name, f"{name} is not a valid URL") from None
+        return "is not a valid URL"
     if parts.scheme.lower() not in _URL_SCHEMES or not host:
-        raise BeaconError(name, f"{name} must be an absolute http(s) URL")
-    return value
+        return "must be an absolute http(s) URL"
+    return None
+
+
+def query_fields(query: str) -> list[tuple[str, str]]:
+    """The fields of a pixel's query string, in order, as ``urllib.parse.parse_qsl`` reads them
+    (``&`` between fields, ``+`` and percent-escapes decoded as UTF-8, blank values kept), with
+    the common case — nothing to decode — done without decoding. Raises ``BeaconError`` past
+    ``MAX_KEYS`` fields."""
+    if query.count("&") >= MAX_KEYS:
+        raise BeaconError("query", f"a beacon has at most {MAX_KEYS} fields")
+    fields = []
+    for part in query.split("&"):
+        if not part:
+            continue
+        name, _, value = part.partition("=")
+        if "%" in name or "+" in name:
+            name = unquote_plus(name)
+        if "%" in value or "+" in value:
+            value = unquote_plus(value)
+        fields.append((name, value))
+    return fields
 
 
 def _bool(raw: Mapping[str, Any], name: str) -> bool:

@@ -7,6 +7,8 @@ which either lets it through or drops it with a reason from a closed set (and a 
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import ipaddress
 import itertools
 import os
@@ -15,7 +17,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import lru_cache
-from typing import Literal
+from typing import Any, Literal, NamedTuple
 from urllib.parse import urlsplit
 
 from services import metrics
@@ -59,6 +61,15 @@ class Outcome:
 
 
 ACCEPTED = Outcome(202, "accepted")
+# accepted and published: counted by the publisher (``OutRecord.counters``), not again
+PUBLISHED = Outcome(202, "accepted")
+
+
+class Accepted(NamedTuple):
+    """A beacon that passed every step: its record, to be published."""
+
+    site: str
+    record: OutRecord
 
 
 class EventIds:
@@ -177,8 +188,9 @@ class Pipeline:
         self.hasher = hasher
         self.limiter = limiter
         self.clock = clock
-        # metric children bound once (labels() per beacon costs more than the inc())
-        self._accepted = {site.id: metrics.BEACONS_ACCEPTED.labels(site.id) for site in registry}
+        # metric children bound once (labels() per beacon costs more than the inc()):
+        # (site, endpoint) -> what a published record counts for
+        self._counters: dict[tuple[str, str], tuple[Any, ...]] = {}
         self._dropped = {
             reason: metrics.BEACONS_DROPPED.labels(reason)
             for reason in ("unknown_site", "origin", "rate_limit", "dnt", "gpc", "unavailable")
@@ -189,7 +201,24 @@ class Pipeline:
         status, message, field = _REFUSALS[reason]
         return Outcome(status, reason, message, field, retry_after)
 
-    async def accept(self, beacon: Beacon, client: ClientContext) -> Outcome:
+    async def accept(
+        self, beacon: Beacon, client: ClientContext, endpoint: str = "collect"
+    ) -> Outcome:
+        """Decide, publish, and answer once the record is safe (or refused)."""
+        decided = self.decide(beacon, client, endpoint)
+        if isinstance(decided, Outcome):
+            return decided
+        try:
+            fut = self.submit(decided)
+        except Unavailable:
+            return self.settle_unavailable()
+        with contextlib.suppress(Unavailable):
+            await fut
+        return self.settle(decided, fut)
+
+    def decide(self, beacon: Beacon, client: ClientContext, endpoint: str) -> Outcome | Accepted:
+        """Every step but the publication: a refusal (or a quiet drop), or the record to
+        publish (which counts itself as accepted, by site and ``endpoint``, once safe)."""
         site = self.registry.get(beacon.site)
         if site is None:
             return self._drop("unknown_site")
@@ -234,13 +263,29 @@ class Pipeline:
             referrer=beacon.referrer,
             title=beacon.title,
         )
-        record = OutRecord(record_key(site.id, key.visitor), encode(event), key.shard)
-        try:
-            await self.publisher.publish(record)
-        except Unavailable:
-            return self._drop("unavailable", retry_after=5)
-        accepted = self._accepted.get(site.id)
-        if accepted is None:
-            accepted = self._accepted[site.id] = metrics.BEACONS_ACCEPTED.labels(site.id)
-        accepted.inc()
-        return ACCEPTED
+        counters = self._counters.get((site.id, endpoint))
+        if counters is None:
+            counters = self._counters[(site.id, endpoint)] = (
+                metrics.BEACONS_ACCEPTED.labels(site.id),
+                metrics.INGEST_REQUESTS.labels(endpoint, "accepted"),
+            )
+        record = OutRecord(record_key(site.id, key.visitor), encode(event), key.shard, counters)
+        return Accepted(site.id, record)
+
+    def submit(self, decided: Accepted) -> asyncio.Future[None]:
+        """Hand the record on; the future is done once it is safe. Raises ``Unavailable`` when
+        the publisher takes no more now."""
+        return self.publisher.submit(decided.record)
+
+    def settle_unavailable(self) -> Outcome:
+        """The outcome of a record the publisher would not take."""
+        return self._drop("unavailable", retry_after=5)
+
+    def settle(self, decided: Accepted, fut: asyncio.Future[None]) -> Outcome:
+        """The outcome of a publication that is done (counted by the publisher)."""
+        exc = fut.exception()
+        if exc is not None:
+            if isinstance(exc, Unavailable):
+                return self._drop("unavailable", retry_after=5)
+            raise exc
+        return PUBLISHED

@@ -31,6 +31,7 @@ class Publisher(Protocol):
     async def start(self) -> None: ...
     async def stop(self) -> None: ...
     async def publish(self, record: OutRecord) -> None: ...
+    def submit(self, record: OutRecord) -> asyncio.Future[None]: ...
     def ready(self) -> tuple[bool, str]: ...
 
 
@@ -48,10 +49,19 @@ class LocalPublisher:
         self._open = False
 
     async def publish(self, record: OutRecord) -> None:
+        await self.submit(record)
+
+    def submit(self, record: OutRecord) -> asyncio.Future[None]:
+        """Done at once: the record is in the in-process log."""
         if not self._open:
             raise Unavailable("shutting down")
         self._sink(record)
         metrics.BEACONS_PUBLISHED.inc()
+        for child in record.counters:
+            child.inc()
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        fut.set_result(None)
+        return fut
 
     def ready(self) -> tuple[bool, str]:
         return (self._open, "ok" if self._open else "stopped")
@@ -166,6 +176,11 @@ class KafkaPublisher:
         return (True, "ok" if self._broker_ok else "broker unreachable; spooling")
 
     async def publish(self, record: OutRecord) -> None:
+        await self.submit(record)
+
+    def submit(self, record: OutRecord) -> asyncio.Future[None]:
+        """Queue ``record`` for the next flush; the future is done once it is safe (or failed
+        with ``Unavailable``)."""
         if self._closing:
             raise Unavailable("shutting down")
         if len(self._pending) >= self._max_pending:
@@ -174,7 +189,7 @@ class KafkaPublisher:
         self._pending.append((record, fut))
         if len(self._pending) == 1:
             self._wakeup.set()
-        await fut
+        return fut
 
     async def _flush_loop(self) -> None:
         while True:
@@ -194,8 +209,11 @@ class KafkaPublisher:
             try:
                 await self._send(records)
                 now = time.monotonic()
-                for rec, fut in pending:
-                    metrics.PUBLISH_LATENCY.observe(now - rec.accepted_at)
+                metrics.observe_many(
+                    metrics.PUBLISH_LATENCY, [now - r.accepted_at for r in records]
+                )
+                metrics.count_safe([r.counters for r in records])
+                for _, fut in pending:
                     if not fut.done():
                         fut.set_result(None)
                 return
@@ -211,6 +229,7 @@ class KafkaPublisher:
                 if not fut.done():
                     fut.set_exception(Unavailable("broker unreachable and spool full"))
             return
+        metrics.count_safe([r.counters for r in records])
         for _, fut in pending:
             if not fut.done():
                 fut.set_result(None)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import unicodedata
 import uuid
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import parse_qsl, urlsplit
 
 import pytest
 from hypothesis import HealthCheck, example, given, settings
@@ -22,6 +22,7 @@ from services.ingest.beacon import (
     BeaconError,
     clean,
     parse_beacon,
+    query_fields,
 )
 from services.record import EVENT_TYPES
 
@@ -210,3 +211,27 @@ def test_accepted_forms() -> None:
     assert b.type == "pageview" and b.url == "https://Đông-Hà.vn/tin-tức?a=1#x"
     assert b.member and b.event_id == "12345678-1234-5678-1234-567812345678"
     assert b.member_token is None
+
+
+@settings(max_examples=500)
+@given(st.text(alphabet="ab=&+%2F0x;é \u00a0", max_size=30))
+def test_query_fields_read_as_parse_qsl(query: str) -> None:
+    try:
+        expected: list[tuple[str, str]] | str = parse_qsl(
+            query, keep_blank_values=True, max_num_fields=MAX_KEYS
+        )
+    except ValueError:
+        expected = "too many"
+    try:
+        got: list[tuple[str, str]] | str = query_fields(query)
+    except BeaconError as e:
+        assert e.field == "query"
+        got = "too many"
+    assert got == expected
+
+
+def test_query_fields_refuse_too_many() -> None:
+    with pytest.raises(BeaconError) as err:
+        query_fields("&".join(f"k{i}=1" for i in range(MAX_KEYS + 1)))
+    assert err.value.field == "query"
+    assert len(query_fields("&".join(f"k{i}=1" for i in range(MAX_KEYS)))) == MAX_KEYS

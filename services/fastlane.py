@@ -1,0 +1,324 @@
+"""A fast lane for the hot endpoints (the beacons): a request of the usual, unambiguous shape is
+recognised here in a few C-level scans and answered from ready bytes, with no ``Request``,
+``Response``, router or middleware. Anything else goes to aiohttp's full server, which then
+keeps the connection: routes, middleware, limits and errors are all aiohttp's, as before.
+
+The lane takes a request only when every one of these holds; otherwise the connection is
+handed over, from the first byte of that request (nothing of it has been read or answered):
+
+* its method and path are one of the lane's routes (``POST /collect``, ``GET /collect.gif``);
+* its head is complete in what has arrived, and matches ``LANE_HEAD``: ``HTTP/1.1``, a target of
+  visible ASCII, header names that are RFC 9110 tokens, values of visible characters, spaces
+  and tabs (no obsolete line folding), lines ended by CRLF, at most ``max_headers`` lines of at
+  most ``max_line`` bytes each;
+* no ``Transfer-Encoding``, no ``Expect``, at most one ``Content-Length`` made of digits, and the
+  whole body has arrived.
+
+So the framing of every request the lane answers is unambiguous (one length, no chunks), and a
+slow or odd client meets aiohttp's limits and timeouts. A connection in the lane is closed
+after ``idle_timeout`` seconds without a request, and counts against the process's cap on open
+connections like any other (``services.http._Gate``). Answers are written in request order:
+while one request waits for its answer (the beacon's publication), the next is not started.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import time
+from collections.abc import Callable
+from email.utils import formatdate
+from typing import Any, NamedTuple, Protocol
+
+
+class RawRequest(NamedTuple):
+    method: str
+    path: str
+    query: str  # after "?", still percent-encoded; "" if none
+    # lower-case names; of a repeated name the first line counts, except X-Forwarded-For: all
+    # its lines, joined with ","
+    headers: dict[str, str]
+    body: bytes
+    peer: str | None
+
+
+class Reply(NamedTuple):
+    head: bytes  # the status line and the reply's own header lines, each ended by CRLF
+    body: bytes
+
+
+class Pending(NamedTuple):
+    """An answer that waits for ``future``; ``finish`` makes it once the future is done."""
+
+    future: asyncio.Future[Any]
+    finish: Callable[[asyncio.Future[Any]], Reply]
+
+
+LaneHandler = Callable[[RawRequest], "Reply | Pending"]
+
+# The request line and header lines of a head the lane takes (without the final empty line).
+LANE_HEAD = re.compile(
+    rb"(GET|POST) (/[\x21-\x7e]*) HTTP/1\.1"
+    rb"((?:\r\n[!#$%&'*+\-.^_`|~0-9A-Za-z]+:[\t\x20-\x7e\x80-\xff]*)*)"
+)
+# the header lines of a head that matched LANE_HEAD: (name, value without leading blanks)
+_FIELD = re.compile(r"\r\n([^:]*):[ \t]*([^\r]*)")
+_CRLF2 = b"\r\n\r\n"
+_MAX_WAITING = 65536  # bytes read ahead while a request is being answered
+
+
+class Gate(Protocol):
+    def admit(self, conn: Any) -> bool: ...
+    def release(self, conn: Any) -> None: ...
+
+
+_date = [0, b""]
+
+
+def _date_line() -> bytes:
+    now = int(time.time())
+    if now != _date[0]:
+        _date[0], _date[1] = now, f"Date: {formatdate(now, usegmt=True)}\r\n".encode()
+    return _date[1]  # type: ignore[return-value]
+
+
+class LaneProtocol(asyncio.Protocol):
+    """One connection: served by the lane until a request it does not take, then by
+    ``fallback()`` (aiohttp's connection handler) for good."""
+
+    __slots__ = (
+        "_buf",
+        "_busy",
+        "_close_after",
+        "_fallback",
+        "_finish",
+        "_gate",
+        "_lane",
+        "_last",
+        "_limits",
+        "_paused",
+        "_peer",
+        "_transport",
+        "handed_over",
+    )
+
+    def __init__(
+        self,
+        routes: dict[tuple[bytes, bytes], LaneHandler],
+        fallback: Callable[[], asyncio.Protocol],
+        gate: Gate,
+        max_line: int,
+        max_headers: int,
+    ) -> None:
+        self._lane = routes
+        self._fallback = fallback
+        self._gate = gate
+        self._limits = (max_line, max_headers)
+        self._transport: asyncio.Transport | None = None
+        self._buf = b""
+        self._busy = False
+        self._finish: Callable[[asyncio.Future[Any]], Reply] | None = None
+        self._close_after = False
+        self._paused = False
+        self._peer: str | None = None
+        self._last = time.monotonic()
+        self.handed_over: asyncio.Protocol | None = None
+
+    # -- the gate's view ------------------------------------------------------------------------
+    def idle(self) -> bool:
+        """Between requests: nothing buffered, nothing being answered."""
+        return not self._busy and not self._buf
+
+    def idle_for(self, now: float) -> float:
+        return now - self._last if self.idle() else 0.0
+
+    def close_when_idle(self) -> None:
+        if self.idle():
+            self.force_close()
+        else:
+            self._close_after = True
+
+    def force_close(self) -> None:
+        if self._transport is not None:
+            self._transport.close()
+
+    # -- asyncio.Protocol -----------------------------------------------------------------------
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        tcp: asyncio.Transport = transport  # type: ignore[assignment]
+        if not self._gate.admit(self):
+            tcp.write(TOO_MANY)
+            tcp.close()
+            return
+        self._transport = tcp
+        peer = tcp.get_extra_info("peername")
+        self._peer = peer[0] if isinstance(peer, tuple) else None
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self._transport is not None:
+            self._transport = None
+            self._gate.release(self)
+
+    def pause_writing(self) -> None:  # a client that does not read its answers
+        if self._transport is not None:
+            self._transport.pause_reading()
+
+    def resume_writing(self) -> None:
+        if self._transport is not None:
+            self._transport.resume_reading()
+
+    def eof_received(self) -> bool:
+        return False  # the client is done sending: close once what it sent is answered
+
+    def data_received(self, data: bytes) -> None:
+        if self._transport is None:
+            return
+        self._last = time.monotonic()
+        if self._buf:
+            data = self._buf + data
+            self._buf = b""
+        if self._busy:
+            self._buf = data
+            if len(data) > _MAX_WAITING and not self._paused:
+                # a client sending ahead without reading: stop reading until it is answered
+                self._paused = True
+                self._transport.pause_reading()
+            return
+        self._serve(data)
+
+    # -- the lane -------------------------------------------------------------------------------
+    def _serve(self, data: bytes) -> None:
+        """Answer the complete requests at the front of ``data`` that the lane takes; keep the
+        rest for later if one is being answered; hand over at the first one it does not take."""
+        pos, size = 0, len(data)
+        lane = self._lane
+        max_line, max_headers = self._limits
+        while pos < size:
+            end = data.find(_CRLF2, pos)
+            if end < 0:
+                break
+            m = LANE_HEAD.fullmatch(data, pos, end)
+            if m is None:
+                break
+            method, target, block = m.groups()
+            path, _, query = target.partition(b"?")
+            handler = lane.get((method, path))
+            if handler is None or len(target) + len(method) + 10 > max_line:
+                break
+            fields = _FIELD.findall(block.decode("utf-8", "surrogateescape"))
+            if len(fields) > max_headers or (
+                end - pos > max_line and max(map(len, block.split(b"\r\n"))) > max_line
+            ):
+                break
+            headers = {name.lower(): value.rstrip(" \t") for name, value in fields}
+            if len(headers) != len(fields):
+                headers = _first_of_each(fields)
+            if not _NOT_IN_LANE.isdisjoint(headers):
+                break
+            length = headers.get("content-length", "0")
+            if not (length.isascii() and length.isdigit() and len(length) < 10):
+                break  # (a repeated Content-Length, even an equal one, is joined: not digits)
+            body_start = end + 4
+            body_end = body_start + int(length)
+            if body_end > size:
+                break  # the body has not all arrived: aiohttp reads it, with its timeout
+            if "close" in headers.get("connection", "").lower():
+                self._close_after = True
+            reply = handler(
+                RawRequest(
+                    method.decode("ascii"),
+                    path.decode("ascii"),
+                    query.decode("ascii"),
+                    headers,
+                    data[body_start:body_end],
+                    self._peer,
+                )
+            )
+            pos = body_end
+            if isinstance(reply, Reply):
+                if not self._write(reply):
+                    return
+                continue
+            # the answer comes later: the rest waits (answers go out in request order)
+            self._busy = True
+            self._buf = data[pos:]
+            self._finish = reply.finish
+            reply.future.add_done_callback(self._answered)
+            return
+        if pos < size:
+            self._hand_over(data[pos:])
+
+    def _answered(self, fut: asyncio.Future[Any]) -> None:
+        self._busy = False
+        finish, self._finish = self._finish, None
+        if self._transport is None or finish is None:
+            return
+        if self._paused:
+            self._paused = False
+            self._transport.resume_reading()
+        if not self._write(finish(fut)):
+            return
+        if self._buf:
+            data, self._buf = self._buf, b""
+            self._serve(data)
+
+    def _write(self, reply: Reply) -> bool:
+        """Write one answer; False if the connection is now closing."""
+        transport = self._transport
+        if transport is None:
+            return False
+        close = self._close_after
+        transport.write(
+            b"".join(
+                (
+                    reply.head,
+                    b"Content-Length: %d\r\n" % len(reply.body),
+                    _date_line(),
+                    b"Connection: close\r\n\r\n" if close else b"\r\n",
+                    reply.body,
+                )
+            )
+        )
+        if close:
+            transport.close()
+            return False
+        return True
+
+    def _hand_over(self, data: bytes) -> None:
+        """From now on aiohttp serves this connection, starting with ``data``."""
+        transport = self._transport
+        if transport is None:
+            return
+        self._gate.release(self)  # the handler takes this connection's place at the gate
+        self._transport = None
+        handler = self._fallback()
+        self.handed_over = handler
+        transport.set_protocol(handler)
+        handler.connection_made(transport)
+        if not transport.is_closing():
+            handler.data_received(data)
+
+
+def _first_of_each(fields: list[tuple[str, str]]) -> dict[str, str]:
+    """Headers with a repeated name: the first line counts, except for X-Forwarded-For (every
+    line, joined with ","); a repeated Content-Length is joined too, so that it is refused."""
+    headers: dict[str, str] = {}
+    for name, value in fields:
+        name, value = name.lower(), value.rstrip(" \t")
+        if name in headers:
+            if name in _JOINED:
+                headers[name] += "," + value
+            continue
+        headers[name] = value
+    return headers
+
+
+_JOINED = frozenset(("x-forwarded-for", "content-length"))
+
+# Headers that make a request unusual enough for aiohttp's full treatment.
+_NOT_IN_LANE = frozenset(("transfer-encoding", "expect", "upgrade"))
+
+TOO_MANY = (
+    b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\n"
+    b"Retry-After: 1\r\nConnection: close\r\nContent-Length: 51\r\n\r\n"
+    b'{"error":"too many open connections","field":null}\n'
+)

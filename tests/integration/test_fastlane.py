@@ -1,0 +1,371 @@
+"""The fast lane (``services/fastlane.py``) in front of the real ingest server: what it answers
+itself, what it hands to aiohttp, and that both give the same answers and records.
+
+Raw sockets, because the lane is about bytes on a connection: pipelined requests, heads split
+across writes, odd framing. The publisher is the standalone ``LocalPublisher`` (the product's
+in-process hand-off), so every record a request produced is in ``records``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+from urllib.parse import quote
+
+import pytest
+from aiohttp import web
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from services import http
+from services.ingest.publish import LocalPublisher
+from services.ingest.publish_types import OutRecord
+from services.ingest.service import create_ingest_app
+from services.settings import Settings
+from services.sites import Registry
+from tests.support.tansu import free_port
+
+pytestmark = pytest.mark.integration
+
+REGISTRY = Registry.parse('[sites.open]\ntimezone = "UTC"\n')
+UA = "Mozilla/5.0 (X11; Linux x86_64) AppleWebKit/537.36 Chrome/126.0 Safari/537.36"
+
+
+@dataclass
+class Server:
+    runner: web.AppRunner
+    port: int
+    records: list[OutRecord]
+
+    async def exchange(self, *writes: bytes, pause: float = 0.05, until: int = 1) -> bytes:
+        """Send ``writes`` on one connection (``pause`` between them) and read until ``until``
+        answers have arrived or the server closes."""
+        reader, writer = await asyncio.open_connection("127.0.0.1", self.port)
+        try:
+            for i, chunk in enumerate(writes):
+                if i:
+                    await asyncio.sleep(pause)
+                writer.write(chunk)
+                await writer.drain()
+            return await read_answers(reader, until)
+        finally:
+            writer.close()
+
+
+async def read_answers(reader: asyncio.StreamReader, count: int, timeout: float = 10) -> bytes:
+    data = b""
+    async with asyncio.timeout(timeout):
+        while len(split_answers(data)) < count:
+            chunk = await reader.read(65536)
+            if not chunk:
+                break
+            data += chunk
+    return data
+
+
+def split_answers(data: bytes) -> list[tuple[int, dict[str, str], bytes]]:
+    """HTTP/1.1 answers with a Content-Length, in order: (status, headers, body)."""
+    answers = []
+    while data:
+        end = data.find(b"\r\n\r\n")
+        if end < 0:
+            break
+        lines = data[:end].decode("latin-1").split("\r\n")
+        headers = {}
+        for line in lines[1:]:
+            name, _, value = line.partition(":")
+            headers[name.strip().lower()] = value.strip()
+        length = int(headers.get("content-length", "0"))
+        if len(data) < end + 4 + length:
+            break
+        status = int(lines[0].split(" ")[1])
+        if status != 100:
+            answers.append((status, headers, data[end + 4 : end + 4 + length]))
+        data = data[end + 4 + length :]
+    return answers
+
+
+def by_aiohttp(answer: tuple[int, dict[str, str], bytes]) -> bool:
+    """aiohttp names itself in ``Server``; the lane sends no such header."""
+    return "aiohttp" in answer[1].get("server", "")
+
+
+def beacon_body(**fields: Any) -> bytes:
+    return json.dumps(
+        {"site": "open", "type": "pageview", "url": "https://a.vn/x", **fields}, ensure_ascii=False
+    ).encode()
+
+
+def post(body: bytes, *extra: str, client: str = "198.51.100.7") -> bytes:
+    head = [
+        "POST /collect HTTP/1.1",
+        "Host: 127.0.0.1",
+        "Content-Type: text/plain;charset=UTF-8",
+        f"User-Agent: {UA}",
+        f"X-Forwarded-For: {client}",
+        f"Content-Length: {len(body)}",
+        *extra,
+    ]
+    return ("\r\n".join(head) + "\r\n\r\n").encode() + body
+
+
+def pixel(query: str, *extra: str, client: str = "198.51.100.7") -> bytes:
+    head = [
+        f"GET /collect.gif?{query} HTTP/1.1",
+        "Host: 127.0.0.1",
+        f"User-Agent: {UA}",
+        f"X-Forwarded-For: {client}",
+        *extra,
+    ]
+    return ("\r\n".join(head) + "\r\n\r\n").encode()
+
+
+HEALTH = b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"
+
+
+async def start(tmp_path: Path, **overrides: Any) -> Server:
+    records: list[OutRecord] = []
+    s = replace(
+        Settings(),
+        secret=b"k",
+        data_dir=tmp_path,
+        port=free_port(),
+        rate_limit_per_second=0,
+        **overrides,
+    )
+    app = create_ingest_app(s, REGISTRY, LocalPublisher(records.append))
+    runner = await http.start_server(app, s)
+    return Server(runner, s.port, records)
+
+
+@pytest.fixture
+async def server(tmp_path: Path) -> AsyncIterator[Server]:
+    srv = await start(tmp_path)
+    try:
+        yield srv
+    finally:
+        await srv.runner.cleanup()
+
+
+def event(record: OutRecord) -> dict[str, Any]:
+    value: dict[str, Any] = json.loads(record.value)
+    return value
+
+
+async def test_pipelined_beacons_are_answered_in_order(server: Server) -> None:
+    bodies = [beacon_body(url=f"https://a.vn/{i}") for i in range(3)]
+    data = await server.exchange(b"".join(post(b) for b in bodies), until=3)
+    answers = split_answers(data)
+    assert [a[0] for a in answers] == [202, 202, 202]
+    assert all(a[2] == b'{"status":"accepted"}' for a in answers)
+    assert not any(by_aiohttp(a) for a in answers)  # the lane answered all three
+    assert [event(r)["url"] for r in server.records] == [f"https://a.vn/{i}" for i in range(3)]
+
+
+async def test_a_request_the_lane_does_not_take_hands_the_connection_over(
+    server: Server,
+) -> None:
+    # beacon, health check, beacon: all in one write; the last two are aiohttp's
+    data = await server.exchange(
+        post(beacon_body(url="https://a.vn/1")) + HEALTH + pixel("site=open&url=https://a.vn/2"),
+        until=3,
+    )
+    answers = split_answers(data)
+    assert [a[0] for a in answers] == [202, 200, 202]
+    assert [by_aiohttp(a) for a in answers] == [False, True, True]
+    assert json.loads(answers[1][2]) == {"status": "ok"}
+    assert answers[2][1]["content-type"] == "image/gif"
+    assert [event(r)["url"] for r in server.records] == ["https://a.vn/1", "https://a.vn/2"]
+
+
+async def test_split_heads_and_bodies_are_read_by_aiohttp(server: Server) -> None:
+    request = post(beacon_body(url="https://a.vn/split"))
+    cut_head, cut_body = request.index(b"User-Agent"), len(request) - 5
+    for first, second in ((request[:cut_head], request[cut_head:]), (request[:cut_body], b"")):
+        chunks = (first, second or request[cut_body:])
+        answers = split_answers(await server.exchange(*chunks))
+        assert [a[0] for a in answers] == [202]
+        assert by_aiohttp(answers[0])
+    assert [event(r)["url"] for r in server.records] == ["https://a.vn/split"] * 2
+
+
+@pytest.mark.parametrize(
+    ("request_bytes", "status"),
+    [
+        # two Content-Lengths, even equal ones: refused, whoever parses it
+        (post(beacon_body(), "Content-Length: 45"), 400),
+        # a header line folded onto the next (obsolete), a bare LF, a NUL in a value
+        (post(beacon_body(), "X-A: 1\r\n folded"), 400),
+        (post(beacon_body()).replace(b"Host: 127.0.0.1\r\n", b"Host: 127.0.0.1\n"), 400),
+        (post(beacon_body()).replace(b"Host: 127.0.0.1", b"Host: 127.0\x00.0.1"), 400),
+        # space before the colon
+        (post(beacon_body()).replace(b"Host:", b"Host :"), 400),
+    ],
+)
+async def test_odd_framing_goes_to_aiohttp_and_counts_nothing(
+    server: Server, request_bytes: bytes, status: int
+) -> None:
+    answers = split_answers(await server.exchange(request_bytes))
+    assert [a[0] for a in answers] == [status]
+    assert server.records == []
+
+
+async def test_chunked_and_expect_continue_beacons_are_served_by_aiohttp(server: Server) -> None:
+    body = beacon_body(url="https://a.vn/chunked")
+    chunked = post(b"", "Transfer-Encoding: chunked").replace(b"Content-Length: 0\r\n", b"")
+    chunked += b"%x\r\n%s\r\n0\r\n\r\n" % (len(body), body)
+    assert [a[0] for a in split_answers(await server.exchange(chunked))] == [202]
+    expect = post(beacon_body(url="https://a.vn/expect"), "Expect: 100-continue")
+    head, _, rest = expect.partition(b"\r\n\r\n")
+    answers = split_answers(await server.exchange(head + b"\r\n\r\n", rest))
+    assert [a[0] for a in answers] == [202]
+    assert [event(r)["url"] for r in server.records] == [
+        "https://a.vn/chunked",
+        "https://a.vn/expect",
+    ]
+
+
+async def test_connection_close_is_honoured(server: Server) -> None:
+    reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+    writer.write(post(beacon_body(), "Connection: close"))
+    data = await asyncio.wait_for(reader.read(), 10)  # read() returns at the server's close
+    writer.close()
+    (answer,) = split_answers(data)
+    assert answer[0] == 202
+    assert answer[1]["connection"] == "close"
+
+
+async def test_answers_carry_date_length_and_cors(server: Server) -> None:
+    (answer,) = split_answers(await server.exchange(pixel("site=open&url=https://a.vn/")))
+    status, headers, body = answer
+    assert status == 202 and body.startswith(b"GIF89a")
+    assert headers["content-length"] == str(len(body))
+    assert headers["cache-control"] == "no-store"
+    assert headers["access-control-allow-origin"] == "*"
+    assert abs(time.mktime(time.strptime(headers["date"], "%a, %d %b %Y %H:%M:%S GMT"))
+               - time.mktime(time.gmtime())) < 5  # fmt: skip
+
+
+async def test_refusals_in_the_lane_are_json_naming_the_field(server: Server) -> None:
+    answers = split_answers(
+        await server.exchange(
+            post(b'{"site":"open","type":"pageview"}')
+            + post(beacon_body(site="nope"))
+            + post(beacon_body(), "Content-Encoding: gzip")
+            + pixel("site=open&url=https://a.vn/&type=x&type=y"),
+            until=4,
+        )
+    )
+    assert [(a[0], json.loads(a[2])["field"]) for a in answers] == [
+        (400, "url"),
+        (403, "site"),
+        (415, "content-encoding"),
+        (400, "type"),
+    ]
+    assert all(a[1]["access-control-allow-origin"] == "*" for a in answers)
+    assert server.records == []
+
+
+async def test_forwarded_for_lines_are_joined(server: Server) -> None:
+    # loopback is a trusted proxy by default; two lines = one comma-separated list
+    one_line = post(beacon_body(), client="203.0.113.9, 127.0.0.1")
+    two_lines = post(beacon_body(), "X-Forwarded-For: 127.0.0.1", client="203.0.113.9")
+    direct = post(beacon_body(), client="203.0.113.9")
+    await server.exchange(one_line + two_lines + direct, until=3)
+    assert len({event(r)["visitor"] for r in server.records}) == 1
+
+
+async def test_idle_lane_connections_are_closed(tmp_path: Path) -> None:
+    srv = await start(tmp_path, read_timeout_seconds=0.6)
+    try:
+        reader, writer = await asyncio.open_connection("127.0.0.1", srv.port)
+        writer.write(post(beacon_body()))
+        await read_answers(reader, 1)
+        started = time.monotonic()
+        assert await asyncio.wait_for(reader.read(), 10) == b""  # closed by the server
+        assert time.monotonic() - started < 5
+        writer.close()
+    finally:
+        await srv.runner.cleanup()
+
+
+async def test_lane_connections_count_at_the_gate(tmp_path: Path) -> None:
+    srv = await start(tmp_path, max_connections=2)
+    try:
+        conns = [await asyncio.open_connection("127.0.0.1", srv.port) for _ in range(2)]
+        for reader, writer in conns:  # both in the lane, idle after their answer
+            writer.write(post(beacon_body()))
+            assert [a[0] for a in split_answers(await read_answers(reader, 1))] == [202]
+        # a third connection takes the place of the oldest idle one
+        reader, writer = await asyncio.open_connection("127.0.0.1", srv.port)
+        writer.write(post(beacon_body()))
+        assert [a[0] for a in split_answers(await read_answers(reader, 1))] == [202]
+        assert await asyncio.wait_for(conns[0][0].read(), 10) == b""
+        writer.close()
+        for _, w in conns:
+            w.close()
+    finally:
+        await srv.runner.cleanup()
+
+
+# -- the lane and aiohttp answer alike --------------------------------------------------------
+
+_text = st.text(st.characters(codec="utf-8", exclude_categories=("Cs",)), max_size=40)
+_fields = st.fixed_dictionaries(
+    {},
+    optional={
+        "site": st.sampled_from(["open", "nope", "", "OPEN"]),
+        "type": st.sampled_from(["pageview", "heartbeat", "leave", "", "other"]),
+        "url": st.sampled_from(["https://a.vn/p", "http://a.vn", "ftp://a.vn/", "", "x y"]),
+        "referrer": st.sampled_from(["https://b.vn/", "", "nope"]),
+        "title": _text,
+        "member": st.sampled_from(["1", "0", "true", "", "2"]),
+        "event_id": st.sampled_from(["", "nope", "8c1e7a7e-5b4b-4e5e-9b0e-6f1f0c2d3e4f"]),
+        "visitor": _text,
+        "x": _text,
+    },
+)
+
+
+@settings(
+    max_examples=60,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture],
+)
+@given(
+    fields=_fields,
+    as_pixel=st.booleans(),
+    # what a header value can carry (controls make the head malformed: aiohttp's 400 alone)
+    ua=st.text(st.characters(codec="utf-8", exclude_categories=("Cs", "Cc")), max_size=40),
+)
+async def test_the_lane_answers_as_aiohttp_does(
+    server: Server, fields: dict[str, str], as_pixel: bool, ua: str
+) -> None:
+    ua_header = f"User-Agent: {ua}".encode()
+    if as_pixel:
+        query = "&".join(f"{quote(k)}={quote(v)}" for k, v in fields.items())
+        request = pixel(query).replace(f"User-Agent: {UA}".encode(), ua_header)
+    else:
+        request = post(json.dumps(fields).encode()).replace(f"User-Agent: {UA}".encode(), ua_header)
+    # the lane: the whole request in one write; aiohttp: the head cut in two (the lane hands
+    # over any request whose head is not complete)
+    cut = request.index(b"\r\n") + 2
+    lane = split_answers(await server.exchange(request))
+    lane_records = [event(r) for r in server.records]
+    server.records.clear()
+    full = split_answers(await server.exchange(request[:cut], request[cut:]))
+    full_records = [event(r) for r in server.records]
+    server.records.clear()
+    assert [(s, b) for s, _, b in lane] == [(s, b) for s, _, b in full]
+    assert not any(map(by_aiohttp, lane)) and all(map(by_aiohttp, full))
+    assert [{**r, "ts": 0, "event_id": ""} for r in lane_records] == [
+        {**r, "ts": 0, "event_id": ""} for r in full_records
+    ]
+    for (_, lane_headers, _), (_, full_headers, _) in zip(lane, full, strict=True):
+        for name in ("content-type", "access-control-allow-origin", "cache-control"):
+            assert lane_headers.get(name) == full_headers.get(name)
