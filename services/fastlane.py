@@ -47,14 +47,9 @@ class Reply(NamedTuple):
     body: bytes
 
 
-class Pending(NamedTuple):
-    """An answer that waits for ``future``; ``finish`` makes it once the future is done."""
-
-    future: asyncio.Future[Any]
-    finish: Callable[[asyncio.Future[Any]], Reply]
-
-
-LaneHandler = Callable[[RawRequest], "Reply | Pending"]
+# A lane handler answers at once (a ``Reply``) or later: it returns ``None`` and calls
+# ``conn.answer(reply)`` once (the next request of that connection waits until then).
+LaneHandler = Callable[[RawRequest, "LaneProtocol"], "Reply | None"]
 
 # The request line and header lines of a head the lane takes (without the final empty line).
 LANE_HEAD = re.compile(
@@ -91,13 +86,13 @@ class LaneProtocol(asyncio.Protocol):
         "_busy",
         "_close_after",
         "_fallback",
-        "_finish",
         "_gate",
         "_lane",
         "_last",
         "_limits",
         "_paused",
         "_peer",
+        "_serving",
         "_transport",
         "handed_over",
     )
@@ -117,9 +112,9 @@ class LaneProtocol(asyncio.Protocol):
         self._transport: asyncio.Transport | None = None
         self._buf = b""
         self._busy = False
-        self._finish: Callable[[asyncio.Future[Any]], Reply] | None = None
         self._close_after = False
         self._paused = False
+        self._serving = False
         self._peer: str | None = None
         self._last = time.monotonic()
         self.handed_over: asyncio.Protocol | None = None
@@ -223,40 +218,51 @@ class LaneProtocol(asyncio.Protocol):
                 break  # the body has not all arrived: aiohttp reads it, with its timeout
             if "close" in headers.get("connection", "").lower():
                 self._close_after = True
-            reply = handler(
-                RawRequest(
-                    method.decode("ascii"),
-                    path.decode("ascii"),
-                    query.decode("ascii"),
-                    headers,
-                    data[body_start:body_end],
-                    self._peer,
-                )
-            )
             pos = body_end
-            if isinstance(reply, Reply):
+            self._busy = self._serving = True
+            try:
+                reply = handler(
+                    RawRequest(
+                        method.decode("ascii"),
+                        path.decode("ascii"),
+                        query.decode("ascii"),
+                        headers,
+                        data[body_start:body_end],
+                        self._peer,
+                    ),
+                    self,
+                )
+            finally:
+                self._serving = False
+            if reply is not None:
+                self._busy = False
                 if not self._write(reply):
                     return
                 continue
-            # the answer comes later: the rest waits (answers go out in request order)
-            self._busy = True
-            self._buf = data[pos:]
-            self._finish = reply.finish
-            reply.future.add_done_callback(self._answered)
-            return
+            if self._busy:
+                # the answer comes later: the rest waits (answers go out in request order)
+                self._buf = data[pos:]
+                return
+            # answered already, from inside the handler
+            if self._transport is None or self._transport.is_closing():
+                return
         if pos < size:
             self._hand_over(data[pos:])
 
-    def _answered(self, fut: asyncio.Future[Any]) -> None:
+    def answer(self, reply: Reply) -> None:
+        """The answer to the request being handled (see ``LaneHandler``)."""
+        if not self._busy:
+            raise RuntimeError("no request of this connection is waiting for its answer")
         self._busy = False
-        finish, self._finish = self._finish, None
-        if self._transport is None or finish is None:
+        if self._transport is None:
             return
+        if not self._write(reply):
+            return
+        if self._serving:
+            return  # answered from inside the handler: _serve goes on with the rest
         if self._paused:
             self._paused = False
             self._transport.resume_reading()
-        if not self._write(finish(fut)):
-            return
         if self._buf:
             data, self._buf = self._buf, b""
             self._serve(data)

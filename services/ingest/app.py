@@ -18,9 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import contextlib
 import hashlib
-from collections.abc import Callable
 from http import HTTPStatus
 from importlib import resources
 from typing import Any, NamedTuple
@@ -31,10 +29,11 @@ from aiohttp.web_protocol import RequestPayloadError
 from multidict import CIMultiDict
 
 from services import http, metrics
-from services.fastlane import Pending, RawRequest, Reply
+from services.fastlane import LaneProtocol, RawRequest, Reply
 from services.ingest.beacon import BeaconError, parse_beacon, query_fields
 from services.ingest.pipeline import (
     PUBLISHED,
+    Accepted,
     ClientContext,
     Outcome,
     Pipeline,
@@ -42,7 +41,7 @@ from services.ingest.pipeline import (
     is_trusted,
     origin_of,
 )
-from services.ingest.publish import Unavailable
+from services.ingest.publish import Unavailable, publish
 from services.settings import Settings
 
 PIPELINE = web.AppKey("pipeline", Pipeline)
@@ -196,13 +195,6 @@ def _headers_of(request: web.Request) -> dict[str, str]:
     return headers
 
 
-class Later(NamedTuple):
-    """An answer that waits for the beacon's publication."""
-
-    future: asyncio.Future[None]
-    finish: Callable[[asyncio.Future[None]], Answer]
-
-
 class _Ingest:
     """The beacon endpoints of one app, with what they need bound once. ``collect`` and
     ``pixel`` decide for both server paths; the aiohttp handlers and the lane handlers only
@@ -242,26 +234,18 @@ class _Ingest:
 
     def _run(
         self, endpoint: str, raw: dict[str, Any], headers: dict[str, str], peer: str | None
-    ) -> Answer | Later:
+    ) -> Answer | Accepted:
         try:
             beacon = parse_beacon(raw)
         except BeaconError as e:
             raise _Refused(400, e.message, e.field) from None
-        pipeline = self.pipeline
-        decided = pipeline.decide(beacon, self.context(headers, peer), endpoint)
+        decided = self.pipeline.decide(beacon, self.context(headers, peer), endpoint)
         if isinstance(decided, Outcome):
             return _answer(endpoint, decided)
-        try:
-            fut = pipeline.submit(decided)
-        except Unavailable:
-            return _answer(endpoint, pipeline.settle_unavailable())
+        return decided
 
-        def finish(fut: asyncio.Future[None]) -> Answer:
-            return _answer(endpoint, pipeline.settle(decided, fut))
-
-        return Later(fut, finish)
-
-    def collect(self, headers: dict[str, str], peer: str | None, body: bytes) -> Answer | Later:
+    def collect(self, headers: dict[str, str], peer: str | None, body: bytes) -> Answer | Accepted:
+        """A refusal, or the record to publish."""
         try:
             # the usual headers as sent, known good without parsing them
             ctype = headers.get("content-type")
@@ -284,7 +268,7 @@ class _Ingest:
         except _Refused as r:
             return _refused("collect", r)
 
-    def pixel(self, headers: dict[str, str], peer: str | None, query: str) -> Answer | Later:
+    def pixel(self, headers: dict[str, str], peer: str | None, query: str) -> Answer | Accepted:
         try:
             try:
                 pairs = query_fields(query)
@@ -311,37 +295,50 @@ class _Ingest:
             body = await _read_body(request, self.read_timeout)
         except _Refused as r:
             return _refused("collect", r).response()
-        return await _respond(self.collect(headers, request.remote, body))
+        return await self._publish("collect", self.collect(headers, request.remote, body))
 
     async def pixel_request(self, request: web.Request) -> web.Response:
         query = request.rel_url.raw_query_string
-        return await _respond(self.pixel(_headers_of(request), request.remote, query))
+        decided = self.pixel(_headers_of(request), request.remote, query)
+        return await self._publish("pixel", decided)
+
+    async def _publish(self, endpoint: str, decided: Answer | Accepted) -> web.Response:
+        if isinstance(decided, Answer):
+            return decided.response()
+        try:
+            await publish(self.pipeline.publisher, decided.record)
+        except Unavailable as e:
+            return _answer(endpoint, self.pipeline.settle(e)).response()
+        return _answer(endpoint, self.pipeline.settle(None)).response()
 
     # -- the lane's path ------------------------------------------------------------------------
-    def collect_lane(self, req: RawRequest) -> Reply | Pending:
-        return _lane(self.collect(req.headers, req.peer, req.body), "collect")
+    def collect_lane(self, req: RawRequest, conn: LaneProtocol) -> Reply | None:
+        return self._lane("collect", self.collect(req.headers, req.peer, req.body), conn)
 
-    def pixel_lane(self, req: RawRequest) -> Reply | Pending:
-        return _lane(self.pixel(req.headers, req.peer, req.query), "pixel")
+    def pixel_lane(self, req: RawRequest, conn: LaneProtocol) -> Reply | None:
+        return self._lane("pixel", self.pixel(req.headers, req.peer, req.query), conn)
+
+    def _lane(self, endpoint: str, decided: Answer | Accepted, conn: LaneProtocol) -> Reply | None:
+        if isinstance(decided, Answer):
+            return _lane_reply(decided, endpoint)
+        pipeline = self.pipeline
+        accepted = _ACCEPTED_REPLY[endpoint]
+
+        def done(exc: BaseException | None) -> None:
+            if exc is None:  # (counted by the publisher)
+                conn.answer(accepted)
+            else:
+                conn.answer(_lane_reply(_answer(endpoint, pipeline.settle(exc)), endpoint))
+
+        try:
+            pipeline.publisher.submit(decided.record, done)
+        except Unavailable as e:
+            return _lane_reply(_answer(endpoint, pipeline.settle(e)), endpoint)
+        return None
 
 
 def _media_type(ctype: str | None) -> str:
     return (ctype or "").partition(";")[0].strip().lower()
-
-
-async def _respond(answer: Answer | Later) -> web.Response:
-    if isinstance(answer, Answer):
-        return answer.response()
-    with contextlib.suppress(Exception):
-        await answer.future
-    return answer.finish(answer.future).response()
-
-
-def _lane(answer: Answer | Later, endpoint: str) -> Reply | Pending:
-    if isinstance(answer, Later):
-        finish = answer.finish
-        return Pending(answer.future, lambda fut: _lane_reply(finish(fut), endpoint))
-    return _lane_reply(answer, endpoint)
 
 
 def _lane_reply(answer: Answer, endpoint: str) -> Reply:

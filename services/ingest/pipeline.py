@@ -7,8 +7,6 @@ which either lets it through or drops it with a reason from a closed set (and a 
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import ipaddress
 import itertools
 import os
@@ -23,7 +21,7 @@ from urllib.parse import urlsplit
 from services import metrics
 from services.ingest.beacon import Beacon
 from services.ingest.bots import is_bot
-from services.ingest.publish import Publisher, Unavailable
+from services.ingest.publish import Publisher, Unavailable, publish
 from services.ingest.publish_types import OutRecord
 from services.ingest.ratelimit import RateLimiter
 from services.ingest.visitor import VisitorHasher, verify_member_token
@@ -209,12 +207,10 @@ class Pipeline:
         if isinstance(decided, Outcome):
             return decided
         try:
-            fut = self.submit(decided)
-        except Unavailable:
-            return self.settle_unavailable()
-        with contextlib.suppress(Unavailable):
-            await fut
-        return self.settle(decided, fut)
+            await publish(self.publisher, decided.record)
+        except Unavailable as e:
+            return self.settle(e)
+        return self.settle(None)
 
     def decide(self, beacon: Beacon, client: ClientContext, endpoint: str) -> Outcome | Accepted:
         """Every step but the publication: a refusal (or a quiet drop), or the record to
@@ -272,20 +268,10 @@ class Pipeline:
         record = OutRecord(record_key(site.id, key.visitor), encode(event), key.shard, counters)
         return Accepted(site.id, record)
 
-    def submit(self, decided: Accepted) -> asyncio.Future[None]:
-        """Hand the record on; the future is done once it is safe. Raises ``Unavailable`` when
-        the publisher takes no more now."""
-        return self.publisher.submit(decided.record)
-
-    def settle_unavailable(self) -> Outcome:
-        """The outcome of a record the publisher would not take."""
-        return self._drop("unavailable", retry_after=5)
-
-    def settle(self, decided: Accepted, fut: asyncio.Future[None]) -> Outcome:
-        """The outcome of a publication that is done (counted by the publisher)."""
-        exc = fut.exception()
-        if exc is not None:
-            if isinstance(exc, Unavailable):
-                return self._drop("unavailable", retry_after=5)
-            raise exc
-        return PUBLISHED
+    def settle(self, exc: BaseException | None) -> Outcome:
+        """The outcome of a publication: done (counted by the publisher), or refused."""
+        if exc is None:
+            return PUBLISHED
+        if isinstance(exc, Unavailable):
+            return self._drop("unavailable", retry_after=5)
+        raise exc

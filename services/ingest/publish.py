@@ -12,6 +12,7 @@ import contextlib
 import logging
 import time
 from collections.abc import Callable
+from functools import partial
 from typing import Any, Protocol
 
 from aiokafka import AIOKafkaProducer
@@ -27,12 +28,31 @@ class Unavailable(Exception):
     """The record could not be made safe (broker down and spool full, or shutting down)."""
 
 
+# Called once a record is safe (``None``) or could not be made safe (``Unavailable``).
+Done = Callable[[BaseException | None], None]
+
+
 class Publisher(Protocol):
     async def start(self) -> None: ...
     async def stop(self) -> None: ...
-    async def publish(self, record: OutRecord) -> None: ...
-    def submit(self, record: OutRecord) -> asyncio.Future[None]: ...
+    def submit(self, record: OutRecord, done: Done) -> None: ...
     def ready(self) -> tuple[bool, str]: ...
+
+
+async def publish(publisher: Publisher, record: OutRecord) -> None:
+    """Submit ``record`` and wait until it is safe (raises ``Unavailable`` if it cannot be)."""
+    fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+    publisher.submit(record, partial(_settle_future, fut))
+    await fut
+
+
+def _settle_future(fut: asyncio.Future[None], exc: BaseException | None) -> None:
+    if fut.done():
+        return
+    if exc is None:
+        fut.set_result(None)
+    else:
+        fut.set_exception(exc)
 
 
 class LocalPublisher:
@@ -48,10 +68,7 @@ class LocalPublisher:
     async def stop(self) -> None:
         self._open = False
 
-    async def publish(self, record: OutRecord) -> None:
-        await self.submit(record)
-
-    def submit(self, record: OutRecord) -> asyncio.Future[None]:
+    def submit(self, record: OutRecord, done: Done) -> None:
         """Done at once: the record is in the in-process log."""
         if not self._open:
             raise Unavailable("shutting down")
@@ -59,9 +76,7 @@ class LocalPublisher:
         metrics.BEACONS_PUBLISHED.inc()
         for child in record.counters:
             child.inc()
-        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        fut.set_result(None)
-        return fut
+        done(None)
 
     def ready(self) -> tuple[bool, str]:
         return (self._open, "ok" if self._open else "stopped")
@@ -102,7 +117,7 @@ class KafkaPublisher:
         self._max_pending = max_pending
         self._ack_timeout = ack_timeout_seconds
         self._producer: AIOKafkaProducer | None = None
-        self._pending: list[tuple[OutRecord, asyncio.Future[None]]] = []
+        self._pending: list[tuple[OutRecord, Done]] = []
         self._wakeup = asyncio.Event()
         self._flusher: asyncio.Task[None] | None = None
         self._drainer: asyncio.Task[None] | None = None
@@ -175,21 +190,16 @@ class KafkaPublisher:
             return (False, "broker unreachable and spool full")
         return (True, "ok" if self._broker_ok else "broker unreachable; spooling")
 
-    async def publish(self, record: OutRecord) -> None:
-        await self.submit(record)
-
-    def submit(self, record: OutRecord) -> asyncio.Future[None]:
-        """Queue ``record`` for the next flush; the future is done once it is safe (or failed
-        with ``Unavailable``)."""
+    def submit(self, record: OutRecord, done: Done) -> None:
+        """Queue ``record`` for the next flush; ``done`` is called once it is safe (or with
+        ``Unavailable``). Raises ``Unavailable`` at once when no more can be taken now."""
         if self._closing:
             raise Unavailable("shutting down")
         if len(self._pending) >= self._max_pending:
             raise Unavailable("too many beacons in flight")
-        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._pending.append((record, fut))
+        self._pending.append((record, done))
         if len(self._pending) == 1:
             self._wakeup.set()
-        return fut
 
     async def _flush_loop(self) -> None:
         while True:
@@ -203,7 +213,7 @@ class KafkaPublisher:
             if self._closing and not self._pending:
                 return
 
-    async def _flush(self, pending: list[tuple[OutRecord, asyncio.Future[None]]]) -> None:
+    async def _flush(self, pending: list[tuple[OutRecord, Done]]) -> None:
         records = [r for r, _ in pending]
         if self._broker_ok and self._spool.empty():
             try:
@@ -213,9 +223,7 @@ class KafkaPublisher:
                     metrics.PUBLISH_LATENCY, [now - r.accepted_at for r in records]
                 )
                 metrics.count_safe([r.counters for r in records])
-                for _, fut in pending:
-                    if not fut.done():
-                        fut.set_result(None)
+                _tell(pending, None)
                 return
             except Exception as e:
                 metrics.PUBLISH_ERRORS.inc()
@@ -225,14 +233,10 @@ class KafkaPublisher:
         try:
             self._spool.append(records)
         except SpoolFullError:
-            for _, fut in pending:
-                if not fut.done():
-                    fut.set_exception(Unavailable("broker unreachable and spool full"))
+            _tell(pending, Unavailable("broker unreachable and spool full"))
             return
         metrics.count_safe([r.counters for r in records])
-        for _, fut in pending:
-            if not fut.done():
-                fut.set_result(None)
+        _tell(pending, None)
 
     async def _send(self, records: list[OutRecord]) -> None:
         """Send records in batches per partition and wait for every acknowledgement, at most
@@ -302,6 +306,16 @@ async def _close(producer: AIOKafkaProducer) -> None:
         log.warning("producer did not stop cleanly (%r); closing its connections", e)
         with contextlib.suppress(Exception):
             await asyncio.wait_for(producer.client.close(), 5)
+
+
+def _tell(pending: list[tuple[OutRecord, Done]], exc: BaseException | None) -> None:
+    """Call every record's ``done``; one that fails (a connection gone) does not stop the
+    others."""
+    for _, done in pending:
+        try:
+            done(exc)
+        except Exception:
+            log.exception("answering a published beacon failed")
 
 
 def _retrieve(future: asyncio.Future[Any]) -> None:

@@ -96,7 +96,13 @@ async def test_a_thousand_subscribers_all_get_the_update_and_leave_cleanly(run: 
                 asyncio.gather(*(update(r) for r in responses)), HANG_GUARD
             )
             assert len(updates) == SUBSCRIBERS
-            assert len(set(updates)) == 1
+            # One prepared message per refresh, the very same bytes for everyone: on a busy
+            # machine a second refresh can land before a slow subscriber has read the first
+            # (it then gets only the latest), so the updates may span two refreshes, with the
+            # same numbers.
+            by_refresh = {json.loads(u)["as_of"]: u for u in updates}
+            assert len(set(updates)) == len(by_refresh) <= 2
+            assert len({u.replace(json.loads(u)["as_of"].encode(), b"") for u in updates}) == 1
             got: dict[str, Any] = json.loads(updates[0])
             assert got["online"]["guests"] == 1
             assert got["visits"]["today"] == 1

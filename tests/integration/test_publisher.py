@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
-from services.ingest.publish import KafkaPublisher, Unavailable
+from services.ingest.publish import KafkaPublisher, Unavailable, publish
 from services.ingest.publish_types import OutRecord
 from services.ingest.spool import Spool
 from tests.support.tansu import Tansu, create_topic, free_port
@@ -71,7 +71,7 @@ async def publish_keys(publisher: KafkaPublisher, seqs: range) -> None:
 
     async def one_key(key: int) -> None:
         for seq in seqs:
-            await publisher.publish(record(key, seq))
+            await publish(publisher, record(key, seq))
 
     await asyncio.gather(*(one_key(k) for k in range(KEYS)))
 
@@ -138,7 +138,7 @@ async def test_a_full_spool_refuses_and_stop_drains_it(topic: Tansu, tmp_path: P
     try:
         with pytest.raises(Unavailable):
             for seq in range(2000):
-                await publisher.publish(record(seq % KEYS, seq // KEYS))
+                await publish(publisher, record(seq % KEYS, seq // KEYS))
                 accepted += 1
         assert publisher.ready() == (False, "broker unreachable and spool full")
         topic.resume()
