@@ -22,9 +22,8 @@ from __future__ import annotations
 import unicodedata
 import uuid
 from collections.abc import Mapping
-from dataclasses import dataclass
 from functools import lru_cache
-from typing import Any
+from typing import Any, NamedTuple
 from urllib.parse import unquote_plus, urlsplit
 
 from services.record import _CANONICAL_UUID, EVENT_TYPES
@@ -52,8 +51,9 @@ class BeaconError(ValueError):
         self.message = message
 
 
-@dataclass(slots=True, frozen=True)
-class Beacon:
+class Beacon(NamedTuple):
+    """(A named tuple: one is made per beacon.)"""
+
     site: str
     type: str
     url: str

@@ -39,8 +39,9 @@ _REFUSALS: dict[str, tuple[int, str, str | None]] = {
 }
 
 
-@dataclass(slots=True, frozen=True)
-class ClientContext:
+class ClientContext(NamedTuple):
+    """(A named tuple: one is made per beacon.)"""
+
     address: str
     user_agent: str
     origin: str | None  # the Origin header, or the origin of the Referer
