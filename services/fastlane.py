@@ -272,6 +272,7 @@ class LaneProtocol(asyncio.Protocol):
         transport = self._transport
         if transport is None:
             return False
+        self._last = time.monotonic()  # idle from the answer on
         close = self._close_after
         transport.write(
             b"".join(

@@ -21,7 +21,7 @@ An app with lane routes (``add_lane_route``: the ingest beacons) is served throu
 lane (``services/fastlane.py``), which answers the usual requests of those routes itself and
 hands every other connection, from its first unusual request on, to the handler above; lane
 connections count against the same cap and are closed after ``read_timeout_seconds`` idle.
-The lane writes no access log.
+The lane writes no access log: with ``access_log`` on, aiohttp serves every request.
 """
 
 from __future__ import annotations
@@ -377,7 +377,8 @@ async def start_server(
     it: no new connections, the requests in flight finish, every cleanup context runs."""
     args = handler_args(settings)
     gate = _Gate(connection_limit(settings.max_connections))
-    lane = app.get(LANE_ROUTES)
+    # the lane writes no access log: with one asked for, every request goes through aiohttp
+    lane = None if settings.access_log else app.get(LANE_ROUTES)
     if lane:
 
         async def sweeping(app: web.Application) -> AsyncIterator[None]:

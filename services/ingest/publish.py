@@ -202,14 +202,22 @@ class KafkaPublisher:
             self._wakeup.set()
 
     async def _flush_loop(self) -> None:
+        """One flush at a time (order per partition). ``linger_seconds`` gathers a batch only
+        when the pipe was idle: records that arrived during a flush have waited already and go
+        out as soon as it is done."""
+        waited = False
         while True:
-            await self._wakeup.wait()
-            self._wakeup.clear()
-            if self._linger and not self._closing:
-                await asyncio.sleep(self._linger)
+            if not waited:
+                await self._wakeup.wait()
+                self._wakeup.clear()
+                if self._linger and not self._closing:
+                    await asyncio.sleep(self._linger)
             if self._pending:
                 pending, self._pending = self._pending, []
                 await self._flush(pending)
+            waited = bool(self._pending)
+            if waited:
+                self._wakeup.clear()
             if self._closing and not self._pending:
                 return
 
