@@ -22,10 +22,10 @@ from __future__ import annotations
 import unicodedata
 import uuid
 from collections.abc import Mapping
-from functools import lru_cache
 from typing import Any, NamedTuple
 from urllib.parse import unquote_plus, urlsplit
 
+from services.memo import memo
 from services.record import _CANONICAL_UUID, EVENT_TYPES
 from services.sites import SITE_ID
 
@@ -103,7 +103,7 @@ def _url(raw: Mapping[str, Any], name: str, *, required: bool) -> str:
     return value
 
 
-@lru_cache(maxsize=65536)
+@memo(65536)
 def _url_problem(value: str) -> str | None:
     """What is wrong with a cleaned URL, or None. Cached: the readers of one page all send
     its URL, and a reader sends it with every event."""

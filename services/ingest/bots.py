@@ -4,14 +4,14 @@ per User-Agent string: portal traffic repeats a small set of User-Agents."""
 
 from __future__ import annotations
 
-from functools import lru_cache
-
 from crawlerdetect import CrawlerDetect
+
+from services.memo import memo
 
 _detector = CrawlerDetect()
 
 
-@lru_cache(maxsize=16384)
+@memo(16384)
 def is_bot(user_agent: str) -> bool:
     # A client that does not say what it is, is not a reader's browser.
     if not user_agent.strip():

@@ -25,6 +25,7 @@ from services.ingest.publish import Publisher, Unavailable, publish
 from services.ingest.publish_types import OutRecord
 from services.ingest.ratelimit import RateLimiter
 from services.ingest.visitor import VisitorHasher, verify_member_token
+from services.memo import memo
 from services.record import Event, encode, record_key
 from services.sites import Registry
 
@@ -161,7 +162,7 @@ def is_trusted(peer: str | None, trusted: Networks) -> bool:
     return ip is not None and any(ip in net for net in trusted)
 
 
-@lru_cache(maxsize=65536)
+@memo(65536)
 def rate_key(address: str) -> str:
     """Whose budget a beacon is charged to: the IPv4 address, or the /64 of an IPv6 address
     (one subscriber's allocation: a client rotating addresses inside it gains nothing)."""

@@ -19,13 +19,15 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-from dataclasses import dataclass
+from typing import NamedTuple
 
 KEY_CACHE_SIZE = 65_536
 
 
-@dataclass(slots=True, frozen=True)
-class VisitorKey:
+class VisitorKey(NamedTuple):
+    """(The key cache keeps plain tuples of its fields: a plain tuple of atomic values is not
+    tracked by the cyclic garbage collector, a named tuple always is.)"""
+
     visitor: str
     visitor_prev: str | None
     shard: int
@@ -40,7 +42,7 @@ class VisitorHasher:
         self._link_ms = salt_link_seconds * 1000
         self._salts: dict[int, bytes] = {}
         # (site, address, user agent, period, within the link window) -> key
-        self._keys: dict[tuple[str, str, str, int, bool], VisitorKey] = {}
+        self._keys: dict[tuple[str, str, str, int, bool], tuple[str, str | None, int]] = {}
         self._keys_period = -1
 
     def _salt(self, period: int) -> bytes:
@@ -58,7 +60,7 @@ class VisitorHasher:
         cache_key = (site, address, user_agent, period, linked)
         known = self._keys.get(cache_key)
         if known is not None:
-            return known
+            return VisitorKey(*known)
         if period != self._keys_period or len(self._keys) >= KEY_CACHE_SIZE:
             self._keys.clear()
             self._keys_period = period
@@ -67,8 +69,8 @@ class VisitorHasher:
         prev = None
         if linked:
             prev = hmac.digest(self._salt(period - 1), material, "sha256")[:16].hex()
-        key = self._keys[cache_key] = VisitorKey(visitor, prev, self._shard(material))
-        return key
+        key = self._keys[cache_key] = (visitor, prev, self._shard(material))
+        return VisitorKey(*key)
 
     def portal_key(self, site: str, portal_visitor: str) -> VisitorKey:
         """The portal's own (stable, opaque) visitor id: hashed, never rotated."""

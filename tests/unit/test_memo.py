@@ -1,0 +1,37 @@
+"""The hot paths' memo: the function's answers, at most ``maxsize`` kept, none tracked by the
+cyclic garbage collector."""
+
+from __future__ import annotations
+
+import gc
+
+from services.memo import memo
+
+
+def test_memo_answers_as_the_function_and_stays_bounded() -> None:
+    calls: list[int] = []
+
+    @memo(3)
+    def square(n: int) -> int:
+        calls.append(n)
+        return n * n
+
+    assert [square(n) for n in (1, 2, 1, 3, 2)] == [1, 4, 1, 9, 4]
+    assert calls == [1, 2, 3]  # answered from the memo the second time
+    assert square(4) == 16  # full: emptied, then kept
+    assert square(1) == 1
+    assert calls == [1, 2, 3, 4, 1]
+
+
+def test_memo_of_atomic_values_is_invisible_to_the_collector() -> None:
+    @memo(1000)
+    def text(n: int) -> tuple[str, bool]:
+        return (str(n), n % 2 == 0)
+
+    for n in range(500):
+        text(n)
+    gc.collect()
+    cache = text.__wrapped__  # the function; its memo is the closure's dict
+    cells = [c.cell_contents for c in text.__closure__ or () if isinstance(c.cell_contents, dict)]
+    assert cache is not None and len(cells) == 1 and len(cells[0]) == 500
+    assert not gc.is_tracked(cells[0])
