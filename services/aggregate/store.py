@@ -232,7 +232,9 @@ class Store:
         metrics.BATCH_SIZE.observe(len(rows))
 
     async def record_peak(self, site: str, online: int, at_ms: int) -> None:
-        await self.run(
+        # On the reading thread: the counter's own small write, never queued behind a batch
+        # of events, and seen by the next snapshot (the same thread, after it).
+        await self.run_read(
             lambda c: c.insert(
                 "peaks", [[site, online, at_ms]], column_names=["site", "online", "at"]
             )
