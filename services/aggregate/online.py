@@ -15,9 +15,10 @@ never change the answer: folding in any superset of the window's rows, in any or
 number of times, gives the same numbers. That is what makes it incremental:
 
 * the window is cut into ``BUCKET_MS`` buckets of ``ts``; every tick one cheap query counts the
-  rows per bucket (the table only ever grows: a bucket whose count is unchanged holds the very
-  rows already folded in), and one query reads, grouped per visitor, only the buckets whose
-  count changed (new rows, late rows of an older bucket alike);
+  rows per bucket (from a projection that keeps these counts in every part; the table only ever
+  grows, so a bucket whose count is unchanged holds the very rows already folded in), and one
+  query reads, grouped per visitor, only the buckets whose count changed (new rows, late rows
+  of an older bucket alike);
 * as ``now`` moves on, a heap brings each visitor back at the moment its answer may change (its
   window ends, its bot row leaves the window, or it is older than ``L`` and is forgotten).
 
@@ -35,11 +36,13 @@ BUCKET_MS = 250
 NONE, GUEST, MEMBER, BOT = 0, 1, 2, 3
 NEVER = -(2**62)  # the bot_ts of a visitor without a bot row
 
-# The rows per bucket of ``ts`` since ``from`` (milliseconds, a bucket start).
-COUNTS_QUERY = """
-SELECT intDiv(toUnixTimestamp64Milli(ts), {bucket:Int64}) AS b, count()
+# The rows per bucket of ``ts`` from bucket ``first`` on. Answered from the ``buckets``
+# projection (migration 0003: a few rows per part, not a row per event), whose expression this
+# must repeat exactly, the width included.
+COUNTS_QUERY = f"""
+SELECT intDiv(toUnixTimestamp64Milli(ts), {BUCKET_MS}) AS b, count()
 FROM events
-WHERE ts >= fromUnixTimestamp64Milli({from:Int64}, 'UTC') AND site IN {sites:Array(String)}
+WHERE b >= {{first:Int64}} AND site IN {{sites:Array(String)}}
 GROUP BY b
 """
 

@@ -292,8 +292,9 @@ class Store:
 
     async def snapshot(self, windows: dict[str, int], since_day: date, now_ms: int) -> Snapshot:
         """Everything the counters of all sites need. Online from what changed since the last
-        call (see online.py: two small queries); days and totals from the ``daily`` projection
-        (rows per part, site and day, not per event); peaks from their own small table."""
+        call (see online.py: two small queries, the first from the ``buckets`` projection);
+        days and totals from the ``daily`` projection (rows per part, site and day, not per
+        event); peaks from their own small table."""
         sites = list(windows)
         windows_ms = {s: windows[s] * 1000 for s in sites}
         tracker = self._online
@@ -302,7 +303,7 @@ class Store:
             first = tracker.first_bucket(windows_ms, now_ms)
             counts = c.query(
                 COUNTS_QUERY,
-                parameters={"bucket": BUCKET_MS, "from": first * BUCKET_MS, "sites": sites},
+                parameters={"first": first, "sites": sites},
             ).result_rows
             read = tracker.changed(counts)
             states: list[Any] = []

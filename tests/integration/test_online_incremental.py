@@ -15,7 +15,8 @@ from typing import Any
 import pytest
 
 from services.aggregate.counting import Row
-from services.aggregate.online import BUCKET_MS, ONLINE_BY_QUERY
+from services.aggregate.migrate import migrations, render, schema_migrations_ddl
+from services.aggregate.online import BUCKET_MS, COUNTS_QUERY, ONLINE_BY_QUERY
 from services.aggregate.store import Online, Store
 from services.record import Event
 
@@ -213,3 +214,70 @@ async def test_the_edges_of_the_windows_to_the_millisecond(store: Store, tmp_pat
             fresh.close()
     assert (await by_query(store, windows, T0 + 300_000))["long"] == Online(0, 0, 1)
     assert (await by_query(store, windows, T0 + 300_001))["long"] == Online(1, 0, 0)
+
+
+async def test_bucket_counts_read_the_buckets_projection(store: Store) -> None:
+    await insert(store, Stream(6).rows(T0, 50))
+    params = {"first": (T0 - 400_000) // BUCKET_MS, "sites": list(WINDOWS)}
+    plan = await store.run(
+        lambda c: c.query("EXPLAIN " + COUNTS_QUERY, parameters=params).result_rows
+    )
+    assert any("ReadFromMergeTree (buckets)" in line for (line,) in plan), plan
+
+
+async def test_an_upgraded_database_keeps_its_numbers(tmp_path: Path) -> None:
+    """A database of the previous version (0001 and 0002 applied, rows stored) gets the
+    ``buckets`` projection for the rows it has: same totals, same online numbers."""
+    url = f"chdb://{tmp_path}/clickhouse"
+    old = Store(url)
+    stream = Stream(11)
+    windows = {"long": 300, "short": 60}
+    now = T0 + 100_000
+
+    def previous_version(c: Any) -> None:
+        c.command(schema_migrations_ddl(None))
+        for mig in migrations():
+            if mig.version <= 2:
+                for statement in render(mig):
+                    c.command(statement)
+                c.insert("schema_migrations", [[mig.version, mig.name]], ["version", "name"])
+
+    try:
+        await old.run(previous_version)
+        for t in range(0, 100_000, 10_000):
+            await insert(old, stream.rows(T0 + t, 30))
+        before = await old.run(
+            lambda c: (
+                c.query(
+                    "SELECT site, sum(starts_visit), sum(pageview), count() "
+                    "FROM events GROUP BY site"
+                ).result_rows
+            )
+        )
+        want = await by_query(old, windows, now)
+    finally:
+        old.close()
+
+    new = Store(url)
+    try:
+        assert await new.migrate() == ["0003_buckets"]
+        assert await new.migrate() == []
+        snap = await new.snapshot(windows, date(2026, 1, 1), now)
+        assert {s: t for s, t in snap.totals.items()} == {s: (v, p) for s, v, p, _ in before}
+        assert same(snap.online, want, list(windows))
+        # every stored part has the projection: the counts come from it, and are the rows'
+        counts = await new.run(
+            lambda c: (
+                c.query(COUNTS_QUERY, parameters={"first": 0, "sites": list(WINDOWS)}).result_rows
+            )
+        )
+        assert sum(n for _, n in counts) == sum(n for *_, n in before)
+        missing = await new.run(
+            lambda c: c.command(
+                "SELECT count() FROM system.parts WHERE table = 'events' AND active "
+                "AND NOT has(projections, 'buckets')"
+            )
+        )
+        assert missing == 0
+    finally:
+        new.close()
