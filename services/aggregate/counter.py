@@ -1,6 +1,8 @@
-"""The counter: every tick, the numbers of every site are computed once (four ClickHouse
-queries for all sites) and prepared as ready bytes with their ETag, then served to every
-request and every stream subscriber as they are.
+"""The counter: every tick, the numbers of every site are computed once (a few small ClickHouse
+queries for all sites, whose cost follows what changed since the last tick, not the size of the
+table: see store.py and online.py) and prepared as ready bytes with their ETag, then served to
+every request and every stream subscriber as they are. A tick follows each flush of events
+closely (``min_gap_seconds``), so that a beacon shows soon after it is written.
 
 ``stale`` turns true when a refresh fails: the last good numbers stay, with their ``as_of``.
 
@@ -115,6 +117,10 @@ class Fanout:
 
     def __init__(self, sites: Iterable[str]) -> None:
         self.prepared: dict[str, Prepared] = {}
+        # What the stream carries: the latest *published* numbers. ``replace`` (same numbers,
+        # newer ``as_of``) changes what requests get, not this, so that every subscriber of a
+        # change writes the very same bytes, even one that wakes up after a replace.
+        self._pushed: dict[str, Prepared] = {}
         self._changed: dict[str, asyncio.Event] = {s: asyncio.Event() for s in sites}
         self.closed = False
 
@@ -125,6 +131,7 @@ class Fanout:
     def publish(self, site: str, prepared: Prepared) -> None:
         """New numbers for ``site``: wake its subscribers."""
         self.prepared[site] = prepared
+        self._pushed[site] = prepared
         self._wake(site)
 
     def replace(self, site: str, prepared: Prepared) -> None:
@@ -152,7 +159,7 @@ class Fanout:
         while not self.closed:
             # No await between taking the event and reading the latest: no change is missed.
             changed = self._changed[site]
-            latest = self.prepared.get(site)
+            latest = self._pushed.get(site)
             if latest is not None and latest.etag != sent:
                 sent = latest.etag
                 yield latest
@@ -215,8 +222,8 @@ class CounterService:
             return
         self.healthy = True
         metrics.COUNTER_AGE.set(now_ms / 1000)
+        new_peaks = [site for site in self.registry if self._peak(site, snap, now_ms)]
         for site in self.registry:
-            await self._record_peak(site, snap, now_ms)
             payload = build_payload(site, snap, now_ms, stale=False)
             online = payload["online"]
             for kind in ("guests", "members", "total", "bots"):
@@ -231,24 +238,32 @@ class CounterService:
         done = self.clock()
         for ts in flushed:
             metrics.FRESHNESS.observe(max(0.0, done - ts / 1000))
+        # Written after the numbers are out: a new peak never delays them.
+        for site in new_peaks:
+            total, at = self._peaks[site.id]
+            try:
+                await self.store.record_peak(site.id, total, at)
+            except Exception as e:
+                log.warning("could not record the peak of %s: %s", site.id, e)
 
-    async def _record_peak(self, site: Site, snap: Snapshot, now_ms: int) -> None:
+    def _peak(self, site: Site, snap: Snapshot, now_ms: int) -> bool:
+        """Put the site's peak (stored or seen by this process) in ``snap``; True when the
+        online total now beats it (a new peak, to record)."""
         known = max(self._peaks.get(site.id, (0, 0)), snap.peaks.get(site.id, (0, 0)))
         online = snap.online.get(site.id, Online())
         total = online.guests + online.members
-        if total > known[0]:
+        beaten = total > known[0]
+        if beaten:
             known = (total, now_ms)
-            try:
-                await self.store.record_peak(site.id, total, now_ms)
-            except Exception as e:
-                log.warning("could not record the peak of %s: %s", site.id, e)
         self._peaks[site.id] = known
         if known[0] > snap.peaks.get(site.id, (0, 0))[0]:
             snap.peaks[site.id] = known
+        return beaten
 
-    async def run(self, stopping: asyncio.Event, min_gap_seconds: float = 0.25) -> None:
+    async def run(self, stopping: asyncio.Event, min_gap_seconds: float = 0.1) -> None:
         """Refresh every ``interval`` seconds, and right after a flush lands (``note_flushed``),
-        but never more often than every ``min_gap_seconds`` (at most 4 refreshes a second)."""
+        but never more often than every ``min_gap_seconds``. Flushes come every
+        ``flush_interval_seconds`` or so, so in practice a refresh follows each flush."""
         landed = self._landed
         while not stopping.is_set():
             started = time.monotonic()

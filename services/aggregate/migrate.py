@@ -71,7 +71,9 @@ def render(
         "{dedup_window_setting}",
         "replicated_deduplication_window" if cluster else "non_replicated_deduplication_window",
     )
-    statements = [_strip_comments(sql)]
+    # A migration may hold several statements, each ending with ";" at the end of a line.
+    statements = [s.strip() for s in re.split(r";[ \t]*$", _strip_comments(sql), flags=re.M)]
+    statements = [s for s in statements if s]
     if cluster:
         for name in tables:
             statements.append(

@@ -1,8 +1,10 @@
 """ClickHouse: the one place the aggregate service reads and writes its data.
 
 Embedded (``chdb://PATH``) or a server/cluster (``http(s)://user:pass@host:port/db``), through
-clickhouse-connect's synchronous client, run on one worker thread (the async client refuses
-``chdb://``, and one thread keeps a single session per process). Every value reaches a
+clickhouse-connect's synchronous client (the async client refuses ``chdb://``). Two clients,
+each on a worker thread of its own: one writes (inserts, migrations, the consumer's reads) and
+one reads the counter's snapshot, so that neither waits for the other. chDB runs queries of
+different connections in parallel, and releases the GIL while it does. Every value reaches a
 statement as a bound parameter; no statement is built from input.
 """
 
@@ -23,6 +25,13 @@ import clickhouse_connect
 from services import metrics
 from services.aggregate.counting import Row
 from services.aggregate.migrate import migrations, render, schema_migrations_ddl
+from services.aggregate.online import (
+    BUCKET_MS,
+    COUNTS_QUERY,
+    NEVER,
+    STATES_QUERY,
+    OnlineTracker,
+)
 from services.record import Event
 
 log = logging.getLogger(__name__)
@@ -77,21 +86,27 @@ class Store:
     def __init__(self, url: str) -> None:
         self.url = url
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="clickhouse")
+        self._reader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="clickhouse-read")
         self._client: Any = None
+        self._read_client: Any = None
+        self._online = OnlineTracker()  # used on the reading thread only
 
     # -- plumbing -------------------------------------------------------------------------------
+    def _new_client(self) -> Any:
+        options: dict[str, Any] = {}
+        if not self.url.startswith("chdb://"):
+            # no sessions: replicas behind a load balancer do not share them
+            options = {
+                "connect_timeout": 5,
+                "send_receive_timeout": 30,
+                "autogenerate_session_id": False,
+                "compress": False,
+            }
+        return clickhouse_connect.get_client(dsn=dsn_of(self.url), **options)
+
     def _connect(self) -> Any:
         if self._client is None:
-            options: dict[str, Any] = {}
-            if not self.url.startswith("chdb://"):
-                # no sessions: replicas behind a load balancer do not share them
-                options = {
-                    "connect_timeout": 5,
-                    "send_receive_timeout": 30,
-                    "autogenerate_session_id": False,
-                    "compress": False,
-                }
-            self._client = clickhouse_connect.get_client(dsn=dsn_of(self.url), **options)
+            self._client = self._new_client()
         return self._client
 
     def _call(self, fn: Callable[[Any], T]) -> T:
@@ -103,19 +118,40 @@ class Store:
                 self._client = None
             raise
 
+    def _call_read(self, fn: Callable[[Any], T]) -> T:
+        if self._read_client is None:
+            self._read_client = self._new_client()
+        try:
+            return fn(self._read_client)
+        except Exception:
+            if not self.url.startswith("chdb://"):
+                self._read_client = None
+            raise
+
     async def run(self, fn: Callable[[Any], T]) -> T:
         # A call whose caller stopped waiting before its turn (a timeout while ClickHouse
         # hangs) is cancelled in the executor's queue, so abandoned calls do not pile up.
         return await asyncio.get_running_loop().run_in_executor(self._executor, self._call, fn)
 
+    async def run_read(self, fn: Callable[[Any], T]) -> T:
+        """Like ``run``, on the reading client and thread (the counter's snapshot)."""
+        return await asyncio.get_running_loop().run_in_executor(self._reader, self._call_read, fn)
+
     def close(self) -> None:
+        def _close_reader() -> None:
+            if self._read_client is not None:
+                self._read_client.close()
+                self._read_client = None
+
         def _close() -> None:
-            # chDB too: an embedded engine holds its path until closed, and a process may
-            # open another path only after that.
+            # chDB too: an embedded engine holds its path until closed (until its last
+            # connection is), and a process may open another path only after that.
             if self._client is not None:
                 self._client.close()
                 self._client = None
 
+        self._reader.submit(_close_reader).result()
+        self._reader.shutdown(wait=True)
         self._executor.submit(_close).result()
         self._executor.shutdown(wait=True)
 
@@ -196,7 +232,9 @@ class Store:
         metrics.BATCH_SIZE.observe(len(rows))
 
     async def record_peak(self, site: str, online: int, at_ms: int) -> None:
-        await self.run(
+        # On the reading thread: the counter's own small write, never queued behind a batch
+        # of events, and seen by the next snapshot (the same thread, after it).
+        await self.run_read(
             lambda c: c.insert(
                 "peaks", [[site, online, at_ms]], column_names=["site", "online", "at"]
             )
@@ -253,41 +291,35 @@ class Store:
         return await self.run(query)
 
     async def snapshot(self, windows: dict[str, int], since_day: date, now_ms: int) -> Snapshot:
-        """Everything the counters of all sites need, in four queries."""
+        """Everything the counters of all sites need. Online from what changed since the last
+        call (see online.py: two small queries, the first from the ``buckets`` projection);
+        days and totals from the ``daily`` projection (rows per part, site and day, not per
+        event); peaks from their own small table."""
         sites = list(windows)
-        window_ms = [windows[s] * 1000 for s in sites]
-        longest = max(window_ms, default=300_000)
+        windows_ms = {s: windows[s] * 1000 for s in sites}
+        tracker = self._online
 
         def query(c: Any) -> Snapshot:
-            online_rows = c.query(
-                """
-                SELECT site,
-                       countIf(NOT bot AND latest != 'leave' AND NOT member),
-                       countIf(NOT bot AND latest != 'leave' AND member),
-                       countIf(bot AND latest != 'leave')
-                FROM (
-                    SELECT site, visitor,
-                           argMax(type, (ts, kafka_offset)) AS latest,
-                           argMax(member, (ts, kafka_offset)) AS member,
-                           max(bot) AS bot,
-                           max(ts) AS last_ts
-                    FROM events
-                    WHERE ts >= fromUnixTimestamp64Milli({since:Int64}, 'UTC')
-                      AND site IN {sites:Array(String)}
-                    GROUP BY site, visitor
-                )
-                WHERE toUnixTimestamp64Milli(last_ts)
-                      >= {now:Int64} - transform(site, {sites:Array(String)},
-                                                 {windows:Array(Int64)}, toInt64(0))
-                GROUP BY site
-                """,
-                parameters={
-                    "since": now_ms - longest,
-                    "now": now_ms,
-                    "sites": sites,
-                    "windows": window_ms,
-                },
+            first = tracker.first_bucket(windows_ms, now_ms)
+            counts = c.query(
+                COUNTS_QUERY,
+                parameters={"first": first, "sites": sites},
             ).result_rows
+            read = tracker.changed(counts)
+            states: list[Any] = []
+            if read:
+                states = c.query(
+                    STATES_QUERY,
+                    parameters={
+                        "bucket": BUCKET_MS,
+                        "lo": min(read) * BUCKET_MS,
+                        "hi": (max(read) + 1) * BUCKET_MS,
+                        "sites": sites,
+                        "buckets": sorted(read),
+                        "never": NEVER,
+                    },
+                ).result_rows
+            online = tracker.apply(now_ms, first, read, states)
             day_rows = c.query(
                 "SELECT site, day, sum(starts_visit), sum(pageview) FROM events "
                 "WHERE day >= {since:Date} GROUP BY site, day",
@@ -304,14 +336,14 @@ class Store:
             for site, day, visits, pageviews in day_rows:
                 days.setdefault(site, {})[day] = (int(visits), int(pageviews))
             return Snapshot(
-                online={s: Online(int(g), int(m), int(b)) for s, g, m, b in online_rows},
+                online={s: Online(g, m, b) for s, (g, m, b) in online.items()},
                 days=days,
                 totals={s: (int(v), int(p)) for s, v, p in total_rows},
                 peaks={s: (int(o), int(at)) for s, o, at in peak_rows},
             )
 
         try:
-            return await self.run(query)
+            return await self.run_read(query)
         except Exception:
             metrics.CLICKHOUSE_ERRORS.labels("query").inc()
             raise

@@ -61,6 +61,12 @@ def test_cluster_ddl_parses_and_creates_replicated_and_distributed_tables() -> N
     assert "non_replicated_deduplication_window" not in joined
     for table in ("events", "peaks", "schema_migrations"):
         assert any(f"CREATE TABLE IF NOT EXISTS {table}" in s for s in out), table
+    # a projection is added to the replicated tables (the Distributed one has no parts)
+    alters = [s for s in out if s.startswith("ALTER TABLE")]
+    assert len(alters) == 2, alters
+    assert all(s.startswith("ALTER TABLE events_local ON CLUSTER visitorstats") for s in alters)
+    assert "ADD PROJECTION IF NOT EXISTS buckets" in alters[0]
+    assert "MATERIALIZE PROJECTION buckets" in alters[1]
 
 
 def test_single_server_ddl_parses() -> None:
@@ -68,6 +74,8 @@ def test_single_server_ddl_parses() -> None:
     joined = "\n".join(out)
     assert "Distributed" not in joined and "ON CLUSTER" not in joined
     assert "PROJECTION daily" in joined and "non_replicated_deduplication_window" in joined
+    assert "ADD PROJECTION IF NOT EXISTS buckets" in joined
+    assert "MATERIALIZE PROJECTION buckets" in joined
 
 
 def test_a_cluster_name_that_is_not_an_identifier_is_refused() -> None:

@@ -1,0 +1,213 @@
+"""The counter's snapshot queries against a realistic table (``python -m bench.snapshot_queries``).
+
+Fills a chDB path through ``Store.insert_events`` (as the consumer writes: one INSERT per
+partition per batch) with ``--events`` events over ``--minutes`` minutes ending now, from
+``--visitors`` visitors on ``--sites`` sites (pageviews, heartbeats, leaves; some members, some
+bots), then times ``Store.snapshot`` ``--repeat`` times. ``--keep PATH`` reuses (or fills once)
+a path between runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import random
+import shutil
+import statistics
+import tempfile
+import time
+import uuid
+from datetime import UTC, datetime, timedelta
+
+from services.aggregate.counting import Row
+from services.aggregate.store import Online, Store
+
+try:
+    from services.aggregate.online import ONLINE_BY_QUERY
+except ImportError:  # the code before the incremental tally: its snapshot runs that query
+    ONLINE_BY_QUERY = ""
+from services.record import Event
+
+PARTITIONS = 4
+
+
+def day_of(ts_ms: int) -> object:
+    return (datetime.fromtimestamp(ts_ms / 1000, UTC) + timedelta(hours=7)).date()
+
+
+def event_row(rnd: random.Random, keys: list[str], sites: int, ts: int, offsets: list[int]) -> Row:
+    v = rnd.randrange(len(keys))
+    key = keys[v]
+    p = v % PARTITIONS
+    r = rnd.random()
+    typ = "pageview" if r < 0.5 else ("heartbeat" if r < 0.93 else "leave")
+    ev = Event(
+        str(uuid.UUID(int=rnd.getrandbits(128))),
+        f"site-{v % sites}",
+        typ,
+        ts,
+        key,
+        None,
+        v % 10 == 0 and rnd.random() < 0.9,
+        v % 20 == 1,
+        "https://example.vn/a",
+        "",
+        "",
+    )
+    offsets[p] += 1
+    return Row(
+        ev,
+        key,
+        typ == "pageview" and rnd.random() < 0.2,
+        typ == "pageview",
+        day_of(ts),
+        p,
+        offsets[p],
+    )  # type: ignore[arg-type]
+
+
+async def insert(store: Store, rows: list[Row]) -> None:
+    by_part: dict[int, list[Row]] = {}
+    for row in rows:
+        by_part.setdefault(row.partition, []).append(row)
+    for part_rows in by_part.values():
+        await store.insert_events(part_rows, "pageviews", str(uuid.uuid4()))
+
+
+async def fill(store: Store, events: int, visitors: int, sites: int, minutes: int) -> None:
+    rnd = random.Random(6)
+    now = int(time.time() * 1000)
+    start = now - minutes * 60_000
+    step = (now - start) / events
+    keys = [uuid.UUID(int=rnd.getrandbits(128)).hex for _ in range(visitors)]
+    offsets = [0] * PARTITIONS
+    batch = []
+    for i in range(events):
+        batch.append(event_row(rnd, keys, sites, int(start + i * step), offsets))
+        if len(batch) >= 80_000:
+            await insert(store, batch)
+            batch = []
+    await insert(store, batch)
+
+
+async def ticks(
+    store: Store,
+    windows: dict[str, int],
+    since: object,
+    now_ms: int,
+    n: int,
+    rate: int,
+    visitors: int,
+    sites: int,
+) -> tuple[int, list[float]]:
+    """``n`` ticks of 250 ms of (simulated) time: ``rate``/s new events, a tenth of them late
+    (up to 5 s), inserted, then a snapshot, timed."""
+    rnd = random.Random(n)
+    keys = [uuid.UUID(int=random.Random(6).getrandbits(128)).hex for _ in range(visitors)]
+    offsets = [10**9 + n * 10**6] * PARTITIONS
+    per_tick = rate // 4
+    times = []
+    for _ in range(n):
+        rows = []
+        for j in range(per_tick):
+            ts = now_ms + j * 250 // per_tick
+            if rnd.random() < 0.1:
+                ts -= rnd.randrange(5000)
+            rows.append(event_row(rnd, keys, sites, ts, offsets))
+        now_ms += 250
+        await insert(store, rows)
+        t0 = time.monotonic()
+        await store.snapshot(windows, since, now_ms)  # type: ignore[arg-type]
+        times.append(time.monotonic() - t0)
+    return now_ms, times
+
+
+async def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--events", type=int, default=3_000_000)
+    ap.add_argument("--visitors", type=int, default=400_000)
+    ap.add_argument("--sites", type=int, default=4)
+    ap.add_argument("--minutes", type=int, default=10)
+    ap.add_argument("--repeat", type=int, default=5)
+    ap.add_argument("--keep", default=None)
+    ap.add_argument("--ticks", type=int, default=20)
+    ap.add_argument("--rate", type=int, default=10_000)
+    args = ap.parse_args()
+    path = args.keep or tempfile.mkdtemp(prefix="snapq-")
+    store = Store(f"chdb://{path}")
+    try:
+        t0 = time.monotonic()
+        applied = await store.migrate()
+        print(f"migrations applied: {applied} in {time.monotonic() - t0:.1f} s")
+        n = await store.run(lambda c: c.command("SELECT count() FROM events"))
+        if not n:
+            t0 = time.monotonic()
+            await fill(store, args.events, args.visitors, args.sites, args.minutes)
+            print(f"filled {args.events} events in {time.monotonic() - t0:.1f} s")
+        # the data was made relative to when it was filled: query as of its last event
+        last = await store.run(
+            lambda c: c.command("SELECT toUnixTimestamp64Milli(max(ts)) FROM events")
+        )
+        now_ms = int(last)
+        windows = {f"site-{s}": 300 for s in range(args.sites)}
+        since = day_of(now_ms) - timedelta(days=40)
+        times = []
+        snap = None
+        for _ in range(args.repeat):
+            t0 = time.monotonic()
+            snap = await store.snapshot(windows, since, now_ms)  # type: ignore[arg-type]
+            times.append(time.monotonic() - t0)
+        assert snap is not None
+        print(
+            f"rows {n or args.events}; snapshot ms (the first builds the state): "
+            + " ".join(f"{t * 1000:.0f}" for t in times)
+        )
+        if args.ticks:
+            now_ms, tick_times = await ticks(
+                store, windows, since, now_ms, args.ticks, args.rate, args.visitors, args.sites
+            )
+            print(
+                f"{args.ticks} ticks at {args.rate}/s, snapshot ms: "
+                + " ".join(f"{t * 1000:.0f}" for t in tick_times)
+                + f"; median {statistics.median(tick_times) * 1000:.0f}"
+                + f", max {max(tick_times) * 1000:.0f}"
+            )
+            snap = await store.snapshot(windows, since, now_ms)  # type: ignore[arg-type]
+        # the query the counter ran before, for the time and the numbers
+        if not ONLINE_BY_QUERY:
+            return
+        sites = list(windows)
+        params = {
+            "since": now_ms - 300_000,
+            "now": now_ms,
+            "sites": sites,
+            "windows": [windows[s] * 1000 for s in sites],
+        }
+        old_times = []
+        for _ in range(args.repeat):
+            t0 = time.monotonic()
+            rows = await store.run(
+                lambda c: c.query(ONLINE_BY_QUERY, parameters=params).result_rows
+            )
+            old_times.append(time.monotonic() - t0)
+        print(
+            "the old online query ms: "
+            + " ".join(f"{t * 1000:.0f}" for t in old_times)
+            + f"; median {statistics.median(old_times) * 1000:.0f}"
+        )
+        old = {s: Online(int(g), int(m), int(b)) for s, g, m, b in rows}
+        assert all(snap.online.get(s, Online()) == old.get(s, Online()) for s in sites), (
+            snap.online,
+            old,
+        )
+        print("same online numbers as the old query")
+        print("online", {k: (o.guests, o.members, o.bots) for k, o in sorted(snap.online.items())})
+        print("totals", dict(sorted(snap.totals.items())))
+    finally:
+        store.close()
+        if not args.keep:
+            shutil.rmtree(path, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    asyncio.run(main())
