@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import clickhouse_connect
+import orjson
 
 from services import metrics
 from services.aggregate.counting import Row
@@ -47,6 +48,72 @@ EVENT_COLUMNS = (
     "kafka_partition",
     "kafka_offset",
 )
+
+
+# ``ts`` (ms) goes into the JSON as seconds, ``ts / 1000``: below this bound (year 10000) the
+# float has at most 15 significant digits, so orjson prints exactly the decimal ``ts / 1000``
+# and ClickHouse parses that text into the DateTime64(3) exactly. Outside [0, bound) (never
+# from ingest) the rows go as Native columns instead, which carry the integer as it is.
+_TS_JSON_LIMIT = 253_402_300_800_000
+
+
+def event_rows_json(rows: Sequence[Row], topic: str) -> bytes | None:
+    """The rows as ``JSONCompactEachRow`` (one array per row, comma-separated), in the order of
+    ``EVENT_COLUMNS``; None when a time stamp cannot go as text exactly (see above)."""
+    if not rows:
+        return b""
+    stamps = [r.event.ts for r in rows]
+    if min(stamps) < 0 or max(stamps) >= _TS_JSON_LIMIT:
+        return None
+    return orjson.dumps(
+        [
+            (
+                e.site,
+                e.event_id,
+                e.type,
+                e.ts / 1000,
+                r.day,  # orjson writes a date as YYYY-MM-DD
+                r.visitor,
+                e.visitor,
+                e.member,
+                e.bot,
+                r.starts_visit,
+                r.pageview,
+                e.url,
+                e.referrer,
+                e.title,
+                topic,
+                r.partition,
+                r.offset,
+            )
+            for r in rows
+            for e in (r.event,)
+        ]
+    )[1:-1]
+
+
+def event_columns(rows: Sequence[Row], topic: str) -> list[list[Any]]:
+    """The rows as columns, in the order of ``EVENT_COLUMNS``, for a Native insert."""
+    events = [r.event for r in rows]
+    return [
+        [e.site for e in events],
+        [e.event_id for e in events],
+        [e.type for e in events],
+        [e.ts for e in events],
+        [r.day for r in rows],
+        [r.visitor for r in rows],
+        [e.visitor for e in events],
+        [e.member for e in events],
+        [e.bot for e in events],
+        [r.starts_visit for r in rows],
+        [r.pageview for r in rows],
+        [e.url for e in events],
+        [e.referrer for e in events],
+        [e.title for e in events],
+        [topic] * len(rows),
+        [r.partition for r in rows],
+        [r.offset for r in rows],
+    ]
 
 
 def dsn_of(url: str) -> str:
@@ -152,43 +219,38 @@ class Store:
     # -- writes ---------------------------------------------------------------------------------
     async def insert_events(self, rows: Sequence[Row], topic: str, token: str) -> None:
         """One INSERT: one part, atomic. ``token`` makes another insert with the same token a
-        no-op (ClickHouse insert deduplication); see consume.py for how tokens are chosen."""
-        columns: list[list[Any]] = [[] for _ in EVENT_COLUMNS]
-        (site, eid, typ, ts, day, vis, vkey, mem, bot, sv, pv, url, ref, title, tp, part, off) = (
-            columns
-        )
-        for r in rows:
-            e = r.event
-            site.append(e.site)
-            eid.append(e.event_id)
-            typ.append(e.type)
-            ts.append(e.ts)
-            day.append(r.day)
-            vis.append(r.visitor)
-            vkey.append(e.visitor)
-            mem.append(e.member)
-            bot.append(e.bot)
-            sv.append(r.starts_visit)
-            pv.append(r.pageview)
-            url.append(e.url)
-            ref.append(e.referrer)
-            title.append(e.title)
-            tp.append(topic)
-            part.append(r.partition)
-            off.append(r.offset)
+        no-op (ClickHouse insert deduplication); see consume.py for how tokens are chosen.
+
+        The rows go as ``JSONCompactEachRow`` bytes built by orjson (``event_rows_json``):
+        ClickHouse parses them in C++ (chDB without holding the GIL), where clickhouse-connect's
+        own Native serialisation is Python, row by row."""
+        block = event_rows_json(rows, topic)
         started = time.monotonic()
+        # through a cluster's Distributed table: written to the shard before the answer, so
+        # that the check that follows (consume.py) reads it
+        settings = {"insert_deduplication_token": token, "insert_distributed_sync": 1}
         try:
-            await self.run(
-                lambda c: c.insert(
-                    "events",
-                    columns,
-                    column_names=EVENT_COLUMNS,
-                    column_oriented=True,
-                    # through a cluster's Distributed table: written to the shard before the
-                    # answer, so that the check that follows (consume.py) reads it
-                    settings={"insert_deduplication_token": token, "insert_distributed_sync": 1},
+            if block is not None:
+                await self.run(
+                    lambda c: c.raw_insert(
+                        "events",
+                        EVENT_COLUMNS,
+                        insert_block=block,
+                        settings=settings,
+                        fmt="JSONCompactEachRow",
+                    )
                 )
-            )
+            else:
+                columns = event_columns(rows, topic)
+                await self.run(
+                    lambda c: c.insert(
+                        "events",
+                        columns,
+                        column_names=EVENT_COLUMNS,
+                        column_oriented=True,
+                        settings=settings,
+                    )
+                )
         except Exception:
             metrics.CLICKHOUSE_ERRORS.labels("insert").inc()
             raise
