@@ -43,8 +43,11 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from itertools import groupby
+from operator import attrgetter
 
 from services import metrics
+from services.aggregate import gcpause
 from services.aggregate.counting import PartitionState, Row
 from services.aggregate.sources import InRecord, Source
 from services.aggregate.store import Store
@@ -82,6 +85,9 @@ class Batch:
 
     def empty(self) -> bool:
         return not self.parts
+
+
+_partition_of = attrgetter("partition")
 
 
 def insert_token(topic: str, partition: int, first_offset: int, attempt: int = 0) -> str:
@@ -185,35 +191,56 @@ class Aggregator:
         bad: list[tuple[InRecord, str]] = []
         if batch.empty():
             batch.started = time.monotonic()
-        sites = self.registry.sites
-        for rec in records:
-            state = self.states.get(rec.partition)
-            if state is None:
-                # Not ours, or not rebuilt yet: the assignment seeks it to its resume point.
-                continue
-            if rec.offset < self.next_offset[rec.partition] or rec.partition in self.needs_reset:
-                continue  # already counted (redelivery, stale prefetch), or about to be re-read
-            self.next_offset[rec.partition] = rec.offset + 1
-            pending = batch.parts.get(rec.partition)
-            if pending is None:
-                pending = batch.parts[rec.partition] = Pending()
-            pending.last = rec.offset
-            try:
-                event = decode(rec.value)
-            except RecordError as e:
-                bad.append((rec, str(e)))
-                continue
-            site = sites.get(event.site)
-            if site is None:
-                bad.append((rec, f"unknown site {event.site!r}"))
-                continue
-            row = state.apply(event, site.tz, rec.partition, rec.offset)
-            if row is None:
-                metrics.EVENTS_COUNTED.labels("duplicate").inc()
-                continue
-            pending.rows.append(row)
+        with gcpause.paused():
+            duplicates = self._count(records, bad)
+        if duplicates:
+            metrics.EVENTS_COUNTED.labels("duplicate").inc(duplicates)
         metrics.EVENTS_CONSUMED.inc(len(records))
         return bad
+
+    def _count(self, records: list[InRecord], bad: list[tuple[InRecord, str]]) -> int:
+        """``process``'s loop; returns the number of duplicates. Records come in runs of one
+        partition (a fetch groups them so): the partition's state, resume point and share of
+        the batch are looked up once per run, not per record."""
+        sites = self.registry.sites
+        parts = self.batch.parts
+        duplicates = 0
+        for partition, run in groupby(records, _partition_of):
+            state = self.states.get(partition)
+            if state is None or partition in self.needs_reset:
+                # Not ours, or not rebuilt yet (the assignment seeks it to its resume point),
+                # or about to be rebuilt and read again.
+                continue
+            first = after = self.next_offset[partition]
+            pending = parts.get(partition)
+            if pending is None:
+                pending = Pending()
+            rows = pending.rows
+            apply = state.apply
+            for rec in run:
+                offset = rec.offset
+                if offset < after:
+                    continue  # already counted (redelivery, stale prefetch)
+                after = offset + 1
+                try:
+                    event = decode(rec.value)
+                except RecordError as e:
+                    bad.append((rec, str(e)))
+                    continue
+                site = sites.get(event.site)
+                if site is None:
+                    bad.append((rec, f"unknown site {event.site!r}"))
+                    continue
+                row = apply(event, site.tz, partition, offset)
+                if row is None:
+                    duplicates += 1
+                    continue
+                rows.append(row)
+            if after != first:
+                self.next_offset[partition] = after
+                pending.last = after - 1
+                parts[partition] = pending
+        return duplicates
 
     def due(self) -> bool:
         b = self.batch
