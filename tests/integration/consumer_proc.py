@@ -43,7 +43,7 @@ async def main(bootstrap: str, topic: str, url: str, flush: float) -> None:
     async def report() -> None:
         last = -1
         while True:
-            n = len(aggregator.batch)
+            n = aggregator.pending_rows
             if n != last:
                 print(f"pending {n}", flush=True)
                 last = n
