@@ -33,6 +33,12 @@ How exactly-once holds (see README, "Guarantees"):
    ``Consumer.lock`` serialises them with the loop's process and write steps, so the state, the
    batch and the positions are only ever changed by one party at a time. Nothing waits on the
    broker while holding it, except the assignment callback itself.
+8. **One write in the background.** When a batch is due, its inserts may run on the store's
+   thread (``Aggregator.begin_write``) while the loop counts the next records into a new batch;
+   before that one is written, the first is awaited and checked (4), so per partition the
+   inserts land and are checked in log order, and at most two batches are held. A batch counted
+   after a write that turns out fenced is dropped with it (its partitions are rebuilt); a
+   revoke, a stop or a rebuild writes (or drops) both at once.
 """
 
 from __future__ import annotations
