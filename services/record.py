@@ -14,6 +14,7 @@ import orjson
 
 EVENT_TYPES = ("pageview", "heartbeat", "leave")
 _TS_LIMIT = 2**53  # ts is a JSON integer a double holds exactly
+_new_event = tuple.__new__  # Event(...) without the named tuple's Python-level __new__
 # The fields ``encode`` always writes (all but visitor_prev), in one call
 _FIELDS = operator.itemgetter(
     "event_id", "site", "type", "ts", "visitor", "member", "bot", "url", "referrer", "title"
@@ -114,7 +115,9 @@ def decode(raw: bytes | None) -> Event:
         and len(title) <= 1024
         and len(value) == 10  # no visitor_prev
     ):
-        return Event(event_id, site, kind, ts, visitor, None, member, bot, url, referrer, title)
+        return _new_event(
+            Event, (event_id, site, kind, ts, visitor, None, member, bot, url, referrer, title)
+        )
     return _decode_checked(value)
 
 

@@ -87,9 +87,6 @@ class Batch:
     frozen: bool = False
     notified: bool = False  # on_flushed was told of its rows
 
-    def rows(self) -> list[Row]:
-        return [r for pending in self.parts.values() for r in pending.rows]
-
     def __len__(self) -> int:
         return sum(len(p.rows) for p in self.parts.values())
 
@@ -98,6 +95,8 @@ class Batch:
 
 
 _partition_of = attrgetter("partition")
+_starts_visit = attrgetter("starts_visit")
+_pageview = attrgetter("pageview")
 
 
 def _retrieve(task: asyncio.Future[dict[int, int]]) -> None:
@@ -310,7 +309,7 @@ class Aggregator:
     def _notify(self, batch: Batch) -> None:
         if self._on_flushed is not None and not batch.notified:
             batch.notified = True
-            rows = batch.rows()
+            rows = [r for pending in batch.parts.values() for r in pending.rows]
             if rows:
                 step = max(1, len(rows) // 500)
                 self._on_flushed([r.event.ts for r in rows[::step]])
@@ -381,9 +380,13 @@ class Aggregator:
             # Another insert of these records won (a zombie's): take ClickHouse's word.
             log.warning("partition %d: rows up to %d stored by another writer; rebuilding", p, at)
             lost.append(p)
-        rows = batch.rows()
-        metrics.EVENTS_COUNTED.labels("visit").inc(sum(r.starts_visit for r in rows))
-        metrics.EVENTS_COUNTED.labels("pageview").inc(sum(r.pageview for r in rows))
+        parts = batch.parts.values()
+        metrics.EVENTS_COUNTED.labels("visit").inc(
+            sum(sum(map(_starts_visit, pending.rows)) for pending in parts)
+        )
+        metrics.EVENTS_COUNTED.labels("pageview").inc(
+            sum(sum(map(_pageview, pending.rows)) for pending in parts)
+        )
         self._notify(batch)
         for p in lost:
             self.needs_reset.add(p)
@@ -472,6 +475,9 @@ class Consumer:
                         except Exception as e:
                             log.warning("cannot rebuild %s yet (%r)", parts, e)
                             await asyncio.sleep(1)
+            if agg.write_settled():
+                # the background write is done: check it, commit it (this does not wait)
+                await self._commit(await self._write_until_done(None, filling=False))
             stopping_now = stopping.is_set() and drained()
             records: list[InRecord] = []
             if not stopping_now:
@@ -484,9 +490,6 @@ class Consumer:
                     bad = agg.process(records)
             if bad:
                 await source.dead_letter([r for r, _ in bad], bad[0][1])
-            if agg.write_settled():
-                # the background write is done: check it, commit it (this does not wait)
-                await self._commit(await self._write_until_done(None, filling=False))
             if agg.due() or (stopping_now and not agg.idle()):
                 if stopping_now or agg.needs_reset:
                     # write everything now: before stopping, or before a rebuild
