@@ -293,10 +293,15 @@ class Aggregator:
         batch, self.batch = self.batch, Batch()
         batch.frozen = True
         self.writing = batch
-        self._sending = asyncio.ensure_future(self._send_in_background(batch))
+        # handed to the store's thread now, before the loop goes on counting
+        self._sending = asyncio.ensure_future(
+            self._send_in_background(batch, self._start_send(batch))
+        )
 
-    async def _send_in_background(self, batch: Batch) -> dict[int, int]:
-        stored = await self._send(batch)
+    async def _send_in_background(
+        self, batch: Batch, sending: asyncio.Future[dict[int, int]]
+    ) -> dict[int, int]:
+        stored = await sending
         if all(
             stored.get(p, 0) - 1 == pending.rows[-1].offset
             for p, pending in batch.parts.items()
@@ -344,21 +349,36 @@ class Aggregator:
         return offsets
 
     async def _send(self, batch: Batch) -> dict[int, int]:
-        """The batch's I/O: one INSERT per partition not yet written, then the check query;
-        return each written partition's next offset as ClickHouse has it."""
+        """The batch's I/O (``_start_send``), awaited."""
+        return await self._start_send(batch)
+
+    def _start_send(self, batch: Batch) -> asyncio.Future[dict[int, int]]:
+        """Hand the batch's I/O to the store's thread now: one INSERT per partition not yet
+        written, in partition order, then the check query (``Store.write_events``). The future
+        returned gives each written partition's next offset as ClickHouse has it."""
         batch.frozen = True
+        todo = []
         for p, pending in sorted(batch.parts.items()):
             if pending.rows and not pending.written:
                 if pending.token is None:
                     pending.token = insert_token(
                         self.topic, p, pending.rows[0].offset, pending.attempt
                     )
-                await self.store.insert_events(pending.rows, self.topic, pending.token)
-                pending.written = True
-        written = [p for p, pending in batch.parts.items() if pending.rows]
-        if not written:
-            return {}
-        return await self.store.next_offsets(self.topic, written)
+                todo.append(pending)
+        check = [p for p, pending in batch.parts.items() if pending.rows]
+        done: list[int] = []
+        sent = self.store.write_events(
+            [(pending.rows, pending.token or "") for pending in todo], self.topic, check, done
+        )
+
+        def written(future: asyncio.Future[dict[int, int]]) -> None:
+            for i in done:
+                todo[i].written = True
+            if not future.cancelled():
+                future.exception()  # seen here (a dropped write's is of no interest)
+
+        sent.add_done_callback(written)
+        return sent
 
     def _settle(self, batch: Batch, stored: dict[int, int]) -> dict[int, int]:
         """Check that every partition's insert is the one stored (see 4 above); return the

@@ -117,6 +117,26 @@ def event_columns(rows: Sequence[Row], topic: str) -> list[list[Any]]:
     ]
 
 
+def _event_block(rows: Sequence[Row], topic: str) -> bytes | None:
+    with gcpause.paused():  # 50,000 tuples that form no cycle (see gcpause)
+        return event_rows_json(rows, topic)
+
+
+def _next_offsets(c: Any, topic: str, partitions: list[int] | None) -> dict[int, int]:
+    """``Store.next_offsets`` on the store's thread."""
+    where = "topic = {topic:String}"
+    parameters: dict[str, Any] = {"topic": topic}
+    if partitions is not None:
+        where += " AND kafka_partition IN {parts:Array(UInt32)}"
+        parameters["parts"] = partitions
+    result = c.query(
+        f"SELECT kafka_partition, max(kafka_offset) FROM events WHERE {where} "
+        "GROUP BY kafka_partition",
+        parameters=parameters,
+    ).result_rows
+    return {int(p): int(o) + 1 for p, o in result}
+
+
 def dsn_of(url: str) -> str:
     """``chdb://./data/clickhouse`` -> ``chdb:///abs/data/clickhouse``; other URLs unchanged."""
     if url.startswith("chdb://"):
@@ -225,33 +245,54 @@ class Store:
         The rows go as ``JSONCompactEachRow`` bytes built by orjson (``event_rows_json``):
         ClickHouse parses them in C++ (chDB without holding the GIL), where clickhouse-connect's
         own Native serialisation is Python, row by row."""
-        with gcpause.paused():  # 50,000 tuples that form no cycle (see gcpause)
-            block = event_rows_json(rows, topic)
+        block = _event_block(rows, topic)
+        await self.run(lambda c: self._insert(c, rows, topic, token, block))
+
+    def write_events(
+        self,
+        inserts: Sequence[tuple[Sequence[Row], str]],
+        topic: str,
+        check: list[int],
+        done: list[int],
+    ) -> asyncio.Future[dict[int, int]]:
+        """``insert_events`` of each ``(rows, token)`` in turn, then ``next_offsets`` of the
+        partitions ``check``: one job, handed to the store's thread at once (not when the
+        caller first awaits), whose steps follow each other there without waiting for the
+        event loop (busy counting the next batch meanwhile). ``done`` receives the index of
+        each insert as it succeeds (for a retry after a failure)."""
+        blocks = [_event_block(rows, topic) for rows, _ in inserts]
+
+        def job(c: Any) -> dict[int, int]:
+            for i, ((rows, token), block) in enumerate(zip(inserts, blocks, strict=True)):
+                self._insert(c, rows, topic, token, block)
+                done.append(i)
+            return _next_offsets(c, topic, check) if check else {}
+
+        return asyncio.get_running_loop().run_in_executor(self._executor, self._call, job)
+
+    @staticmethod
+    def _insert(c: Any, rows: Sequence[Row], topic: str, token: str, block: bytes | None) -> None:
+        """On the store's thread: the INSERT of ``insert_events`` (``block``: ``_event_block``)."""
         started = time.monotonic()
         # through a cluster's Distributed table: written to the shard before the answer, so
         # that the check that follows (consume.py) reads it
         settings = {"insert_deduplication_token": token, "insert_distributed_sync": 1}
         try:
             if block is not None:
-                await self.run(
-                    lambda c: c.raw_insert(
-                        "events",
-                        EVENT_COLUMNS,
-                        insert_block=block,
-                        settings=settings,
-                        fmt="JSONCompactEachRow",
-                    )
+                c.raw_insert(
+                    "events",
+                    EVENT_COLUMNS,
+                    insert_block=block,
+                    settings=settings,
+                    fmt="JSONCompactEachRow",
                 )
             else:
-                columns = event_columns(rows, topic)
-                await self.run(
-                    lambda c: c.insert(
-                        "events",
-                        columns,
-                        column_names=EVENT_COLUMNS,
-                        column_oriented=True,
-                        settings=settings,
-                    )
+                c.insert(
+                    "events",
+                    event_columns(rows, topic),
+                    column_names=EVENT_COLUMNS,
+                    column_oriented=True,
+                    settings=settings,
                 )
         except Exception:
             metrics.CLICKHOUSE_ERRORS.labels("insert").inc()
@@ -270,21 +311,7 @@ class Store:
     async def next_offsets(self, topic: str, partitions: list[int] | None = None) -> dict[int, int]:
         """Per partition (all, or those given), the offset after the last record stored: where
         consuming resumes. Partitions with no row are absent."""
-        where = "topic = {topic:String}"
-        parameters: dict[str, Any] = {"topic": topic}
-        if partitions is not None:
-            where += " AND kafka_partition IN {parts:Array(UInt32)}"
-            parameters["parts"] = partitions
-        result = await self.run(
-            lambda c: (
-                c.query(
-                    f"SELECT kafka_partition, max(kafka_offset) FROM events WHERE {where} "
-                    "GROUP BY kafka_partition",
-                    parameters=parameters,
-                ).result_rows
-            )
-        )
-        return {int(p): int(o) + 1 for p, o in result}
+        return await self.run(lambda c: _next_offsets(c, topic, partitions))
 
     async def recent_rows(
         self, topic: str, partition: int, horizon_ms: int
