@@ -1,10 +1,15 @@
 """The in-process figures, each run in a process of its own (``python -m bench.inproc KIND``)
 so that nothing else lives in its heap: prints one JSON line.
 
-* ``aggregate``: the aggregate service's consume path, one process — records (as ingest
-  publishes them) decoded, counted by ``PartitionState`` and written by ``Store.insert_events``
-  into embedded ClickHouse (chDB), batch after batch, as ``consume()`` does. Baseline: the same
-  rows, already in columns, inserted into a table of the same schema (the engine's floor).
+* ``aggregate``: the aggregate service's consume path, one process — ``Consumer.run`` itself
+  over an in-memory ``Source`` that hands out records as ingest publishes them, in fetches
+  shaped as ``KafkaSource.fetch`` makes them (runs of one partition): decoded, counted by
+  ``PartitionState`` and written per partition (one fenced INSERT each, then the check) into
+  embedded ClickHouse (chDB), the writes in the background as the loop does, until the last
+  batch is written and committed. Checked: rows stored = events, page views stored = human page
+  views fed, every offset committed. Wall time and CPU time (the process's, and the main
+  thread's). Baseline: the same rows, already in columns, inserted into a table of the same
+  schema (the engine's floor through clickhouse-connect).
 * ``memory``: bytes per online visitor held by ``PartitionState`` at N online (each visitor
   with one pageview, so one remembered event id), measured with tracemalloc. Baseline: a plain
   ``dict`` of the 32-character hex visitor keys to their time stamps, measured the same way.
