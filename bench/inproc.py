@@ -1,10 +1,15 @@
 """The in-process figures, each run in a process of its own (``python -m bench.inproc KIND``)
 so that nothing else lives in its heap: prints one JSON line.
 
-* ``aggregate``: the aggregate service's consume path, one process — records (as ingest
-  publishes them) decoded, counted by ``PartitionState`` and written by ``Store.insert_events``
-  into embedded ClickHouse (chDB), batch after batch, as ``consume()`` does. Baseline: the same
-  rows, already in columns, inserted into a table of the same schema (the engine's floor).
+* ``aggregate``: the aggregate service's consume path, one process — ``Consumer.run`` itself
+  over an in-memory ``Source`` that hands out records as ingest publishes them, in fetches
+  shaped as ``KafkaSource.fetch`` makes them (runs of one partition): decoded, counted by
+  ``PartitionState`` and written per partition (one fenced INSERT each, then the check) into
+  embedded ClickHouse (chDB), the writes in the background as the loop does, until the last
+  batch is written and committed. Checked: rows stored = events, page views stored = human page
+  views fed, every offset committed. Wall time and CPU time (the process's, and the main
+  thread's). Baseline: the same rows, already in columns, inserted into a table of the same
+  schema (the engine's floor through clickhouse-connect).
 * ``memory``: bytes per online visitor held by ``PartitionState`` at N online (each visitor
   with one pageview, so one remembered event id), measured with tracemalloc. Baseline: a plain
   ``dict`` of the 32-character hex visitor keys to their time stamps, measured the same way.
@@ -22,6 +27,7 @@ import random
 import time
 import tracemalloc
 import uuid
+from operator import itemgetter
 from pathlib import Path
 from typing import Any
 from zoneinfo import ZoneInfo
@@ -74,39 +80,131 @@ def write_registry(workdir: Path) -> Any:
     return Registry.load(workdir / "sites.toml")
 
 
-async def aggregate(n: int, workdir: Path) -> dict[str, Any]:
+class _MemorySource:
+    """A ``Source`` (sources.py) serving the log from memory, one fetch at a time, making each
+    fetch's ``InRecord``s as ``KafkaSource.fetch`` does; commits are recorded."""
+
+    topic = "bench"
+
+    def __init__(self, fetches: list[list[tuple[int, int, bytes]]], partitions: int) -> None:
+        self._fetches = fetches
+        self._next = 0
+        self._partitions = list(range(partitions))
+        self.committed_offsets: dict[int, int] = {}
+
+    def drained(self) -> bool:
+        return self._next >= len(self._fetches)
+
+    async def start(self, on_assign: Any, on_revoke: Any) -> None:
+        await on_assign(self._partitions)
+
+    async def fetch(self, timeout: float, max_records: int) -> list[Any]:
+        from services.aggregate.sources import InRecord
+
+        if self.drained():
+            return []
+        fetch = self._fetches[self._next]
+        self._next += 1
+        return [InRecord(p, offset, value) for p, offset, value in fetch]
+
+    async def commit(self, offsets: dict[int, int]) -> None:
+        self.committed_offsets.update(offsets)
+
+    async def committed(self, partitions: list[int]) -> dict[int, int]:
+        return {}
+
+    async def seek(self, offsets: dict[int, int]) -> None:
+        if any(offsets.values()):
+            raise RuntimeError(f"the bench starts from an empty table, not at {offsets}")
+
+    async def rewind(self, records: list[Any]) -> None:
+        raise RuntimeError("a write failed during the bench")
+
+    def assigned(self) -> list[int]:
+        return self._partitions
+
+    def pause(self, partitions: list[int] | None) -> None:
+        return None
+
+    def resume(self, partitions: list[int] | None) -> None:
+        return None
+
+    async def dead_letter(self, records: list[Any], reason: str) -> None:
+        raise RuntimeError(f"dead letter in the bench: {reason}")
+
+    async def stop(self) -> None:
+        return None
+
+    def ready(self) -> tuple[bool, str]:
+        return (True, "memory")
+
+
+def _timed_aggregator() -> Any:
     from services.aggregate.consume import Aggregator
     from services.aggregate.sources import InRecord
+
+    class TimedAggregator(Aggregator):
+        """The Aggregator, summing the wall time of ``process`` (decode + count)."""
+
+        counting = 0.0
+
+        def process(self, records: list[InRecord]) -> list[tuple[InRecord, str]]:
+            t0 = time.perf_counter()
+            try:
+                return super().process(records)
+            finally:
+                self.counting += time.perf_counter() - t0
+
+    return TimedAggregator
+
+
+async def aggregate(n: int, workdir: Path) -> dict[str, Any]:
+    from services.aggregate.consume import Consumer
     from services.aggregate.store import EVENT_COLUMNS, Store
     from services.record import encode, record_key
     from services.settings import Settings
 
+    _TimedAggregator = _timed_aggregator()
     registry = write_registry(workdir)
     settings = Settings.from_env({})
     store = Store(f"chdb://{workdir / 'clickhouse'}")
     await store.migrate()
     events = make_events(n, visitors=max(1000, n // 5))
     partitions = 4
-    records: list[InRecord] = []
+    # The log, as (partition, offset, value): in production it lives in the broker, so the
+    # timed loop makes each fetch's InRecords itself (as KafkaSource.fetch does), and the
+    # process holds no more of the input than one fetch.
+    log_records: list[tuple[int, int, bytes]] = []
     offsets = [0] * partitions
     for e in events:
         p = hash(record_key(e.site, e.visitor)) % partitions
-        records.append(InRecord(p, offsets[p], encode(e)))
+        log_records.append((p, offsets[p], encode(e)))
         offsets[p] += 1
     human_pageviews = sum(1 for e in events if e.type == "pageview" and not e.bot)
     del events
-    aggregator = Aggregator(store, registry, settings, "bench")
-    await aggregator.assign(list(range(partitions)))
     batch = settings.flush_max_events
+    # What a fetch hands out (aiokafka's getmany, so KafkaSource.fetch): each batch's records
+    # in runs of one partition, log order within each (a stable sort keeps it).
+    fetches = [
+        sorted(log_records[i : i + batch], key=itemgetter(0))
+        for i in range(0, len(log_records), batch)
+    ]
+    del log_records
+    source = _MemorySource(fetches, partitions)
+    flushed: list[int] = []  # the service passes the counter's note_flushed
+    aggregator = _TimedAggregator(store, registry, settings, "bench", on_flushed=flushed.extend)
+    stopping = asyncio.Event()
+    stopping.set()  # run() returns once the source is drained and the last batch written
+    consumer = Consumer(source, aggregator, settings, stopping)
+    await consumer.start()
     gc.collect()
     started = time.perf_counter()
-    counting = 0.0
-    for i in range(0, len(records), batch):
-        t0 = time.perf_counter()
-        aggregator.process(records[i : i + batch])
-        counting += time.perf_counter() - t0
-        await aggregator.flush()
+    cpu_started, main_started = time.process_time(), time.thread_time()
+    await consumer.run(drained=source.drained)
     elapsed = time.perf_counter() - started
+    cpu = time.process_time() - cpu_started
+    main_cpu = time.thread_time() - main_started
+    counting = aggregator.counting
 
     def check(c: Any) -> tuple[int, int]:
         rows = c.query("SELECT count(), sum(pageview) FROM events WHERE topic = 'bench'")
@@ -143,8 +241,12 @@ async def aggregate(n: int, workdir: Path) -> dict[str, Any]:
         "events": n,
         "seconds": elapsed,
         "events_per_s": n / elapsed,
+        "cpu_seconds": cpu,
+        "main_thread_cpu_seconds": main_cpu,
+        "cpu_us_per_event": cpu / n * 1e6,
         "decode_and_count_seconds": counting,
-        "write_seconds": elapsed - counting,
+        "rest_seconds": elapsed - counting,
+        "all_committed": source.committed_offsets == dict(enumerate(offsets)),
         "stored": stored,
         "pageviews_counted": pageviews,
         "pageviews_sent": human_pageviews,

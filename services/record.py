@@ -5,6 +5,7 @@ It never carries a raw client address or User-Agent: only the keyed visitor hash
 
 from __future__ import annotations
 
+import operator
 import re
 import uuid
 from typing import Any, NamedTuple
@@ -12,6 +13,12 @@ from typing import Any, NamedTuple
 import orjson
 
 EVENT_TYPES = ("pageview", "heartbeat", "leave")
+_TS_LIMIT = 2**53  # ts is a JSON integer a double holds exactly
+_new_event = tuple.__new__  # Event(...) without the named tuple's Python-level __new__
+# The fields ``encode`` always writes (all but visitor_prev), in one call
+_FIELDS = operator.itemgetter(
+    "event_id", "site", "type", "ts", "visitor", "member", "bot", "url", "referrer", "title"
+)
 # A UUID already in canonical form (what ingest publishes): no need to parse and print it again.
 _CANONICAL_UUID = re.compile(
     r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}"
@@ -71,17 +78,52 @@ def _str(value: dict[str, Any], name: str, *, required: bool = True, limit: int 
 
 
 def decode(raw: bytes | None) -> Event:
-    """Decode and check one record value; raises RecordError for anything malformed."""
+    """Decode and check one record value; raises RecordError for anything malformed.
+
+    A record as ingest writes it passes every check in one expression; anything else takes
+    the slow path (``_decode_checked``), which applies the same checks one by one, says what
+    is wrong, and puts a non-canonical ``event_id`` in canonical form."""
     if raw is None:
         raise RecordError("empty record")
     try:
         value = orjson.loads(raw)
     except orjson.JSONDecodeError as e:
         raise RecordError(f"not JSON: {e}") from None
-    if not isinstance(value, dict):
+    if type(value) is not dict:
         raise RecordError("not a JSON object")
+    try:
+        event_id, site, kind, ts, visitor, member, bot, url, referrer, title = _FIELDS(value)
+    except KeyError:
+        return _decode_checked(value)
+    if (
+        type(ts) is int
+        and 0 < ts < _TS_LIMIT
+        and (kind == "pageview" or kind == "heartbeat" or kind == "leave")
+        and type(event_id) is str
+        and _CANONICAL_UUID(event_id)
+        and type(site) is str
+        and 0 < len(site) <= 64
+        and type(visitor) is str
+        and 0 < len(visitor) <= 64
+        and type(member) is bool
+        and type(bot) is bool
+        and type(url) is str
+        and len(url) <= 4096
+        and type(referrer) is str
+        and len(referrer) <= 4096
+        and type(title) is str
+        and len(title) <= 1024
+        and len(value) == 10  # no visitor_prev
+    ):
+        return _new_event(
+            Event, (event_id, site, kind, ts, visitor, None, member, bot, url, referrer, title)
+        )
+    return _decode_checked(value)
+
+
+def _decode_checked(value: dict[str, Any]) -> Event:
     ts = value.get("ts")
-    if not isinstance(ts, int) or isinstance(ts, bool) or not 0 < ts < 2**53:
+    if not isinstance(ts, int) or isinstance(ts, bool) or not 0 < ts < _TS_LIMIT:
         raise RecordError("field 'ts' missing or invalid")
     kind = value.get("type")
     if kind not in EVENT_TYPES:

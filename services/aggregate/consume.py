@@ -33,6 +33,12 @@ How exactly-once holds (see README, "Guarantees"):
    ``Consumer.lock`` serialises them with the loop's process and write steps, so the state, the
    batch and the positions are only ever changed by one party at a time. Nothing waits on the
    broker while holding it, except the assignment callback itself.
+8. **One write in the background.** When a batch is due, its inserts may run on the store's
+   thread (``Aggregator.begin_write``) while the loop counts the next records into a new batch;
+   before that one is written, the first is awaited and checked (4), so per partition the
+   inserts land and are checked in log order, and at most two batches are held. A batch counted
+   after a write that turns out fenced is dropped with it (its partitions are rebuilt); a
+   revoke, a stop or a rebuild writes (or drops) both at once.
 """
 
 from __future__ import annotations
@@ -43,8 +49,11 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from itertools import groupby
+from operator import attrgetter
 
 from services import metrics
+from services.aggregate import gcpause
 from services.aggregate.counting import PartitionState, Row
 from services.aggregate.sources import InRecord, Source
 from services.aggregate.store import Store
@@ -76,12 +85,25 @@ class Batch:
     parts: dict[int, Pending] = field(default_factory=dict)
     started: float = 0.0
     frozen: bool = False
+    notified: bool = False  # on_flushed was told of its rows
 
     def __len__(self) -> int:
         return sum(len(p.rows) for p in self.parts.values())
 
     def empty(self) -> bool:
         return not self.parts
+
+
+_partition_of = attrgetter("partition")
+_starts_visit = attrgetter("starts_visit")
+_pageview = attrgetter("pageview")
+
+
+def _retrieve(task: asyncio.Future[dict[int, int]]) -> None:
+    """Done callback of a dropped background write: its outcome is of no interest, but must be
+    retrieved (asyncio logs an exception nobody retrieved)."""
+    if not task.cancelled():
+        task.exception()
 
 
 def insert_token(topic: str, partition: int, first_offset: int, attempt: int = 0) -> str:
@@ -112,6 +134,9 @@ class Aggregator:
         self.next_offset: dict[int, int] = {}  # per owned partition: the first offset not counted
         self.batch = Batch()
         self.needs_reset: set[int] = set()  # partitions to rebuild from ClickHouse
+        # The batch whose write was started in the background (``begin_write``), and its I/O
+        self.writing: Batch | None = None
+        self._sending: asyncio.Future[dict[int, int]] | None = None
         self._on_flushed = on_flushed
 
     def _new_state(self, partition: int) -> PartitionState:
@@ -173,10 +198,19 @@ class Aggregator:
                 metrics.CONSUMER_LAG.remove(str(p))
 
     def drop_batch(self) -> None:
-        """Give the pending batch up without writing it. Its partitions must be rebuilt (the
-        state holds the dropped rows' effects); if its insert lands late, the token fences it."""
+        """Give the pending batches up without writing them (the one being written, if any, and
+        the one being filled). Their partitions must be rebuilt (the state holds the dropped
+        rows' effects); if an insert lands late, the token fences it."""
         self.needs_reset.update(self.batch.parts)
         self.batch = Batch()
+        if self.writing is not None:
+            self.needs_reset.update(self.writing.parts)
+            self.writing = None
+        task, self._sending = self._sending, None
+        if task is not None:
+            # Its insert may still land (the store's thread carries it out): fenced, see above.
+            task.cancel()
+            task.add_done_callback(_retrieve)
 
     def process(self, records: list[InRecord]) -> list[tuple[InRecord, str]]:
         """Apply the counting rules to records in log order; return the undecodable ones."""
@@ -185,35 +219,56 @@ class Aggregator:
         bad: list[tuple[InRecord, str]] = []
         if batch.empty():
             batch.started = time.monotonic()
-        sites = self.registry.sites
-        for rec in records:
-            state = self.states.get(rec.partition)
-            if state is None:
-                # Not ours, or not rebuilt yet: the assignment seeks it to its resume point.
-                continue
-            if rec.offset < self.next_offset[rec.partition] or rec.partition in self.needs_reset:
-                continue  # already counted (redelivery, stale prefetch), or about to be re-read
-            self.next_offset[rec.partition] = rec.offset + 1
-            pending = batch.parts.get(rec.partition)
-            if pending is None:
-                pending = batch.parts[rec.partition] = Pending()
-            pending.last = rec.offset
-            try:
-                event = decode(rec.value)
-            except RecordError as e:
-                bad.append((rec, str(e)))
-                continue
-            site = sites.get(event.site)
-            if site is None:
-                bad.append((rec, f"unknown site {event.site!r}"))
-                continue
-            row = state.apply(event, site.tz, rec.partition, rec.offset)
-            if row is None:
-                metrics.EVENTS_COUNTED.labels("duplicate").inc()
-                continue
-            pending.rows.append(row)
+        with gcpause.paused():
+            duplicates = self._count(records, bad)
+        if duplicates:
+            metrics.EVENTS_COUNTED.labels("duplicate").inc(duplicates)
         metrics.EVENTS_CONSUMED.inc(len(records))
         return bad
+
+    def _count(self, records: list[InRecord], bad: list[tuple[InRecord, str]]) -> int:
+        """``process``'s loop; returns the number of duplicates. Records come in runs of one
+        partition (a fetch groups them so): the partition's state, resume point and share of
+        the batch are looked up once per run, not per record."""
+        sites = self.registry.sites
+        parts = self.batch.parts
+        duplicates = 0
+        for partition, run in groupby(records, _partition_of):
+            state = self.states.get(partition)
+            if state is None or partition in self.needs_reset:
+                # Not ours, or not rebuilt yet (the assignment seeks it to its resume point),
+                # or about to be rebuilt and read again.
+                continue
+            first = after = self.next_offset[partition]
+            pending = parts.get(partition)
+            if pending is None:
+                pending = Pending()
+            rows = pending.rows
+            apply = state.apply
+            for rec in run:
+                offset = rec.offset
+                if offset < after:
+                    continue  # already counted (redelivery, stale prefetch)
+                after = offset + 1
+                try:
+                    event = decode(rec.value)
+                except RecordError as e:
+                    bad.append((rec, str(e)))
+                    continue
+                site = sites.get(event.site)
+                if site is None:
+                    bad.append((rec, f"unknown site {event.site!r}"))
+                    continue
+                row = apply(event, site.tz, partition, offset)
+                if row is None:
+                    duplicates += 1
+                    continue
+                rows.append(row)
+            if after != first:
+                self.next_offset[partition] = after
+                pending.last = after - 1
+                parts[partition] = pending
+        return duplicates
 
     def due(self) -> bool:
         b = self.batch
@@ -222,48 +277,143 @@ class Aggregator:
             or time.monotonic() - b.started >= self.settings.flush_interval_seconds
         )
 
-    async def write(self) -> dict[int, int]:
-        """Write the pending batch; return the offsets to commit. Raises if ClickHouse fails:
-        the batch is kept, frozen, for the retry."""
-        batch = self.batch
+    @property
+    def pending_rows(self) -> int:
+        """Rows counted and not yet known to be stored: the batch being filled, plus the one
+        being written."""
+        return len(self.batch) + (len(self.writing) if self.writing is not None else 0)
+
+    def begin_write(self) -> None:
+        """Start writing the batch in the background and start a new one: its inserts run on
+        the store's thread (chDB and the HTTP client release the GIL) while the next records
+        are counted. ``write()`` (or ``write(filling=False)``) settles it later. Only when no
+        write is pending; never for partitions about to be rebuilt (the loop writes those
+        synchronously first)."""
+        assert self.writing is None and not self.batch.empty()
+        batch, self.batch = self.batch, Batch()
         batch.frozen = True
+        self.writing = batch
+        # handed to the store's thread now, before the loop goes on counting
+        self._sending = asyncio.ensure_future(
+            self._send_in_background(batch, self._start_send(batch))
+        )
+
+    async def _send_in_background(
+        self, batch: Batch, sending: asyncio.Future[dict[int, int]]
+    ) -> dict[int, int]:
+        stored = await sending
+        if all(
+            stored.get(p, 0) - 1 == pending.rows[-1].offset
+            for p, pending in batch.parts.items()
+            if pending.rows
+        ):
+            # Stored as sent: tell the counter now, not when the loop comes to settle it.
+            self._notify(batch)
+        return stored
+
+    def _notify(self, batch: Batch) -> None:
+        if self._on_flushed is not None and not batch.notified:
+            batch.notified = True
+            rows = [r for pending in batch.parts.values() for r in pending.rows]
+            if rows:
+                step = max(1, len(rows) // 500)
+                self._on_flushed([r.event.ts for r in rows[::step]])
+
+    def idle(self) -> bool:
+        """Nothing counted is waiting to be written."""
+        return self.writing is None and self.batch.empty()
+
+    def write_settled(self) -> bool:
+        """Whether a background write is there and its inserts are done (settling it will not
+        wait)."""
+        return self._sending is not None and self._sending.done()
+
+    async def write(self, filling: bool = True) -> dict[int, int]:
+        """Write what is pending: the batch being written in the background, if any, then (with
+        ``filling``) the batch being filled. Return the offsets to commit. Raises if ClickHouse
+        fails: the batch is kept, frozen, for the retry (the batch being filled, untouched)."""
+        offsets: dict[int, int] = {}
+        writing = self.writing
+        if writing is not None:
+            task, self._sending = self._sending, None
+            # a background write that failed raises here; the retry sends again (what was
+            # stored is not: ``written``), from the caller's next attempt
+            stored = await task if task is not None else await self._send(writing)
+            offsets.update(self._settle(writing, stored))
+            self.writing = None
+        if filling and not self.batch.empty():
+            batch = self.batch
+            stored = await self._send(batch)
+            offsets.update(self._settle(batch, stored))
+            self.batch = Batch()
+        return offsets
+
+    async def _send(self, batch: Batch) -> dict[int, int]:
+        """The batch's I/O (``_start_send``), awaited."""
+        return await self._start_send(batch)
+
+    def _start_send(self, batch: Batch) -> asyncio.Future[dict[int, int]]:
+        """Hand the batch's I/O to the store's thread now: one INSERT per partition not yet
+        written, in partition order, then the check query (``Store.write_events``). The future
+        returned gives each written partition's next offset as ClickHouse has it."""
+        batch.frozen = True
+        todo = []
         for p, pending in sorted(batch.parts.items()):
             if pending.rows and not pending.written:
                 if pending.token is None:
                     pending.token = insert_token(
                         self.topic, p, pending.rows[0].offset, pending.attempt
                     )
-                await self.store.insert_events(pending.rows, self.topic, pending.token)
-                pending.written = True
-        written = {p: pending for p, pending in batch.parts.items() if pending.rows}
+                todo.append(pending)
+        check = [p for p, pending in batch.parts.items() if pending.rows]
+        done: list[int] = []
+        sent = self.store.write_events(
+            [(pending.rows, pending.token or "") for pending in todo], self.topic, check, done
+        )
+
+        def written(future: asyncio.Future[dict[int, int]]) -> None:
+            for i in done:
+                todo[i].written = True
+            if not future.cancelled():
+                future.exception()  # seen here (a dropped write's is of no interest)
+
+        sent.add_done_callback(written)
+        return sent
+
+    def _settle(self, batch: Batch, stored: dict[int, int]) -> dict[int, int]:
+        """Check that every partition's insert is the one stored (see 4 above); return the
+        offsets to commit."""
         lost: list[int] = []
-        if written:
-            stored = await self.store.next_offsets(self.topic, list(written))
-            for p, pending in written.items():
-                at = stored.get(p, 0) - 1
-                if at == pending.rows[-1].offset:
-                    continue
-                if at < pending.rows[0].offset:
-                    # The token was taken but no row of it is stored: insert again, new token.
-                    log.warning("insert %s was swallowed; resending", pending.token)
-                    pending.attempt += 1
-                    pending.token = None
-                    pending.written = False
-                    raise RuntimeError(f"insert of partition {p} swallowed by deduplication")
-                # Another insert of these records won (a zombie's): take ClickHouse's word.
-                log.warning(
-                    "partition %d: rows up to %d stored by another writer; rebuilding", p, at
-                )
-                lost.append(p)
-        self.batch = Batch()
-        rows = [r for pending in batch.parts.values() for r in pending.rows]
-        metrics.EVENTS_COUNTED.labels("visit").inc(sum(r.starts_visit for r in rows))
-        metrics.EVENTS_COUNTED.labels("pageview").inc(sum(r.pageview for r in rows))
-        if self._on_flushed is not None and rows:
-            step = max(1, len(rows) // 500)
-            self._on_flushed([r.event.ts for r in rows[::step]])
+        for p, pending in batch.parts.items():
+            if not pending.rows:
+                continue
+            at = stored.get(p, 0) - 1
+            if at == pending.rows[-1].offset:
+                continue
+            if at < pending.rows[0].offset:
+                # The token was taken but no row of it is stored: insert again, new token.
+                log.warning("insert %s was swallowed; resending", pending.token)
+                pending.attempt += 1
+                pending.token = None
+                pending.written = False
+                raise RuntimeError(f"insert of partition {p} swallowed by deduplication")
+            # Another insert of these records won (a zombie's): take ClickHouse's word.
+            log.warning("partition %d: rows up to %d stored by another writer; rebuilding", p, at)
+            lost.append(p)
+        parts = batch.parts.values()
+        metrics.EVENTS_COUNTED.labels("visit").inc(
+            sum(sum(map(_starts_visit, pending.rows)) for pending in parts)
+        )
+        metrics.EVENTS_COUNTED.labels("pageview").inc(
+            sum(sum(map(_pageview, pending.rows)) for pending in parts)
+        )
+        self._notify(batch)
         for p in lost:
             self.needs_reset.add(p)
+            if self.batch is not batch:
+                # counted after this batch, on the state ClickHouse just contradicted: dropped
+                # (not committed; the rebuild seeks the partition back)
+                self.batch.parts.pop(p, None)
         for state in self.states.values():
             state.expire()
         return {p: pending.last + 1 for p, pending in batch.parts.items() if p not in lost}
@@ -314,7 +464,7 @@ class Consumer:
         not written."""
         async with self.lock:
             agg = self.aggregator
-            if not agg.batch.empty():
+            if not agg.idle():
                 offsets = await self._write_for(REVOKE_WRITE_SECONDS)
                 if offsets is None:
                     log.warning("revoked with an unwritten batch: dropping it, will re-read")
@@ -339,12 +489,15 @@ class Consumer:
                     owned = set(source.assigned())
                     parts = sorted(agg.needs_reset & owned)
                     agg.forget(sorted(agg.needs_reset - owned))
-                    if parts and agg.batch.empty():
+                    if parts and agg.idle():
                         try:
                             await self._assign(parts)
                         except Exception as e:
                             log.warning("cannot rebuild %s yet (%r)", parts, e)
                             await asyncio.sleep(1)
+            if agg.write_settled():
+                # the background write is done: check it, commit it (this does not wait)
+                await self._commit(await self._write_until_done(None, filling=False))
             stopping_now = stopping.is_set() and drained()
             records: list[InRecord] = []
             if not stopping_now:
@@ -357,10 +510,20 @@ class Consumer:
                     bad = agg.process(records)
             if bad:
                 await source.dead_letter([r for r, _ in bad], bad[0][1])
-            if agg.due() or (stopping_now and not agg.batch.empty()):
-                offsets = await self._write_until_done(STOP_WRITE_SECONDS if stopping_now else None)
-                if offsets:
-                    await self._commit(offsets)
+            if agg.due() or (stopping_now and not agg.idle()):
+                if stopping_now or agg.needs_reset:
+                    # write everything now: before stopping, or before a rebuild
+                    limit = STOP_WRITE_SECONDS if stopping_now else None
+                    await self._commit(await self._write_until_done(limit))
+                else:
+                    # Pipelined: the previous batch's write must be done and checked first
+                    # (per partition, inserts land in log order); then this batch's starts in
+                    # the background while the loop counts the next records.
+                    if agg.writing is not None:
+                        await self._commit(await self._write_until_done(None, filling=False))
+                    async with self.lock:
+                        if agg.writing is None and not agg.needs_reset and agg.due():
+                            agg.begin_write()
             if stopping_now:
                 return
 
@@ -378,10 +541,14 @@ class Consumer:
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, 2.0)
 
-    async def _write_until_done(self, limit: float | None) -> dict[int, int] | None:
-        """Write the batch, retrying with backoff while ClickHouse refuses it. Between attempts
-        the lock is released (a rebalance may write or drop the batch meanwhile) and the
-        partitions are paused but still polled, so the group keeps this member."""
+    async def _write_until_done(
+        self, limit: float | None, filling: bool = True
+    ) -> dict[int, int] | None:
+        """Write the pending batches (``Aggregator.write``; without ``filling``, only the one
+        being written in the background), retrying with backoff while ClickHouse refuses it.
+        Between attempts the lock is released (a rebalance may write or drop the batch
+        meanwhile) and the partitions are paused but still polled, so the group keeps this
+        member."""
         agg, source = self.aggregator, self.source
         deadline = None if limit is None else time.monotonic() + limit
         backoff = 0.2
@@ -389,14 +556,16 @@ class Consumer:
         try:
             while True:
                 async with self.lock:
-                    if agg.batch.empty():
+                    if agg.idle() or (not filling and agg.writing is None):
                         return None  # written or dropped by a revoke meanwhile
                     try:
-                        return await agg.write()
+                        return await agg.write(filling)
                     except Exception as e:
                         log.warning("ClickHouse write failed (%s); retrying in %.1fs", e, backoff)
                         if deadline is not None and time.monotonic() > deadline:
-                            log.error("stopping with an unwritten batch of %d rows", len(agg.batch))
+                            log.error(
+                                "stopping with an unwritten batch of %d rows", agg.pending_rows
+                            )
                             agg.drop_batch()
                             return None
                         if not paused:
@@ -412,7 +581,7 @@ class Consumer:
                 async with self.lock:
                     source.resume(None)
 
-    async def _commit(self, offsets: dict[int, int]) -> None:
+    async def _commit(self, offsets: dict[int, int] | None) -> None:
         if not offsets:
             return
         started = time.monotonic()

@@ -26,7 +26,6 @@ Keys of any other shape (tests, foreign producers) are kept as strings: same dec
 
 from __future__ import annotations
 
-import re
 from datetime import UTC, date, datetime, timedelta
 from itertools import islice
 from typing import NamedTuple
@@ -79,9 +78,9 @@ def local_day(ts_ms: int, tz: ZoneInfo) -> date:
     return day
 
 
-_HEX32 = re.compile(r"[0-9a-f]{32}").fullmatch
-_UUID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}").fullmatch
 _LOW = (1 << 128) - 1
+_HEX_DIGITS = "0123456789abcdef"
+_new_row = tuple.__new__  # Row(...) without the named tuple's Python-level __new__
 
 # A visitor or an event id of one site: an int (site number << 128 | the 128-bit key or UUID)
 # or, for any other shape, the string "site:key".
@@ -144,14 +143,20 @@ class PartitionState:
 
     @staticmethod
     def _visitor_key(bits: int, site: str, visitor: str) -> Key:
-        if _HEX32(visitor):
+        if len(visitor) == 32 and not visitor.strip(_HEX_DIGITS):  # 32 lowercase hex digits
             return bits | int(visitor, 16)
         return site + ":" + visitor
 
     @staticmethod
     def _event_key(bits: int, site: str, event_id: str) -> Key:
-        if _UUID(event_id):
-            return bits | int(event_id.replace("-", ""), 16)
+        digits = event_id.replace("-", "")
+        if (  # a UUID in canonical form: 8-4-4-4-12 lowercase hex digits
+            len(digits) == 32
+            and len(event_id) == 36
+            and event_id[8] == event_id[13] == event_id[18] == event_id[23] == "-"
+            and not digits.strip(_HEX_DIGITS)
+        ):
+            return bits | int(digits, 16)
         return site + ":" + event_id
 
     def _canonical(self, event: Event, bits: int, own: Key) -> Key:
@@ -179,9 +184,22 @@ class PartitionState:
 
     def apply(self, event: Event, tz: ZoneInfo, partition: int, offset: int) -> Row | None:
         """Decide what ``event`` counts for; ``None`` for a duplicate."""
+        # (``_site``, ``_event_key`` and ``_visitor_key`` inlined: this runs once per event)
         site = event.site
-        bits = self._site(site)
-        seen_key = self._event_key(bits, site, event.event_id)
+        bits = self._sites.get(site)
+        if bits is None:
+            bits = self._site(site)
+        event_id = event.event_id
+        digits = event_id.replace("-", "")
+        if (
+            len(digits) == 32
+            and len(event_id) == 36
+            and event_id[8] == event_id[13] == event_id[18] == event_id[23] == "-"
+            and not digits.strip(_HEX_DIGITS)
+        ):
+            seen_key: Key = bits | int(digits, 16)
+        else:
+            seen_key = site + ":" + event_id
         seen = self._seen
         if seen_key in seen:
             return None
@@ -190,9 +208,13 @@ class PartitionState:
         if ts > self.high_ts:
             self.high_ts = ts
         day = local_day(ts, tz)
+        visitor = event.visitor
         if event.bot:
-            return Row(event, event.visitor, False, False, day, partition, offset)
-        own = self._visitor_key(bits, site, event.visitor)
+            return _new_row(Row, (event, visitor, False, False, day, partition, offset))
+        if len(visitor) == 32 and not visitor.strip(_HEX_DIGITS):
+            own: Key = bits | int(visitor, 16)
+        else:
+            own = site + ":" + visitor
         key = self._canonical(event, bits, own)
         visitors = self._visitors
         last = visitors.pop(key, None)
@@ -201,8 +223,9 @@ class PartitionState:
         visitors[key] = ts if last is None or ts > last else last
         if len(visitors) > self._max_visitors:
             self._forget_visitors()
-        visitor = event.visitor if key == own else _visitor_of(key)
-        return Row(event, visitor, starts_visit, pageview, day, partition, offset)
+        if key != own:
+            visitor = _visitor_of(key)
+        return _new_row(Row, (event, visitor, starts_visit, pageview, day, partition, offset))
 
     def replay(self, event: Event, visitor: str) -> None:
         """Re-apply a stored row's effect on the state (no decision is made again)."""

@@ -21,8 +21,10 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import clickhouse_connect
+import orjson
 
 from services import metrics
+from services.aggregate import gcpause
 from services.aggregate.counting import Row
 from services.aggregate.migrate import migrations, render, schema_migrations_ddl
 from services.aggregate.online import (
@@ -56,6 +58,92 @@ EVENT_COLUMNS = (
     "kafka_partition",
     "kafka_offset",
 )
+
+
+# ``ts`` (ms) goes into the JSON as seconds, ``ts / 1000``: below this bound (year 10000) the
+# float has at most 15 significant digits, so orjson prints exactly the decimal ``ts / 1000``
+# and ClickHouse parses that text into the DateTime64(3) exactly. Outside [0, bound) (never
+# from ingest) the rows go as Native columns instead, which carry the integer as it is.
+_TS_JSON_LIMIT = 253_402_300_800_000
+
+
+def event_rows_json(rows: Sequence[Row], topic: str) -> bytes | None:
+    """The rows as ``JSONCompactEachRow`` (one array per row, comma-separated), in the order of
+    ``EVENT_COLUMNS``; None when a time stamp cannot go as text exactly (see above)."""
+    if not rows:
+        return b""
+    stamps = [r.event.ts for r in rows]
+    if min(stamps) < 0 or max(stamps) >= _TS_JSON_LIMIT:
+        return None
+    return orjson.dumps(
+        [
+            (
+                e.site,
+                e.event_id,
+                e.type,
+                e.ts / 1000,
+                r.day,  # orjson writes a date as YYYY-MM-DD
+                r.visitor,
+                e.visitor,
+                e.member,
+                e.bot,
+                r.starts_visit,
+                r.pageview,
+                e.url,
+                e.referrer,
+                e.title,
+                topic,
+                r.partition,
+                r.offset,
+            )
+            for r in rows
+            for e in (r.event,)
+        ]
+    )[1:-1]
+
+
+def event_columns(rows: Sequence[Row], topic: str) -> list[list[Any]]:
+    """The rows as columns, in the order of ``EVENT_COLUMNS``, for a Native insert."""
+    events = [r.event for r in rows]
+    return [
+        [e.site for e in events],
+        [e.event_id for e in events],
+        [e.type for e in events],
+        [e.ts for e in events],
+        [r.day for r in rows],
+        [r.visitor for r in rows],
+        [e.visitor for e in events],
+        [e.member for e in events],
+        [e.bot for e in events],
+        [r.starts_visit for r in rows],
+        [r.pageview for r in rows],
+        [e.url for e in events],
+        [e.referrer for e in events],
+        [e.title for e in events],
+        [topic] * len(rows),
+        [r.partition for r in rows],
+        [r.offset for r in rows],
+    ]
+
+
+def _event_block(rows: Sequence[Row], topic: str) -> bytes | None:
+    with gcpause.paused():  # 50,000 tuples that form no cycle (see gcpause)
+        return event_rows_json(rows, topic)
+
+
+def _next_offsets(c: Any, topic: str, partitions: list[int] | None) -> dict[int, int]:
+    """``Store.next_offsets`` on the store's thread."""
+    where = "topic = {topic:String}"
+    parameters: dict[str, Any] = {"topic": topic}
+    if partitions is not None:
+        where += " AND kafka_partition IN {parts:Array(UInt32)}"
+        parameters["parts"] = partitions
+    result = c.query(
+        f"SELECT kafka_partition, max(kafka_offset) FROM events WHERE {where} "
+        "GROUP BY kafka_partition",
+        parameters=parameters,
+    ).result_rows
+    return {int(p): int(o) + 1 for p, o in result}
 
 
 def dsn_of(url: str) -> str:
@@ -188,43 +276,60 @@ class Store:
     # -- writes ---------------------------------------------------------------------------------
     async def insert_events(self, rows: Sequence[Row], topic: str, token: str) -> None:
         """One INSERT: one part, atomic. ``token`` makes another insert with the same token a
-        no-op (ClickHouse insert deduplication); see consume.py for how tokens are chosen."""
-        columns: list[list[Any]] = [[] for _ in EVENT_COLUMNS]
-        (site, eid, typ, ts, day, vis, vkey, mem, bot, sv, pv, url, ref, title, tp, part, off) = (
-            columns
-        )
-        for r in rows:
-            e = r.event
-            site.append(e.site)
-            eid.append(e.event_id)
-            typ.append(e.type)
-            ts.append(e.ts)
-            day.append(r.day)
-            vis.append(r.visitor)
-            vkey.append(e.visitor)
-            mem.append(e.member)
-            bot.append(e.bot)
-            sv.append(r.starts_visit)
-            pv.append(r.pageview)
-            url.append(e.url)
-            ref.append(e.referrer)
-            title.append(e.title)
-            tp.append(topic)
-            part.append(r.partition)
-            off.append(r.offset)
+        no-op (ClickHouse insert deduplication); see consume.py for how tokens are chosen.
+
+        The rows go as ``JSONCompactEachRow`` bytes built by orjson (``event_rows_json``):
+        ClickHouse parses them in C++ (chDB without holding the GIL), where clickhouse-connect's
+        own Native serialisation is Python, row by row."""
+        block = _event_block(rows, topic)
+        await self.run(lambda c: self._insert(c, rows, topic, token, block))
+
+    def write_events(
+        self,
+        inserts: Sequence[tuple[Sequence[Row], str]],
+        topic: str,
+        check: list[int],
+        done: list[int],
+    ) -> asyncio.Future[dict[int, int]]:
+        """``insert_events`` of each ``(rows, token)`` in turn, then ``next_offsets`` of the
+        partitions ``check``: one job, handed to the store's thread at once (not when the
+        caller first awaits), whose steps follow each other there without waiting for the
+        event loop (busy counting the next batch meanwhile). ``done`` receives the index of
+        each insert as it succeeds (for a retry after a failure)."""
+        blocks = [_event_block(rows, topic) for rows, _ in inserts]
+
+        def job(c: Any) -> dict[int, int]:
+            for i, ((rows, token), block) in enumerate(zip(inserts, blocks, strict=True)):
+                self._insert(c, rows, topic, token, block)
+                done.append(i)
+            return _next_offsets(c, topic, check) if check else {}
+
+        return asyncio.get_running_loop().run_in_executor(self._executor, self._call, job)
+
+    @staticmethod
+    def _insert(c: Any, rows: Sequence[Row], topic: str, token: str, block: bytes | None) -> None:
+        """On the store's thread: the INSERT of ``insert_events`` (``block``: ``_event_block``)."""
         started = time.monotonic()
+        # through a cluster's Distributed table: written to the shard before the answer, so
+        # that the check that follows (consume.py) reads it
+        settings = {"insert_deduplication_token": token, "insert_distributed_sync": 1}
         try:
-            await self.run(
-                lambda c: c.insert(
+            if block is not None:
+                c.raw_insert(
                     "events",
-                    columns,
+                    EVENT_COLUMNS,
+                    insert_block=block,
+                    settings=settings,
+                    fmt="JSONCompactEachRow",
+                )
+            else:
+                c.insert(
+                    "events",
+                    event_columns(rows, topic),
                     column_names=EVENT_COLUMNS,
                     column_oriented=True,
-                    # through a cluster's Distributed table: written to the shard before the
-                    # answer, so that the check that follows (consume.py) reads it
-                    settings={"insert_deduplication_token": token, "insert_distributed_sync": 1},
+                    settings=settings,
                 )
-            )
         except Exception:
             metrics.CLICKHOUSE_ERRORS.labels("insert").inc()
             raise
@@ -244,21 +349,7 @@ class Store:
     async def next_offsets(self, topic: str, partitions: list[int] | None = None) -> dict[int, int]:
         """Per partition (all, or those given), the offset after the last record stored: where
         consuming resumes. Partitions with no row are absent."""
-        where = "topic = {topic:String}"
-        parameters: dict[str, Any] = {"topic": topic}
-        if partitions is not None:
-            where += " AND kafka_partition IN {parts:Array(UInt32)}"
-            parameters["parts"] = partitions
-        result = await self.run(
-            lambda c: (
-                c.query(
-                    f"SELECT kafka_partition, max(kafka_offset) FROM events WHERE {where} "
-                    "GROUP BY kafka_partition",
-                    parameters=parameters,
-                ).result_rows
-            )
-        )
-        return {int(p): int(o) + 1 for p, o in result}
+        return await self.run(lambda c: _next_offsets(c, topic, partitions))
 
     async def recent_rows(
         self, topic: str, partition: int, horizon_ms: int

@@ -4,7 +4,7 @@
 
 ``Consumer`` over a ``KafkaSource`` and an ``Aggregator`` writing through ``Store``, exactly as
 ``visitorstats aggregate`` wires them, without the HTTP side. It prints one line per change:
-``pending N`` (records processed, not yet written) and ``written N`` (rows written so far)."""
+``pending N`` (rows counted, not yet written) and ``written N`` (writes so far)."""
 
 from __future__ import annotations
 
@@ -41,12 +41,14 @@ async def main(bootstrap: str, topic: str, url: str, flush: float) -> None:
     await consumer.start()
 
     async def report() -> None:
-        last = -1
+        # on a change, and after every write (with a write in the background, the rows
+        # counted next may replace the written ones between two looks)
+        last = (-1, -1)
         while True:
-            n = len(aggregator.batch)
-            if n != last:
-                print(f"pending {n}", flush=True)
-                last = n
+            now = (aggregator.pending_rows, written)
+            if now != last:
+                print(f"pending {now[0]}", flush=True)
+                last = now
             await asyncio.sleep(0.02)
 
     reporter = asyncio.create_task(report())

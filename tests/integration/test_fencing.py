@@ -149,3 +149,64 @@ async def test_records_below_the_resume_point_are_never_counted_again(store: Sto
     # a committed offset past the last row (the tail produced no row) is where it resumes
     third = aggregator(store)
     assert await third.rebuild([0], {0: 17}) == {0: 17}
+
+
+async def test_a_background_write_then_the_next_batch(store: Store) -> None:
+    """``begin_write`` (the consume loop's pipelining): the next records are counted while the
+    batch is written; ``write`` settles both, in log order, each stored once."""
+    agg = aggregator(store)
+    await agg.rebuild([0], {})
+    agg.process(records(0, 29))
+    agg.begin_write()
+    assert agg.batch.empty() and agg.writing is not None
+    agg.process(records(30, 59))  # counted on the state that the batch in flight left
+    assert agg.pending_rows == 60
+    assert await agg.write(filling=False) == {0: 30}
+    assert agg.writing is None and len(agg.batch) == 30
+    agg.begin_write()
+    agg.process(records(20, 79))  # a redelivery overlapping both batches: only 60.. counts
+    assert await agg.write() == {0: 80}  # both settled, in turn
+    assert agg.idle() and not agg.needs_reset
+    assert await stored(store) == expected(79)
+
+
+async def test_a_fenced_background_write_drops_what_was_counted_after_it(store: Store) -> None:
+    """The owner's background write loses to a zombie's: the rows it counted since, on the
+    state ClickHouse contradicts, are dropped, not committed, and counted again after the
+    rebuild."""
+    first = aggregator(store)
+    await first.rebuild([0], {})
+    first.process(records(0, 19))
+    await first.write()
+    zombie, owner = aggregator(store), aggregator(store)
+    assert await zombie.rebuild([0], {}) == {0: 20}
+    assert await owner.rebuild([0], {}) == {0: 20}
+    zombie.process(records(20, 49))
+    await zombie.write()  # the zombie's insert lands first
+    owner.process(records(20, 39))
+    owner.begin_write()  # same token as the zombie's: dropped by ClickHouse
+    owner.process(records(40, 69))
+    assert await owner.write(filling=False) == {}  # nothing of it to commit
+    assert owner.needs_reset == {0}
+    assert owner.batch.empty()  # 40..69 were counted after it: dropped
+    assert owner.idle()
+    assert await stored(store) == expected(49)
+    assert await owner.rebuild([0], {}) == {0: 50}
+    owner.process(records(40, 99))
+    assert await owner.write() == {0: 100}
+    assert await stored(store) == expected(99)
+
+
+async def test_dropping_a_background_write_resets_both_batches(store: Store) -> None:
+    agg = aggregator(store)
+    await agg.rebuild([0], {})
+    agg.process(records(0, 9))
+    agg.begin_write()
+    agg.process(records(10, 19))
+    agg.drop_batch()  # a revoke that could not write: its insert may still land, fenced
+    assert agg.idle() and agg.needs_reset == {0}
+    assert agg.pending_rows == 0
+    resume = await agg.rebuild([0], {})  # waits behind the insert on the store's thread
+    agg.process(records(resume[0], 29))
+    assert await agg.write() == {0: 30}
+    assert await stored(store) == expected(29)

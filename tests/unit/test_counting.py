@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+import re
+import uuid
 from datetime import date
 from zoneinfo import ZoneInfo
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from services.aggregate.counter import periods
 from services.aggregate.counting import PartitionState, local_day
@@ -114,3 +119,43 @@ def test_the_event_id_memory_is_bounded_by_count_too() -> None:
     s.expire()
     assert s.apply(ev("v4", 10, eid="e4"), UTC, 0, 5) is None  # recent ids still known
     assert s.apply(ev("v0", 11, eid="e0"), UTC, 0, 6) is not None  # the oldest was forgotten
+
+
+_HEX32_RE = re.compile(r"[0-9a-f]{32}").fullmatch
+_UUID_RE = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}").fullmatch
+_KEYISH = st.text(alphabet="0123456789abcdefABx-_ +\n", min_size=30, max_size=38)
+
+
+@settings(max_examples=500, deadline=None)
+@given(st.one_of(_KEYISH, st.uuids().map(str), st.uuids().map(lambda u: u.hex)))
+def test_keys_are_ints_exactly_for_canonical_hex_and_uuids(text: str) -> None:
+    bits = 1 << 128
+    visitor = PartitionState._visitor_key(bits, "s", text)
+    event = PartitionState._event_key(bits, "s", text)
+    assert isinstance(visitor, int) == bool(_HEX32_RE(text))
+    assert isinstance(event, int) == bool(_UUID_RE(text))
+    if isinstance(visitor, int):
+        assert visitor == bits | int(text, 16)
+    else:
+        assert visitor == "s:" + text
+    if isinstance(event, int):
+        assert event == bits | uuid.UUID(text).int
+    else:
+        assert event == "s:" + text
+
+
+def test_apply_keys_events_as_replay_does() -> None:
+    """``apply`` inlines the key functions: a replayed row is then a duplicate of itself."""
+    events = [
+        ev("a" * 32, 1, eid=str(uuid.UUID(int=5))),
+        ev("visitor-b", 2, eid="not-a-uuid"),
+        ev("C" * 32, 3, eid=str(uuid.UUID(int=6)).upper()),
+    ]
+    s = PartitionState(0)
+    rows = [s.apply(e, UTC, 0, i) for i, e in enumerate(events)]
+    replayed = PartitionState(0)
+    for r in rows:
+        assert r is not None
+        replayed.replay(r.event, r.visitor)
+    assert [replayed.apply(e, UTC, 0, i) for i, e in enumerate(events)] == [None] * 3
+    assert len(replayed) == len(s) == 3
