@@ -6,14 +6,16 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+from http import HTTPStatus
 from importlib import resources
 
 import orjson
 from aiohttp import web
 
-from services import metrics
+from services import http, metrics
 from services.aggregate import render
 from services.aggregate.counter import CounterService, Prepared
+from services.fastlane import LaneProtocol, RawRequest, Reply
 
 COUNTER = web.AppKey("counter", CounterService)
 
@@ -51,6 +53,50 @@ def _prepared(request: web.Request) -> Prepared | web.Response:
     return prepared
 
 
+def _etag_matches(etag: str, if_none_match: str | None) -> bool:
+    if not if_none_match:
+        return False
+    return if_none_match.strip() == "*" or etag in {t.strip() for t in if_none_match.split(",")}
+
+
+class _CounterLane:
+    """``GET /v1/sites/{site}/counter`` in the server's fast lane (``services/fastlane.py``):
+    the prepared bytes with a head built once per refresh; the same answers as ``counter``."""
+
+    _HEADERS = (
+        ("Content-Type", "application/json"),
+        ("Cache-Control", _CACHE),
+        *_CORS.items(),
+    )
+
+    def __init__(self, service: CounterService, site: str) -> None:
+        self.service, self.site = service, site
+        self._for: Prepared | None = None
+        self._ok = self._not_modified = b""
+
+    def __call__(self, req: RawRequest, conn: LaneProtocol) -> Reply:
+        prepared = self.service.prepared.get(self.site)
+        if prepared is None:
+            return _lane_head(503, self._HEADERS[:1] + tuple(_CORS.items()), _UNAVAILABLE)
+        if prepared is not self._for:
+            etag = (("ETag", prepared.etag),)
+            self._ok = _lane_head(200, etag + self._HEADERS, b"").head
+            self._not_modified = _lane_head(304, etag + self._HEADERS[1:], b"").head
+            self._for = prepared
+        if _etag_matches(prepared.etag, req.headers.get("if-none-match")):
+            return Reply(self._not_modified, b"")
+        return Reply(self._ok, prepared.body)
+
+
+_UNAVAILABLE = orjson.dumps({"error": "the counter is not available yet", "field": None})
+
+
+def _lane_head(status: int, headers: tuple[tuple[str, str], ...], body: bytes) -> Reply:
+    lines = [f"HTTP/1.1 {status} {HTTPStatus(status).phrase}\r\n"]
+    lines.extend(f"{name}: {value}\r\n" for name, value in headers)
+    return Reply("".join(lines).encode("latin-1"), body)
+
+
 def _lang(request: web.Request) -> str:
     lang = request.rel_url.query.get("lang", "vi")
     return lang if lang in ("vi", "en") else "vi"
@@ -61,8 +107,7 @@ async def counter(request: web.Request) -> web.Response:
     if isinstance(prepared, web.Response):
         return prepared
     headers = {"ETag": prepared.etag, "Cache-Control": _CACHE, **_CORS}
-    inm = request.headers.get("If-None-Match")
-    if inm and prepared.etag in {t.strip() for t in inm.split(",")} | ({"*"} & {inm.strip()}):
+    if _etag_matches(prepared.etag, request.headers.get("If-None-Match")):
         return web.Response(status=304, headers=headers)
     return web.Response(body=prepared.body, content_type="application/json", headers=headers)
 
@@ -162,6 +207,10 @@ def add_routes(
 
     app.on_shutdown.append(end_streams)
     app.router.add_get("/v1/sites/{site}/counter", counter)
+    for site in service.registry:
+        http.add_lane_route(
+            app, "GET", f"/v1/sites/{site.id}/counter", _CounterLane(service, site.id)
+        )
     app.router.add_route("OPTIONS", "/v1/sites/{site}/counter", counter_preflight)
     app.router.add_get("/v1/sites/{site}/counter/stream", counter_stream)
     app.router.add_route("OPTIONS", "/v1/sites/{site}/counter/stream", counter_preflight)

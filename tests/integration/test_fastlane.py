@@ -28,6 +28,7 @@ from services.ingest.publish_types import OutRecord
 from services.ingest.service import create_ingest_app
 from services.settings import Settings
 from services.sites import Registry
+from services.standalone import create_standalone_app
 from tests.support.tansu import free_port
 
 pytestmark = pytest.mark.integration
@@ -369,3 +370,46 @@ async def test_the_lane_answers_as_aiohttp_does(
     for (_, lane_headers, _), (_, full_headers, _) in zip(lane, full, strict=True):
         for name in ("content-type", "access-control-allow-origin", "cache-control"):
             assert lane_headers.get(name) == full_headers.get(name)
+
+
+async def test_the_counter_in_the_lane_answers_as_aiohttp_does(tmp_path: Path) -> None:
+    """``GET /v1/sites/{site}/counter`` of ``visitorstats run``: lane and aiohttp give the same
+    body, ETag, caching and CORS headers, and both honour If-None-Match."""
+    s = replace(Settings(), secret=b"k", data_dir=tmp_path, port=free_port())
+    app = create_standalone_app(s, REGISTRY)
+    runner = await http.start_server(app, s)
+    srv = Server(runner, s.port, [])
+    try:
+        get = b"GET /v1/sites/open/counter HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"
+        async with asyncio.timeout(30):
+            while True:  # the first snapshot takes a moment
+                (lane,) = split_answers(await srv.exchange(get))
+                if lane[0] == 200:
+                    break
+                assert lane[0] == 503
+                await asyncio.sleep(0.2)
+        for _ in range(20):  # a refresh between the two (a new as_of, a new ETag): again
+            (lane,) = split_answers(await srv.exchange(get))
+            (full,) = split_answers(await srv.exchange(get[:10], get[10:]))
+            if lane[1]["etag"] == full[1]["etag"]:
+                break
+        assert not by_aiohttp(lane) and by_aiohttp(full)
+        assert lane[0] == full[0] == 200
+        assert lane[2] == full[2] and json.loads(lane[2])["site"] == "open"
+        for name in ("content-type", "etag", "cache-control", "access-control-allow-origin"):
+            assert lane[1][name] == full[1][name], name
+        # If-None-Match with the current ETag: 304 from both (the very answer if it changed)
+        etag = lane[1]["etag"]
+        conditional = get.replace(b"\r\n\r\n", f"\r\nIf-None-Match: {etag}\r\n\r\n".encode())
+        (lane304,) = split_answers(await srv.exchange(conditional))
+        (full304,) = split_answers(await srv.exchange(conditional[:10], conditional[10:]))
+        for answer in (lane304, full304):
+            assert answer[0] == 304 or answer[1]["etag"] != etag
+            assert answer[0] != 304 or answer[2] == b""
+        # an unknown site is not in the lane: aiohttp's 404 names the field
+        (unknown,) = split_answers(
+            await srv.exchange(get.replace(b"/sites/open/", b"/sites/nope/"))
+        )
+        assert unknown[0] == 404 and json.loads(unknown[2])["field"] == "site"
+    finally:
+        await runner.cleanup()
