@@ -117,6 +117,10 @@ class Fanout:
 
     def __init__(self, sites: Iterable[str]) -> None:
         self.prepared: dict[str, Prepared] = {}
+        # What the stream carries: the latest *published* numbers. ``replace`` (same numbers,
+        # newer ``as_of``) changes what requests get, not this, so that every subscriber of a
+        # change writes the very same bytes, even one that wakes up after a replace.
+        self._pushed: dict[str, Prepared] = {}
         self._changed: dict[str, asyncio.Event] = {s: asyncio.Event() for s in sites}
         self.closed = False
 
@@ -127,6 +131,7 @@ class Fanout:
     def publish(self, site: str, prepared: Prepared) -> None:
         """New numbers for ``site``: wake its subscribers."""
         self.prepared[site] = prepared
+        self._pushed[site] = prepared
         self._wake(site)
 
     def replace(self, site: str, prepared: Prepared) -> None:
@@ -154,7 +159,7 @@ class Fanout:
         while not self.closed:
             # No await between taking the event and reading the latest: no change is missed.
             changed = self._changed[site]
-            latest = self.prepared.get(site)
+            latest = self._pushed.get(site)
             if latest is not None and latest.etag != sent:
                 sent = latest.etag
                 yield latest

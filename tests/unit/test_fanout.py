@@ -95,3 +95,20 @@ async def test_closing_ends_every_subscription() -> None:
     await asyncio.sleep(0.01)
     fanout.close()
     assert await asyncio.wait_for(asyncio.gather(*tasks), 30) == [1, 0]
+
+
+async def test_a_subscriber_waking_after_a_replace_gets_the_published_bytes() -> None:
+    """Every subscriber of one change writes the very same bytes: one that was still pacing
+    (``min_interval``) when the change came gets the change as published, not the copy with a
+    newer ``as_of`` that requests get since."""
+    fanout = Fanout(["dongha"])
+    fanout.publish("dongha", snapshot(0))
+    sub = fanout.subscribe("dongha", min_interval=0, keepalive=30)
+    await anext(sub)
+    change = prepare({"site": "dongha", "online": {"total": 1}, "as_of": "first"})
+    fanout.publish("dongha", change)
+    newer = prepare({"site": "dongha", "online": {"total": 1}, "as_of": "later"})
+    fanout.replace("dongha", newer)
+    assert fanout.prepared["dongha"] is newer
+    assert await asyncio.wait_for(anext(sub), 30) is change
+    await sub.aclose()
