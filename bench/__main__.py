@@ -283,7 +283,7 @@ def main(argv: list[str] | None = None) -> int:
             def background() -> None:
                 load.update(
                     wrkrun.beacons(
-                        ingest.url, seconds=seconds, rate=rate, threads=1, connections=64, seed=3
+                        ingest.url, seconds=seconds, rate=rate, threads=1, connections=256, seed=3
                     )
                 )
 
