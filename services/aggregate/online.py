@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import heapq
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
 
 BUCKET_MS = 250
 NONE, GUEST, MEMBER, BOT = 0, 1, 2, 3
@@ -83,15 +82,14 @@ GROUP BY site
 """
 
 
-@dataclass(slots=True)
-class _Visitor:
-    last: int  # ms of the latest row
-    offset: int  # its kafka_offset (ties of ``last``)
-    leave: bool
-    member: bool
-    bot_ts: int  # ms of the latest bot row, or NEVER
-    kind: int  # what it counts for now: NONE, GUEST, MEMBER or BOT
-    due: int  # when its heap entry comes due (ms)
+# Per visitor: (last, offset, leave, member, bot_ts, kind, due) — ``last`` the ms of the latest
+# row, ``offset`` its kafka_offset (ties of ``last``), ``bot_ts`` the ms of the latest bot row
+# (or NEVER), ``kind`` what it counts for now (NONE, GUEST, MEMBER or BOT), ``due`` when its heap
+# entry comes due (ms; 0: none). A plain tuple of numbers and booleans: the cyclic garbage
+# collector stops tracking it after one pass, so a full collection does not walk every visitor
+# online (a slotted object per visitor made them 100-160 ms each, every two seconds, at 300,000
+# online).
+_State = tuple[int, int, bool, bool, int, int, int]
 
 
 class OnlineTracker:
@@ -104,7 +102,7 @@ class OnlineTracker:
 
     def reset(self) -> None:
         self._counts: dict[int, int] = {}  # bucket -> rows folded in
-        self._visitors: dict[tuple[str, str], _Visitor] = {}
+        self._visitors: dict[tuple[str, str], _State] = {}
         self._heap: list[tuple[int, str, str]] = []
         self._tally: dict[str, list[int]] = {}  # site -> [_, guests, members, bots]
         self._now = NEVER
@@ -143,59 +141,59 @@ class OnlineTracker:
         for b in [b for b in self._counts if b < first]:
             del self._counts[b]
         heap = self._heap
+        visitors = self._visitors
         while heap and heap[0][0] < now_ms:
             due, site, visitor = heapq.heappop(heap)
-            v = self._visitors.get((site, visitor))
-            if v is None or v.due != due:
+            v = visitors.get((site, visitor))
+            if v is None or v[6] != due:
                 continue  # superseded by an earlier entry
-            if v.last < now_ms - longest:
-                self._count(site, v.kind, -1)
-                del self._visitors[(site, visitor)]
+            if v[0] < now_ms - longest:
+                self._count(site, v[5], -1)
+                del visitors[(site, visitor)]
                 continue
-            v.due = 0
-            self._judge(site, visitor, v)
+            self._judge(site, visitor, (*v[:6], 0))
         return {site: (t[GUEST], t[MEMBER], t[BOT]) for site, t in self._tally.items()}
 
     # -- per visitor -------------------------------------------------------------------------------
     def _fold(
         self, site: str, visitor: str, last: int, offset: int, leave: bool, member: bool, bot: int
     ) -> None:
-        key = (site, visitor)
-        v = self._visitors.get(key)
+        v = self._visitors.get((site, visitor))
         if v is None:
-            v = self._visitors[key] = _Visitor(last, offset, leave, member, bot, NONE, 0)
+            v = (last, offset, leave, member, bot, NONE, 0)
         else:
-            if (last, offset) > (v.last, v.offset):
-                v.last, v.offset, v.leave, v.member = last, offset, leave, member
-            if bot > v.bot_ts:
-                v.bot_ts = bot
+            v_last, v_offset, v_leave, v_member, v_bot, kind, due = v
+            if (last, offset) > (v_last, v_offset):
+                v_last, v_offset, v_leave, v_member = last, offset, leave, member
+            v = (v_last, v_offset, v_leave, v_member, max(v_bot, bot), kind, due)
         self._judge(site, visitor, v)
 
-    def _judge(self, site: str, visitor: str, v: _Visitor) -> None:
-        """Count ``v`` for what it is at ``now``, and make sure the heap brings it back by the
-        time that may change."""
+    def _judge(self, site: str, visitor: str, v: _State) -> None:
+        """Count visitor ``v`` for what it is at ``now``, store it, and make sure the heap brings
+        it back by the time that may change."""
+        last, offset, leave, member, bot_ts, was, due = v
         now = self._now
         window = self._windows.get(site, 0)
         longest = self._longest
-        if v.leave or v.last < now - window:
+        if leave or last < now - window:
             kind = NONE
-        elif v.bot_ts >= now - longest:
+        elif bot_ts >= now - longest:
             kind = BOT
         else:
-            kind = MEMBER if v.member else GUEST
-        if kind != v.kind:
-            self._count(site, v.kind, -1)
+            kind = MEMBER if member else GUEST
+        if kind != was:
+            self._count(site, was, -1)
             self._count(site, kind, 1)
-            v.kind = kind
-        due = v.last + longest  # forgotten after that
+        wanted = last + longest  # forgotten after that
         if kind != NONE:
-            due = min(due, v.last + window)  # leaves the window
+            wanted = min(wanted, last + window)  # leaves the window
         if kind == BOT:
-            due = min(due, v.bot_ts + longest)  # no longer a bot
+            wanted = min(wanted, bot_ts + longest)  # no longer a bot
         # An entry already due earlier brings it back in time (and is renewed then).
-        if v.due == 0 or due < v.due:
-            v.due = due
+        if due == 0 or wanted < due:
+            due = wanted
             heapq.heappush(self._heap, (due, site, visitor))
+        self._visitors[(site, visitor)] = (last, offset, leave, member, bot_ts, kind, due)
 
     def _count(self, site: str, kind: int, n: int) -> None:
         if kind != NONE:
