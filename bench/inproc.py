@@ -10,9 +10,11 @@ so that nothing else lives in its heap: prints one JSON line.
   views fed, every offset committed. Wall time and CPU time (the process's, and the main
   thread's). Baseline: the same rows, already in columns, inserted into a table of the same
   schema (the engine's floor through clickhouse-connect).
-* ``memory``: bytes per online visitor held by ``PartitionState`` at N online (each visitor
-  with one pageview, so one remembered event id), measured with tracemalloc. Baseline: a plain
-  ``dict`` of the 32-character hex visitor keys to their time stamps, measured the same way.
+* ``memory``: bytes per online visitor an aggregate process holds at N online, measured with
+  tracemalloc: its ``PartitionState`` (each visitor with one pageview, so one remembered event
+  id) plus the counter's online tally (``online.py``, every visitor as the snapshot's query
+  hands it over), each reported too. Baseline: a plain ``dict`` of the 32-character hex visitor
+  keys to their time stamps, measured the same way.
 """
 
 from __future__ import annotations

@@ -87,3 +87,20 @@ def test_every_subscriber_holds_on_and_ends_on_the_current_numbers(
     assert subs["fewest_events"] > 0
     baseline = quick_run["raw"]["subscribers"]["baseline"]
     assert baseline["alive"] == subs["wanted"]
+
+
+@pytest.mark.parametrize("noop", [False, True])
+def test_the_lane_figure_answers_every_beacon_and_hands_on_every_accepted_one(noop: bool) -> None:
+    proc = subprocess.run(
+        [sys.executable, "-m", "bench.lane", "--beacons", "2000", *(["--noop"] if noop else [])],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
+    )
+    line = next(x for x in proc.stdout.splitlines() if x.startswith("BENCH "))
+    result = json.loads(line.removeprefix("BENCH "))
+    assert result["answers"] == 2000
+    assert result["records"] == (0 if noop else 2000)
+    assert result["cpu_us_per_beacon"] > 0
