@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import queue
+import threading
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -38,6 +40,8 @@ from services.record import Event
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
+
+INSERT_THREADS = 3  # besides the store's thread: a flush of 4 partitions at once
 
 EVENT_COLUMNS = (
     "site",
@@ -178,6 +182,15 @@ class Store:
         self._client: Any = None
         self._read_client: Any = None
         self._online = OnlineTracker()  # used on the reading thread only
+        # A flush's inserts (one per partition) run side by side, each on a client of its own
+        # (chDB runs queries of different connections in parallel; so does a server): a write
+        # costs its slowest insert, not their sum.
+        self._inserters = ThreadPoolExecutor(
+            max_workers=INSERT_THREADS, thread_name_prefix="clickhouse-insert"
+        )
+        self._idle_insert_clients: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        self._insert_clients: list[Any] = []
+        self._insert_clients_lock = threading.Lock()
 
     # -- plumbing -------------------------------------------------------------------------------
     def _new_client(self) -> Any:
@@ -240,6 +253,11 @@ class Store:
 
         self._reader.submit(_close_reader).result()
         self._reader.shutdown(wait=True)
+        self._inserters.shutdown(wait=True)
+        with self._insert_clients_lock:
+            for client in self._insert_clients:
+                client.close()
+            self._insert_clients.clear()
         self._executor.submit(_close).result()
         self._executor.shutdown(wait=True)
 
@@ -299,12 +317,56 @@ class Store:
         blocks = [_event_block(rows, topic) for rows, _ in inserts]
 
         def job(c: Any) -> dict[int, int]:
-            for i, ((rows, token), block) in enumerate(zip(inserts, blocks, strict=True)):
-                self._insert(c, rows, topic, token, block)
-                done.append(i)
+            # one insert per partition: independent of each other, so side by side (the first
+            # on this thread's client); the check reads them all once every one is done
+            others = [
+                (i, self._inserters.submit(self._insert_on_own_client, rows, topic, token, block))
+                for i, ((rows, token), block) in enumerate(zip(inserts, blocks, strict=True))
+                if i > 0
+            ]
+            failed: Exception | None = None
+            if inserts:
+                try:
+                    self._insert(c, inserts[0][0], topic, inserts[0][1], blocks[0])
+                    done.append(0)
+                except Exception as e:
+                    failed = e
+            for i, future in others:
+                try:
+                    future.result()
+                    done.append(i)
+                except Exception as e:
+                    failed = failed or e
+            if failed is not None:
+                raise failed
             return _next_offsets(c, topic, check) if check else {}
 
         return asyncio.get_running_loop().run_in_executor(self._executor, self._call, job)
+
+    def _insert_on_own_client(
+        self, rows: Sequence[Row], topic: str, token: str, block: bytes | None
+    ) -> None:
+        """``_insert`` on an inserting thread, with a client no other thread is using."""
+        try:
+            client = self._idle_insert_clients.get_nowait()
+        except queue.Empty:
+            client = self._new_client()
+            with self._insert_clients_lock:
+                self._insert_clients.append(client)
+        broken = False
+        try:
+            self._insert(client, rows, topic, token, block)
+        except Exception:
+            # a failed HTTP client may hold a broken connection: not used again
+            broken = not self.url.startswith("chdb://")
+            raise
+        finally:
+            if broken:
+                with self._insert_clients_lock:
+                    self._insert_clients.remove(client)
+                client.close()
+            else:
+                self._idle_insert_clients.put(client)
 
     @staticmethod
     def _insert(c: Any, rows: Sequence[Row], topic: str, token: str, block: bytes | None) -> None:
