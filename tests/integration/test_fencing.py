@@ -5,8 +5,6 @@ the loser learns it and rebuilds from ClickHouse."""
 from __future__ import annotations
 
 import uuid
-from collections.abc import AsyncIterator
-from pathlib import Path
 
 import pytest
 
@@ -47,16 +45,6 @@ def records(first: int, last: int) -> list[InRecord]:
         )
         out.append(InRecord(0, offset, encode(event)))
     return out
-
-
-@pytest.fixture
-async def store(tmp_path: Path) -> AsyncIterator[Store]:
-    s = Store(f"chdb://{tmp_path}/clickhouse")
-    await s.migrate()
-    try:
-        yield s
-    finally:
-        s.close()
 
 
 async def stored(store: Store) -> tuple[int, int, int, int]:

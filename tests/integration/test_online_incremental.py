@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import random
 import uuid
-from collections.abc import AsyncIterator
 from datetime import UTC, date, datetime
 from pathlib import Path
 from typing import Any
@@ -22,16 +21,6 @@ from services.record import Event
 
 WINDOWS = {"long": 300, "short": 60, "other": 300}
 T0 = 1_772_600_000_000  # ms
-
-
-@pytest.fixture
-async def store(tmp_path: Path) -> AsyncIterator[Store]:
-    s = Store(f"chdb://{tmp_path}/clickhouse")
-    await s.migrate()
-    try:
-        yield s
-    finally:
-        s.close()
 
 
 class Stream:
