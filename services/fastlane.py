@@ -26,8 +26,9 @@ from __future__ import annotations
 import asyncio
 import re
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from email.utils import formatdate
+from http import HTTPStatus
 from typing import Any, NamedTuple, Protocol
 
 
@@ -206,7 +207,7 @@ class LaneProtocol(asyncio.Protocol):
                 break
             headers = {name.lower(): value.rstrip(" \t") for name, value in fields}
             if len(headers) != len(fields):
-                headers = _first_of_each(fields)
+                headers = header_dict(fields)
             if not _NOT_IN_LANE.isdisjoint(headers):
                 break
             length = headers.get("content-length", "0")
@@ -305,9 +306,10 @@ class LaneProtocol(asyncio.Protocol):
             handler.data_received(data)
 
 
-def _first_of_each(fields: list[tuple[str, str]]) -> dict[str, str]:
-    """Headers with a repeated name: the first line counts, except for X-Forwarded-For (every
-    line, joined with ","); a repeated Content-Length is joined too, so that it is refused."""
+def header_dict(fields: Iterable[tuple[str, str]]) -> dict[str, str]:
+    """Header lines as ``RawRequest.headers``: lower-case names; of a repeated name the first
+    line counts, except for X-Forwarded-For (every line, joined with ","); a repeated
+    Content-Length is joined too, so that it is refused."""
     headers: dict[str, str] = {}
     for name, value in fields:
         name, value = name.lower(), value.rstrip(" \t")
@@ -320,6 +322,14 @@ def _first_of_each(fields: list[tuple[str, str]]) -> dict[str, str]:
 
 
 _JOINED = frozenset(("x-forwarded-for", "content-length"))
+
+
+def reply_head(status: int, headers: Iterable[tuple[str, str]]) -> bytes:
+    """The status line and header lines of a ``Reply`` (each ended by CRLF)."""
+    lines = [f"HTTP/1.1 {status} {HTTPStatus(status).phrase}\r\n"]
+    lines.extend(f"{name}: {value}\r\n" for name, value in headers)
+    return "".join(lines).encode("latin-1")
+
 
 # Headers that make a request unusual enough for aiohttp's full treatment.
 _NOT_IN_LANE = frozenset(("transfer-encoding", "expect", "upgrade"))

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-from http import HTTPStatus
 from importlib import resources
 
 import orjson
@@ -15,7 +14,7 @@ from aiohttp import web
 from services import http, metrics
 from services.aggregate import render
 from services.aggregate.counter import CounterService, Prepared
-from services.fastlane import LaneProtocol, RawRequest, Reply
+from services.fastlane import LaneProtocol, RawRequest, Reply, reply_head
 
 COUNTER = web.AppKey("counter", CounterService)
 
@@ -77,11 +76,11 @@ class _CounterLane:
     def __call__(self, req: RawRequest, conn: LaneProtocol) -> Reply:
         prepared = self.service.prepared.get(self.site)
         if prepared is None:
-            return _lane_head(503, self._HEADERS[:1] + tuple(_CORS.items()), _UNAVAILABLE)
+            return Reply(reply_head(503, self._HEADERS[:1] + tuple(_CORS.items())), _UNAVAILABLE)
         if prepared is not self._for:
             etag = (("ETag", prepared.etag),)
-            self._ok = _lane_head(200, etag + self._HEADERS, b"").head
-            self._not_modified = _lane_head(304, etag + self._HEADERS[1:], b"").head
+            self._ok = reply_head(200, etag + self._HEADERS)
+            self._not_modified = reply_head(304, etag + self._HEADERS[1:])
             self._for = prepared
         if _etag_matches(prepared.etag, req.headers.get("if-none-match")):
             return Reply(self._not_modified, b"")
@@ -89,12 +88,6 @@ class _CounterLane:
 
 
 _UNAVAILABLE = orjson.dumps({"error": "the counter is not available yet", "field": None})
-
-
-def _lane_head(status: int, headers: tuple[tuple[str, str], ...], body: bytes) -> Reply:
-    lines = [f"HTTP/1.1 {status} {HTTPStatus(status).phrase}\r\n"]
-    lines.extend(f"{name}: {value}\r\n" for name, value in headers)
-    return Reply("".join(lines).encode("latin-1"), body)
 
 
 def _lang(request: web.Request) -> str:

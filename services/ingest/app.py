@@ -19,7 +19,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import hashlib
-from http import HTTPStatus
 from importlib import resources
 from typing import Any, NamedTuple
 
@@ -29,7 +28,7 @@ from aiohttp.web_protocol import RequestPayloadError
 from multidict import CIMultiDict
 
 from services import http, metrics
-from services.fastlane import LaneProtocol, RawRequest, Reply
+from services.fastlane import LaneProtocol, RawRequest, Reply, header_dict, reply_head
 from services.ingest.beacon import BeaconError, parse_beacon, query_fields
 from services.ingest.pipeline import (
     PUBLISHED,
@@ -96,13 +95,7 @@ class Answer(NamedTuple):
         return web.Response(status=self.status, body=self.body, headers=CIMultiDict(self.headers))
 
     def reply(self) -> Reply:
-        return Reply(_head(self.status, self.headers), self.body)
-
-
-def _head(status: int, headers: tuple[tuple[str, str], ...]) -> bytes:
-    lines = [f"HTTP/1.1 {status} {HTTPStatus(status).phrase}\r\n"]
-    lines.extend(f"{name}: {value}\r\n" for name, value in headers)
-    return "".join(lines).encode("latin-1")
+        return Reply(reply_head(self.status, self.headers), self.body)
 
 
 def error_answer(
@@ -184,15 +177,7 @@ async def _read_body(request: web.Request, timeout: float) -> bytes:
 
 def _headers_of(request: web.Request) -> dict[str, str]:
     """The request's headers as the lane sees them (``RawRequest.headers``)."""
-    headers: dict[str, str] = {}
-    for name, value in request.headers.items():
-        name = name.lower()
-        if name in headers:
-            if name == "x-forwarded-for":
-                headers[name] += "," + value
-            continue
-        headers[name] = value
-    return headers
+    return header_dict(request.headers.items())
 
 
 class _Ingest:
