@@ -31,8 +31,7 @@ from services import http, metrics
 from services.fastlane import LaneProtocol, RawRequest, Reply, header_dict, reply_head
 from services.ingest.beacon import BeaconError, parse_beacon, query_fields
 from services.ingest.pipeline import (
-    PUBLISHED,
-    Accepted,
+    ACCEPTED,
     ClientContext,
     Outcome,
     Pipeline,
@@ -41,6 +40,7 @@ from services.ingest.pipeline import (
     origin_of,
 )
 from services.ingest.publish import Unavailable, publish
+from services.ingest.publish_types import OutRecord
 from services.settings import Settings
 
 PIPELINE = web.AppKey("pipeline", Pipeline)
@@ -219,7 +219,7 @@ class _Ingest:
 
     def _run(
         self, endpoint: str, raw: dict[str, Any], headers: dict[str, str], peer: str | None
-    ) -> Answer | Accepted:
+    ) -> Answer | OutRecord:
         try:
             beacon = parse_beacon(raw)
         except BeaconError as e:
@@ -229,7 +229,7 @@ class _Ingest:
             return _answer(endpoint, decided)
         return decided
 
-    def collect(self, headers: dict[str, str], peer: str | None, body: bytes) -> Answer | Accepted:
+    def collect(self, headers: dict[str, str], peer: str | None, body: bytes) -> Answer | OutRecord:
         """A refusal, or the record to publish."""
         try:
             # the usual headers as sent, known good without parsing them
@@ -253,7 +253,7 @@ class _Ingest:
         except _Refused as r:
             return _refused("collect", r)
 
-    def pixel(self, headers: dict[str, str], peer: str | None, query: str) -> Answer | Accepted:
+    def pixel(self, headers: dict[str, str], peer: str | None, query: str) -> Answer | OutRecord:
         try:
             try:
                 pairs = query_fields(query)
@@ -287,11 +287,11 @@ class _Ingest:
         decided = self.pixel(_headers_of(request), request.remote, query)
         return await self._publish("pixel", decided)
 
-    async def _publish(self, endpoint: str, decided: Answer | Accepted) -> web.Response:
+    async def _publish(self, endpoint: str, decided: Answer | OutRecord) -> web.Response:
         if isinstance(decided, Answer):
             return decided.response()
         try:
-            await publish(self.pipeline.publisher, decided.record)
+            await publish(self.pipeline.publisher, decided)
         except Unavailable as e:
             return _answer(endpoint, self.pipeline.settle(e)).response()
         return _answer(endpoint, self.pipeline.settle(None)).response()
@@ -303,7 +303,7 @@ class _Ingest:
     def pixel_lane(self, req: RawRequest, conn: LaneProtocol) -> Reply | None:
         return self._lane("pixel", self.pixel(req.headers, req.peer, req.query), conn)
 
-    def _lane(self, endpoint: str, decided: Answer | Accepted, conn: LaneProtocol) -> Reply | None:
+    def _lane(self, endpoint: str, decided: Answer | OutRecord, conn: LaneProtocol) -> Reply | None:
         if isinstance(decided, Answer):
             return _lane_reply(decided, endpoint)
         pipeline = self.pipeline
@@ -316,7 +316,7 @@ class _Ingest:
                 conn.answer(_lane_reply(_answer(endpoint, pipeline.settle(exc)), endpoint))
 
         try:
-            pipeline.publisher.submit(decided.record, done)
+            pipeline.publisher.submit(decided, done)
         except Unavailable as e:
             return _lane_reply(_answer(endpoint, pipeline.settle(e)), endpoint)
         return None
@@ -335,7 +335,7 @@ def _lane_reply(answer: Answer, endpoint: str) -> Reply:
 def _answer(endpoint: str, outcome: Outcome) -> Answer:
     """The answer to a beacon the pipeline decided on: ``202`` with the endpoint's ready body,
     or the pipeline's refusal."""
-    if outcome is PUBLISHED:  # counted by the publisher
+    if outcome is ACCEPTED:  # counted by the publisher
         return _ACCEPTED[endpoint]
     if outcome.status == 202:
         _ACCEPTED_METRIC[endpoint].inc()

@@ -60,16 +60,8 @@ class Outcome:
     retry_after: float | None = None
 
 
-ACCEPTED = Outcome(202, "accepted")
 # accepted and published: counted by the publisher (``OutRecord.counters``), not again
-PUBLISHED = Outcome(202, "accepted")
-
-
-class Accepted(NamedTuple):
-    """A beacon that passed every step: its record, to be published."""
-
-    site: str
-    record: OutRecord
+ACCEPTED = Outcome(202, "accepted")
 
 
 class EventIds:
@@ -209,12 +201,12 @@ class Pipeline:
         if isinstance(decided, Outcome):
             return decided
         try:
-            await publish(self.publisher, decided.record)
+            await publish(self.publisher, decided)
         except Unavailable as e:
             return self.settle(e)
         return self.settle(None)
 
-    def decide(self, beacon: Beacon, client: ClientContext, endpoint: str) -> Outcome | Accepted:
+    def decide(self, beacon: Beacon, client: ClientContext, endpoint: str) -> Outcome | OutRecord:
         """Every step but the publication: a refusal (or a quiet drop), or the record to
         publish (which counts itself as accepted, by site and ``endpoint``, once safe)."""
         site = self.registry.get(beacon.site)
@@ -267,13 +259,12 @@ class Pipeline:
                 metrics.BEACONS_ACCEPTED.labels(site.id),
                 metrics.INGEST_REQUESTS.labels(endpoint, "accepted"),
             )
-        record = OutRecord(record_key(site.id, key.visitor), encode(event), key.shard, counters)
-        return Accepted(site.id, record)
+        return OutRecord(record_key(site.id, key.visitor), encode(event), key.shard, counters)
 
     def settle(self, exc: BaseException | None) -> Outcome:
         """The outcome of a publication: done (counted by the publisher), or refused."""
         if exc is None:
-            return PUBLISHED
+            return ACCEPTED
         if isinstance(exc, Unavailable):
             return self._drop("unavailable", retry_after=5)
         raise exc
