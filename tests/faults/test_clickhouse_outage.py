@@ -54,8 +54,10 @@ def test_clickhouse_down_during_the_stream(
     d = shared_deployment
     ingest = d.ingest()
     aggregate = d.aggregate()
-    plan = Plan.generate(12_000, seed=15)
-    sender = Sender([ingest.url], plan, rate=200).start()  # outlasts the outages
+    # 120 s at 200/s: outlasts both outages even on a loaded machine (what is left is sent at
+    # full speed once they are over)
+    plan = Plan.generate(24_000, seed=15)
+    sender = Sender([ingest.url], plan, rate=200).start()
 
     outage(aggregate, sender, clickhouse.kill, clickhouse.start)
     outage(aggregate, sender, clickhouse.pause, clickhouse.resume)
