@@ -39,7 +39,7 @@ from services.ingest.pipeline import (
     is_trusted,
     origin_of,
 )
-from services.ingest.publish import Unavailable, publish
+from services.ingest.publish import Unavailable
 from services.ingest.publish_types import OutRecord
 from services.settings import Settings
 
@@ -105,12 +105,6 @@ def error_answer(
     if retry_after is not None:
         headers += (("Retry-After", str(max(1, round(retry_after + 0.5)))),)
     return Answer(status, orjson.dumps({"error": message, "field": field}), headers)
-
-
-def error_response(
-    status: int, message: str, field: str | None, retry_after: float | None = None
-) -> web.Response:
-    return error_answer(status, message, field, retry_after).response()
 
 
 _ACCEPTED = {
@@ -290,11 +284,7 @@ class _Ingest:
     async def _publish(self, endpoint: str, decided: Answer | OutRecord) -> web.Response:
         if isinstance(decided, Answer):
             return decided.response()
-        try:
-            await publish(self.pipeline.publisher, decided)
-        except Unavailable as e:
-            return _answer(endpoint, self.pipeline.settle(e)).response()
-        return _answer(endpoint, self.pipeline.settle(None)).response()
+        return _answer(endpoint, await self.pipeline.publish_and_settle(decided)).response()
 
     # -- the lane's path ------------------------------------------------------------------------
     def collect_lane(self, req: RawRequest, conn: LaneProtocol) -> Reply | None:
@@ -309,16 +299,17 @@ class _Ingest:
         pipeline = self.pipeline
         accepted = _ACCEPTED_REPLY[endpoint]
 
+        def refused(exc: BaseException) -> Reply:
+            return _lane_reply(_answer(endpoint, pipeline.settle(exc)), endpoint)
+
         def done(exc: BaseException | None) -> None:
-            if exc is None:  # (counted by the publisher)
-                conn.answer(accepted)
-            else:
-                conn.answer(_lane_reply(_answer(endpoint, pipeline.settle(exc)), endpoint))
+            # (an accepted record is counted by the publisher)
+            conn.answer(accepted if exc is None else refused(exc))
 
         try:
             pipeline.publisher.submit(decided, done)
         except Unavailable as e:
-            return _lane_reply(_answer(endpoint, pipeline.settle(e)), endpoint)
+            return refused(e)
         return None
 
 

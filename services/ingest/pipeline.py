@@ -200,8 +200,12 @@ class Pipeline:
         decided = self.decide(beacon, client, endpoint)
         if isinstance(decided, Outcome):
             return decided
+        return await self.publish_and_settle(decided)
+
+    async def publish_and_settle(self, record: OutRecord) -> Outcome:
+        """Publish a decided record; its outcome once it is safe (or refused)."""
         try:
-            await publish(self.publisher, decided)
+            await publish(self.publisher, record)
         except Unavailable as e:
             return self.settle(e)
         return self.settle(None)
