@@ -163,7 +163,7 @@ class LaneProtocol(asyncio.Protocol):
             self._transport.resume_reading()
 
     def eof_received(self) -> bool:
-        return False  # the client is done sending: close once what it sent is answered
+        return False  # the client is done sending: the transport closes (as with aiohttp)
 
     def data_received(self, data: bytes) -> None:
         if self._transport is None:
