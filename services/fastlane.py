@@ -94,6 +94,7 @@ class LaneProtocol(asyncio.Protocol):
         "_paused",
         "_peer",
         "_serving",
+        "_stream_lost",
         "_transport",
         "handed_over",
     )
@@ -118,6 +119,7 @@ class LaneProtocol(asyncio.Protocol):
         self._serving = False
         self._peer: str | None = None
         self._last = time.monotonic()
+        self._stream_lost: Callable[[], None] | None = None  # set while streaming
         self.handed_over: asyncio.Protocol | None = None
 
     # -- the gate's view ------------------------------------------------------------------------
@@ -129,7 +131,7 @@ class LaneProtocol(asyncio.Protocol):
         return now - self._last if self.idle() else 0.0
 
     def close_when_idle(self) -> None:
-        if self.idle():
+        if self.idle() or self._stream_lost is not None:
             self.force_close()
         else:
             self._close_after = True
@@ -153,6 +155,9 @@ class LaneProtocol(asyncio.Protocol):
         if self._transport is not None:
             self._transport = None
             self._gate.release(self)
+        lost, self._stream_lost = self._stream_lost, None
+        if lost is not None:
+            lost()
 
     def pause_writing(self) -> None:  # a client that does not read its answers
         if self._transport is not None:
@@ -166,8 +171,8 @@ class LaneProtocol(asyncio.Protocol):
         return False  # the client is done sending: the transport closes (as with aiohttp)
 
     def data_received(self, data: bytes) -> None:
-        if self._transport is None:
-            return
+        if self._transport is None or self._stream_lost is not None:
+            return  # (a streaming answer never ends: what a client sends after is ignored)
         self._last = time.monotonic()
         if self._buf:
             data = self._buf + data
@@ -240,6 +245,8 @@ class LaneProtocol(asyncio.Protocol):
                 if not self._write(reply):
                     return
                 continue
+            if self._stream_lost is not None:
+                return  # a never-ending answer: nothing after this request is read
             if self._busy:
                 # the answer comes later: the rest waits (answers go out in request order)
                 self._buf = data[pos:]
@@ -291,6 +298,41 @@ class LaneProtocol(asyncio.Protocol):
             return False
         return True
 
+    # -- a never-ending answer (server-sent events) ------------------------------------------------
+    def begin_stream(self, head: bytes, on_lost: Callable[[], None]) -> None:
+        """Answer the request being handled with a chunked body that ``send`` writes to for as
+        long as the connection lasts (the handler returns ``None``); ``on_lost`` is called once
+        the connection is gone. The connection stays out of the idle sweep."""
+        if not self._busy or self._transport is None:
+            raise RuntimeError("no request of this connection is waiting for its answer")
+        self._stream_lost = on_lost
+        self._buf = b""
+        self._transport.write(
+            b"".join((head, b"Transfer-Encoding: chunked\r\n", _date_line(), b"\r\n"))
+        )
+        if self._paused:
+            self._paused = False
+            self._transport.resume_reading()
+
+    def send(self, chunk: bytes, limit: int) -> bool:
+        """Write ``chunk`` (framed by ``chunk()``) to the stream; False (and the connection
+        closed) when the client has more than ``limit`` bytes it has not read yet."""
+        transport = self._transport
+        if transport is None:
+            return False
+        if transport.get_write_buffer_size() > limit:
+            transport.close()
+            return False
+        transport.write(chunk)
+        return True
+
+    def end(self) -> None:
+        """End the stream: its last chunk, then the connection is closed."""
+        transport = self._transport
+        if transport is not None:
+            transport.write(b"0\r\n\r\n")
+            transport.close()
+
     def _hand_over(self, data: bytes) -> None:
         """From now on aiohttp serves this connection, starting with ``data``."""
         transport = self._transport
@@ -322,6 +364,11 @@ def header_dict(fields: Iterable[tuple[str, str]]) -> dict[str, str]:
 
 
 _JOINED = frozenset(("x-forwarded-for", "content-length"))
+
+
+def chunk(data: bytes) -> bytes:
+    """``data`` as one chunk of a chunked body (for ``LaneProtocol.send``)."""
+    return b"%x\r\n%b\r\n" % (len(data), data)
 
 
 def reply_head(status: int, headers: Iterable[tuple[str, str]]) -> bytes:

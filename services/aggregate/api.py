@@ -13,8 +13,8 @@ from aiohttp import web
 
 from services import http, metrics
 from services.aggregate import render
-from services.aggregate.counter import CounterService, Prepared
-from services.fastlane import LaneProtocol, RawRequest, Reply, reply_head
+from services.aggregate.counter import SINK_BACKLOG_BYTES, CounterService, Prepared
+from services.fastlane import LaneProtocol, RawRequest, Reply, chunk, reply_head
 
 COUNTER = web.AppKey("counter", CounterService)
 
@@ -22,6 +22,12 @@ STREAM_KEEPALIVE = web.AppKey("stream_keepalive", float)
 
 KEEPALIVE_SECONDS = 15.0
 _KEEPALIVE = b": keep-alive\n\n"
+_RETRY = b"retry: 3000\n\n"  # reconnect after 3 s when the connection drops
+_STREAM_HEADERS = {
+    "Content-Type": "text/event-stream",
+    "Cache-Control": "no-cache",
+    "X-Accel-Buffering": "no",
+}
 _CORS = {
     "Access-Control-Allow-Origin": "*",
     "Access-Control-Expose-Headers": "ETag",
@@ -88,6 +94,34 @@ class _CounterLane:
 
 
 _UNAVAILABLE = orjson.dumps({"error": "the counter is not available yet", "field": None})
+_UNAVAILABLE_HEAD = reply_head(503, (("Content-Type", "application/json"), *_CORS.items()))
+
+
+class _StreamLane:
+    """``GET /v1/sites/{site}/counter/stream`` in the fast lane: the connection becomes a sink
+    of the site's ``Fanout`` (written to directly, with the very same bytes for every
+    subscriber); the same stream as ``counter_stream``."""
+
+    _HEAD = reply_head(200, (*_STREAM_HEADERS.items(), *_CORS.items()))
+    _RETRY_CHUNK = chunk(_RETRY)
+
+    def __init__(self, service: CounterService, site: str) -> None:
+        self.service, self.site = service, site
+
+    def __call__(self, req: RawRequest, conn: LaneProtocol) -> Reply | None:
+        if self.site not in self.service.prepared or self.service.fanout.closed:
+            return Reply(_UNAVAILABLE_HEAD, _UNAVAILABLE)
+        fanout, site = self.service.fanout, self.site
+
+        def lost() -> None:
+            fanout.detach(site, sub)
+            metrics.STREAM_SUBSCRIBERS.dec()
+
+        conn.begin_stream(self._HEAD, lost)
+        metrics.STREAM_SUBSCRIBERS.inc()
+        conn.send(self._RETRY_CHUNK, SINK_BACKLOG_BYTES)
+        sub = fanout.attach(site, conn)
+        return None
 
 
 def _lang(request: web.Request) -> str:
@@ -127,19 +161,11 @@ async def counter_stream(request: web.Request) -> web.StreamResponse:
     site = request.match_info["site"]
     fanout = request.app[COUNTER].fanout
     keepalive = request.app[STREAM_KEEPALIVE]
-    response = web.StreamResponse(
-        headers={
-            "Content-Type": "text/event-stream",
-            "Cache-Control": "no-cache",
-            "X-Accel-Buffering": "no",
-            **_CORS,
-        }
-    )
+    response = web.StreamResponse(headers={**_STREAM_HEADERS, **_CORS})
     await response.prepare(request)
     metrics.STREAM_SUBSCRIBERS.inc()
     try:
-        # reconnect after 3 s when the connection drops
-        await response.write(b"retry: 3000\n\n")
+        await response.write(_RETRY)
         async for latest in fanout.subscribe(site, min_interval=1.0, keepalive=keepalive):
             # A subscriber that stops reading would hold its connection forever: a write that
             # cannot drain within the limit ends the stream (the widget reconnects or polls).
@@ -192,6 +218,7 @@ def add_routes(
 ) -> None:
     app[COUNTER] = service
     app[STREAM_KEEPALIVE] = keepalive_seconds
+    service.fanout.keepalive = keepalive_seconds
 
     async def end_streams(app: web.Application) -> None:
         # Open streams would hold the shutdown for its whole timeout: end them first (the
@@ -203,6 +230,9 @@ def add_routes(
     for site in service.registry:
         http.add_lane_route(
             app, "GET", f"/v1/sites/{site.id}/counter", _CounterLane(service, site.id)
+        )
+        http.add_lane_route(
+            app, "GET", f"/v1/sites/{site.id}/counter/stream", _StreamLane(service, site.id)
         )
     app.router.add_route("OPTIONS", "/v1/sites/{site}/counter", counter_preflight)
     app.router.add_get("/v1/sites/{site}/counter/stream", counter_stream)

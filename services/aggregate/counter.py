@@ -6,9 +6,11 @@ closely (``min_gap_seconds``), so that a beacon shows soon after it is written.
 
 ``stale`` turns true when a refresh fails: the last good numbers stay, with their ``as_of``.
 
-Stream subscribers share one ``Fanout``: a change of a site's numbers wakes every subscriber
-of that site, and each writes the very same prepared bytes; ten thousand open pages cost ten
-thousand socket writes per change, and no extra query or serialisation.
+Stream subscribers share one ``Fanout``: a change of a site's numbers is written to every
+subscriber of that site as the very same prepared bytes; ten thousand open pages cost ten
+thousand socket writes per change, and no extra query or serialisation. Subscribers on the
+server's fast lane (every usual request) are written to in one synchronous loop, paced to one
+event a second each by one timer per site; the others (served by aiohttp) each wake up for it.
 """
 
 from __future__ import annotations
@@ -21,12 +23,13 @@ import time
 from collections.abc import AsyncIterator, Callable, Iterable
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
-from typing import Any
+from typing import Any, Protocol
 
 import orjson
 
 from services import metrics
 from services.aggregate.store import Online, Snapshot, Store
+from services.fastlane import chunk
 from services.sites import Registry, Site
 
 log = logging.getLogger(__name__)
@@ -38,6 +41,7 @@ class Prepared:
     body: bytes
     etag: str
     event: bytes  # the server-sent event carrying ``body``
+    chunk: bytes  # ``event`` framed as one chunk of a chunked body (for a ``Sink``)
 
 
 def periods(today: date) -> dict[str, tuple[date, date]]:
@@ -104,7 +108,31 @@ def prepare(payload: dict[str, Any]) -> Prepared:
     # The ETag covers the numbers, not ``as_of``: an unchanged counter revalidates as 304.
     numbers = {k: v for k, v in payload.items() if k != "as_of"}
     etag = '"' + hashlib.sha256(orjson.dumps(numbers)).hexdigest()[:24] + '"'
-    return Prepared(payload, body, etag, b"data: " + body + b"\n\n")
+    event = b"data: " + body + b"\n\n"
+    return Prepared(payload, body, etag, event, chunk(event))
+
+
+KEEPALIVE_CHUNK = chunk(b": keep-alive\n\n")
+# A subscriber with more than this left unread (about two minutes of events) is dropped: its
+# page reconnects or polls.
+SINK_BACKLOG_BYTES = 64 * 1024
+
+
+class Sink(Protocol):
+    """A subscriber's connection, written to directly (``services.fastlane.LaneProtocol``)."""
+
+    def send(self, chunk: bytes, limit: int) -> bool: ...
+    def end(self) -> None: ...
+
+
+class _Sub:
+    __slots__ = ("etag", "sent_at", "sink", "wrote_at")
+
+    def __init__(self, sink: Sink, now: float) -> None:
+        self.sink = sink
+        self.etag = ""  # of the numbers it has
+        self.sent_at = -1e18  # when it got them
+        self.wrote_at = now  # its latest write (an event or a keep-alive)
 
 
 class Fanout:
@@ -115,13 +143,21 @@ class Fanout:
     so a slow subscriber never falls behind by more than one snapshot).
     """
 
-    def __init__(self, sites: Iterable[str]) -> None:
+    def __init__(
+        self, sites: Iterable[str], min_interval: float = 1.0, keepalive: float = 15.0
+    ) -> None:
+        self.min_interval = min_interval
+        self.keepalive = keepalive
         self.prepared: dict[str, Prepared] = {}
         # What the stream carries: the latest *published* numbers. ``replace`` (same numbers,
         # newer ``as_of``) changes what requests get, not this, so that every subscriber of a
         # change writes the very same bytes, even one that wakes up after a replace.
         self._pushed: dict[str, Prepared] = {}
         self._changed: dict[str, asyncio.Event] = {s: asyncio.Event() for s in sites}
+        self._sinks: dict[str, set[_Sub]] = {s: set() for s in self._changed}
+        self._timers: dict[str, asyncio.TimerHandle] = {}  # site -> its next paced push
+        self._pushed_at: dict[str, float] = {}  # site -> its latest push (the loop's time)
+        self._keepalive: asyncio.TimerHandle | None = None
         self.closed = False
 
     def changed(self, site: str) -> asyncio.Event:
@@ -133,6 +169,14 @@ class Fanout:
         self.prepared[site] = prepared
         self._pushed[site] = prepared
         self._wake(site)
+        if self._sinks[site] and site not in self._timers:
+            # (with a push pending, that one takes the latest)
+            loop = asyncio.get_running_loop()
+            due = self._pushed_at.get(site, -1e18) + self.min_interval
+            if loop.time() >= due:
+                self._push(site)
+            else:
+                self._timers[site] = loop.call_at(due, self._push, site)
 
     def replace(self, site: str, prepared: Prepared) -> None:
         """Same numbers (same ETag), newer ``as_of``: served to requests, not pushed."""
@@ -143,6 +187,81 @@ class Fanout:
         self.closed = True
         for site in list(self._changed):
             self._wake(site)
+        for timer in [*self._timers.values(), self._keepalive]:
+            if timer is not None:
+                timer.cancel()
+        self._timers.clear()
+        for subs in self._sinks.values():
+            ending = list(subs)
+            subs.clear()
+            for sub in ending:
+                sub.sink.end()
+
+    # -- sinks: subscribers written to directly ---------------------------------------------------
+    def attach(self, site: str, sink: Sink) -> _Sub:
+        """A new subscriber: the current numbers at once, then each change (at most one event
+        every ``min_interval`` seconds), keep-alives in between; ``detach`` when it is gone."""
+        loop = asyncio.get_running_loop()
+        sub = _Sub(sink, loop.time())
+        if self.closed:
+            sink.end()
+            return sub
+        self._sinks[site].add(sub)
+        if self._keepalive is None:
+            self._keepalive = loop.call_later(self.keepalive / 3, self._keep_alive)
+        latest = self._pushed.get(site)
+        if latest is not None:
+            self._send(site, sub, latest, loop.time())
+        return sub
+
+    def detach(self, site: str, sub: _Sub) -> None:
+        self._sinks[site].discard(sub)
+
+    def _send(self, site: str, sub: _Sub, latest: Prepared, now: float) -> None:
+        if sub.sink.send(latest.chunk, SINK_BACKLOG_BYTES):
+            sub.etag, sub.sent_at, sub.wrote_at = latest.etag, now, now
+        else:
+            self._sinks[site].discard(sub)
+
+    def _push(self, site: str) -> None:
+        """Write the latest numbers to every sink of ``site`` that has older ones and has had
+        its quiet interval. Pushes keep to one beat per site (``min_interval`` apart), so that
+        every sink is written to in the same loop: a sink that joined since the last push (its
+        first event came at once) and is still in its quiet interval gets the next beat."""
+        timer = self._timers.pop(site, None)
+        if timer is not None:
+            timer.cancel()
+        latest = self._pushed.get(site)
+        if latest is None or self.closed:
+            return
+        loop = asyncio.get_running_loop()
+        now = loop.time()
+        interval, etag = self.min_interval, latest.etag
+        waiting = False
+        for sub in list(self._sinks[site]):
+            if sub.etag == etag:
+                continue
+            if now - sub.sent_at < interval:
+                waiting = True
+                continue
+            self._send(site, sub, latest, now)
+        self._pushed_at[site] = now
+        if waiting:
+            self._timers[site] = loop.call_at(now + interval, self._push, site)
+
+    def _keep_alive(self) -> None:
+        loop = asyncio.get_running_loop()
+        now = loop.time()
+        quiet = now - self.keepalive
+        for subs in self._sinks.values():
+            for sub in [s for s in subs if s.wrote_at <= quiet]:
+                if sub.sink.send(KEEPALIVE_CHUNK, SINK_BACKLOG_BYTES):
+                    sub.wrote_at = now
+                else:
+                    subs.discard(sub)
+        self._keepalive = None
+        if not self.closed and any(self._sinks.values()):
+            self._keepalive = loop.call_later(self.keepalive / 3, self._keep_alive)
 
     def _wake(self, site: str) -> None:
         event = self._changed[site]

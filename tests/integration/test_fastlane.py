@@ -21,6 +21,7 @@ import pytest
 from aiohttp import web
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from prometheus_client import REGISTRY as PROMETHEUS
 
 from services import http
 from services.ingest.publish import LocalPublisher
@@ -415,3 +416,96 @@ async def test_the_counter_in_the_lane_answers_as_aiohttp_does(tmp_path: Path) -
         assert unknown[0] == 404 and json.loads(unknown[2])["field"] == "site"
     finally:
         await runner.cleanup()
+
+
+async def read_stream(reader: asyncio.StreamReader, events: int) -> tuple[bytes, list[bytes]]:
+    """The head of a chunked event stream and its first ``events`` ``data:`` lines (comments
+    and ``retry:`` kept apart, as a browser does)."""
+    head = await reader.readuntil(b"\r\n\r\n")
+    assert b"transfer-encoding: chunked" in head.lower()
+    body = b""
+    data: list[bytes] = []
+    while len(data) < events:
+        size = int((await reader.readuntil(b"\r\n")).strip(), 16)
+        assert size > 0, "the stream ended"
+        body += (await reader.readexactly(size + 2))[:-2]
+        *blocks, body = body.split(b"\n\n")
+        data.extend(line for b in blocks for line in b.split(b"\n") if line.startswith(b"data: "))
+    return head, data
+
+
+def subscribers() -> float:
+    return PROMETHEUS.get_sample_value("visitorstats_stream_subscribers") or 0.0
+
+
+def head_fields(head: bytes) -> dict[str, str]:
+    lines = head.decode("latin-1").split("\r\n")[1:]
+    return {k.lower(): v.strip() for k, _, v in (line.partition(":") for line in lines if line)}
+
+
+async def test_the_stream_in_the_lane_is_the_stream_of_aiohttp(tmp_path: Path) -> None:
+    """``GET /v1/sites/{site}/counter/stream``: the lane's subscriber (a sink of the fan-out,
+    written to directly) gets the head and the events aiohttp's does; it stays open past the
+    idle timeout of lane connections, gets keep-alives, counts at the gate, and ends with the
+    chunked body's last chunk when the server stops."""
+    s = replace(
+        Settings(),
+        secret=b"k",
+        data_dir=tmp_path,
+        port=free_port(),
+        read_timeout_seconds=0.5,
+        stream_keepalive_seconds=0.3,
+    )
+    app = create_standalone_app(s, REGISTRY)
+    runner = await http.start_server(app, s)
+    get = b"GET /v1/sites/open/counter/stream HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"
+    before = subscribers()
+    try:
+        async with asyncio.timeout(30):
+            while True:  # the first snapshot takes a moment
+                r, w = await asyncio.open_connection("127.0.0.1", s.port)
+                w.write(get)
+                first = await r.readuntil(b"\r\n\r\n")
+                w.close()
+                if first.startswith(b"HTTP/1.1 200"):
+                    break
+                assert first.startswith(b"HTTP/1.1 503"), first
+                await asyncio.sleep(0.2)
+        lane_r, lane_w = await asyncio.open_connection("127.0.0.1", s.port)
+        lane_w.write(get)
+        full_r, full_w = await asyncio.open_connection("127.0.0.1", s.port)
+        full_w.write(get[:10])  # a split head: aiohttp serves it
+        await full_w.drain()
+        await asyncio.sleep(0.05)
+        full_w.write(get[10:])
+        async with asyncio.timeout(30):
+            lane_head, lane_data = await read_stream(lane_r, 1)
+            full_head, full_data = await read_stream(full_r, 1)
+        lane, full = head_fields(lane_head), head_fields(full_head)
+        assert "aiohttp" not in lane.get("server", "") and "aiohttp" in full["server"]
+        assert lane_head.startswith(b"HTTP/1.1 200 OK\r\n")
+        for name in (
+            "content-type",
+            "cache-control",
+            "x-accel-buffering",
+            "access-control-allow-origin",
+            "transfer-encoding",
+        ):
+            assert lane[name] == full[name], name
+        numbers = [{**json.loads(d[6:]), "as_of": ""} for d in (lane_data[0], full_data[0])]
+        assert numbers[0] == numbers[1] and numbers[0]["site"] == "open"
+        # past the lane's idle timeout (0.5 s), keep-alives (every 0.3 s) on an open stream
+        await asyncio.sleep(1.5)
+        async with asyncio.timeout(10):
+            pending = await lane_r.read(65536)
+        assert b": keep-alive" in pending
+        assert subscribers() == before + 2
+    finally:
+        await runner.cleanup()
+    async with asyncio.timeout(30):
+        rest = await lane_r.read()
+        while chunk := await lane_r.read():
+            rest += chunk
+    assert rest.endswith(b"0\r\n\r\n")  # a clean end, not a cut-off body
+    lane_w.close()
+    full_w.close()

@@ -1,13 +1,15 @@
 """The stream fan-out: every subscriber of a site gets the one prepared snapshot, no change is
 missed, changes within a subscriber's quiet second are coalesced to the latest, keep-alives
-when nothing changes, and closing ends every subscription."""
+when nothing changes, and closing ends every subscription; the same for sinks (subscribers
+written to directly, the fast lane's connections), paced by the fan-out itself."""
 
 from __future__ import annotations
 
 import asyncio
+import itertools
 from typing import Any
 
-from services.aggregate.counter import Fanout, Prepared, prepare
+from services.aggregate.counter import KEEPALIVE_CHUNK, Fanout, Prepared, prepare
 
 
 def snapshot(total: int, **extra: Any) -> Prepared:
@@ -112,3 +114,97 @@ async def test_a_subscriber_waking_after_a_replace_gets_the_published_bytes() ->
     assert fanout.prepared["dongha"] is newer
     assert await asyncio.wait_for(anext(sub), 30) is change
     await sub.aclose()
+
+
+class FakeSink:
+    """Records what the fan-out writes, with the loop's time; refuses once ``full``."""
+
+    def __init__(self) -> None:
+        self.writes: list[tuple[float, bytes]] = []
+        self.full = False
+        self.ended = False
+
+    def send(self, chunk: bytes, limit: int) -> bool:
+        if self.full:
+            return False
+        self.writes.append((asyncio.get_running_loop().time(), chunk))
+        return True
+
+    def end(self) -> None:
+        self.ended = True
+
+    def events(self) -> list[tuple[float, bytes]]:
+        return [(t, c) for t, c in self.writes if c != KEEPALIVE_CHUNK]
+
+
+async def test_sinks_get_every_change_paced_and_end_on_the_latest() -> None:
+    fanout = Fanout(["dongha"], min_interval=0.2, keepalive=30)
+    fanout.publish("dongha", snapshot(0))
+    sinks = [FakeSink() for _ in range(50)]
+    for sink in sinks:
+        fanout.attach("dongha", sink)
+    assert all(s.events() == [(s.writes[0][0], fanout.prepared["dongha"].chunk)] for s in sinks)
+    for n in range(1, 25):  # a change every 0.05 s for 1.2 s
+        await asyncio.sleep(0.05)
+        fanout.publish("dongha", snapshot(n))
+    await asyncio.sleep(0.3)
+    latest = fanout.prepared["dongha"].chunk
+    for sink in sinks:
+        times = [t for t, _ in sink.events()]
+        assert all(b - a >= 0.2 - 1e-6 for a, b in itertools.pairwise(times))
+        assert len(times) >= 2  # the first at once, the latest after the quiet interval
+        assert sink.events()[-1][1] is latest
+    # every sink wrote the very same bytes objects, in one loop per push
+    assert len({tuple(id(c) for _, c in s.events()) for s in sinks}) == 1
+
+
+async def test_a_sink_that_joins_late_gets_the_current_numbers_then_is_paced() -> None:
+    fanout = Fanout(["dongha"], min_interval=0.3, keepalive=30)
+    fanout.publish("dongha", snapshot(1))
+    sink = FakeSink()
+    fanout.attach("dongha", sink)
+    fanout.publish("dongha", snapshot(2))  # within its quiet interval: later, not now
+    assert [c for _, c in sink.events()] == [snapshot(1).chunk]
+    await asyncio.sleep(0.45)
+    (t1, _first), (t2, second) = sink.events()
+    assert second == fanout.prepared["dongha"].chunk and t2 - t1 >= 0.3 - 1e-6
+
+
+async def test_a_sink_that_does_not_read_is_dropped() -> None:
+    fanout = Fanout(["dongha"], min_interval=0, keepalive=30)
+    fanout.publish("dongha", snapshot(1))
+    slow, fine = FakeSink(), FakeSink()
+    fanout.attach("dongha", slow)
+    fanout.attach("dongha", fine)
+    slow.full = True
+    fanout.publish("dongha", snapshot(2))
+    slow.full = False
+    fanout.publish("dongha", snapshot(3))
+    assert len(slow.events()) == 1  # dropped at its first refusal, never written again
+    assert len(fine.events()) == 3
+
+
+async def test_sinks_get_keepalives_and_not_replaced_numbers() -> None:
+    fanout = Fanout(["dongha"], min_interval=0, keepalive=0.15)
+    fanout.publish("dongha", snapshot(1))
+    sink = FakeSink()
+    fanout.attach("dongha", sink)
+    fanout.replace("dongha", prepare({"site": "dongha", "online": {"total": 1}, "as_of": "x"}))
+    await asyncio.sleep(0.4)
+    assert len(sink.events()) == 1
+    assert KEEPALIVE_CHUNK in [c for _, c in sink.writes]
+
+
+async def test_closing_ends_every_sink_and_refuses_new_ones() -> None:
+    fanout = Fanout(["dongha", "utc"], min_interval=0.5)
+    fanout.publish("dongha", snapshot(1))
+    sinks = [FakeSink(), FakeSink()]
+    fanout.attach("dongha", sinks[0])
+    fanout.attach("utc", sinks[1])
+    fanout.publish("dongha", snapshot(2))  # a paced push pending
+    fanout.close()
+    late = FakeSink()
+    fanout.attach("dongha", late)
+    await asyncio.sleep(0.6)
+    assert all(s.ended for s in (*sinks, late))
+    assert len(sinks[0].events()) == 1 and late.writes == []
