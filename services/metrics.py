@@ -122,6 +122,11 @@ FRESHNESS = Histogram(
     "Time from a beacon's acceptance at ingest to its appearance in the counter.",
     buckets=_FRESHNESS_BUCKETS,
 )
+COUNTER_REFRESH = Histogram(
+    "visitorstats_counter_refresh_seconds",
+    "Duration of one counter refresh: the ClickHouse queries of all sites' numbers.",
+    buckets=_LATENCY_BUCKETS,
+)
 ONLINE = Gauge(
     "visitorstats_online",
     "Visitors online now, per site and kind (guests, members, total, bots).",

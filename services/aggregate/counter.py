@@ -327,8 +327,10 @@ class CounterService:
             ),
             default=date.today(),
         )
+        started = time.monotonic()
         try:
             snap = await asyncio.wait_for(self.store.snapshot(windows, since, now_ms), 10)
+            metrics.COUNTER_REFRESH.observe(time.monotonic() - started)
         except Exception as e:
             self._flushed = flushed + self._flushed
             if self.healthy:
