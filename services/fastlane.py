@@ -96,6 +96,7 @@ class LaneProtocol(asyncio.Protocol):
         "_serving",
         "_stream_lost",
         "_transport",
+        "_unread",
         "handed_over",
     )
 
@@ -115,7 +116,8 @@ class LaneProtocol(asyncio.Protocol):
         self._buf = b""
         self._busy = False
         self._close_after = False
-        self._paused = False
+        self._paused = False  # reading paused: a pipelining client waits for an answer
+        self._unread = False  # reading paused: the client does not read its answers
         self._serving = False
         self._peer: str | None = None
         self._last = time.monotonic()
@@ -160,11 +162,17 @@ class LaneProtocol(asyncio.Protocol):
             lost()
 
     def pause_writing(self) -> None:  # a client that does not read its answers
+        self._unread = True
         if self._transport is not None:
             self._transport.pause_reading()
 
     def resume_writing(self) -> None:
-        if self._transport is not None:
+        self._unread = False
+        self._resume_reading()
+
+    def _resume_reading(self) -> None:
+        """Read again once neither reason to pause holds."""
+        if self._transport is not None and not self._paused and not self._unread:
             self._transport.resume_reading()
 
     def eof_received(self) -> bool:
@@ -270,7 +278,7 @@ class LaneProtocol(asyncio.Protocol):
             return  # answered from inside the handler: _serve goes on with the rest
         if self._paused:
             self._paused = False
-            self._transport.resume_reading()
+            self._resume_reading()
         if self._buf:
             data, self._buf = self._buf, b""
             self._serve(data)
@@ -312,7 +320,7 @@ class LaneProtocol(asyncio.Protocol):
         )
         if self._paused:
             self._paused = False
-            self._transport.resume_reading()
+            self._resume_reading()
 
     def send(self, chunk: bytes, limit: int) -> bool:
         """Write ``chunk`` (framed by ``chunk()``) to the stream; False (and the connection
