@@ -102,7 +102,7 @@ async def run(beacons: int, noop: bool) -> dict[str, Any]:
     records: list[OutRecord] = []
     app = create_ingest_app(settings, Registry.parse(sites), LocalPublisher(records.append))
     await app[ingest_app.PIPELINE].publisher.start()
-    routes = dict(app[LANE_ROUTES])
+    routes = app[LANE_ROUTES].copy()
     if noop:
         ready = Reply(b"HTTP/1.1 202 Accepted\r\n", b"")
 

@@ -11,6 +11,7 @@ import subprocess
 import time
 from importlib import resources
 from pathlib import Path
+from typing import BinaryIO
 
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
@@ -44,7 +45,7 @@ class Tansu:
         self.port = port or free_port()
         self.log_path = log_path
         self.proc: subprocess.Popen[bytes] | None = None
-        self._log = None
+        self._log: BinaryIO | None = None
 
     @property
     def bootstrap(self) -> str:
