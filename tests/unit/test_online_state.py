@@ -185,3 +185,25 @@ def test_the_value_is_shared_with_the_event_id() -> None:
     (value,) = s._visitors.values()
     (seen,) = s._seen.values()
     assert value is seen and value >> 5 == T0
+
+
+def test_equal_ms_rows_of_a_bot_and_a_human_key_go_by_log_order() -> None:
+    """Of a bot row and a human row of one key with the same ts, the later in the log is the
+    latest row (``(ts, offset)``)."""
+    s = PartitionState(0, windows=WINDOWS)
+    s.advance(T0)
+    s.apply(ev(KEYS[0], T0, bot=True), UTC, 0, 0)
+    assert s.tallies()["b"] == (0, 0, 1)
+    s.apply(ev(KEYS[0], T0, "leave"), UTC, 0, 1)
+    assert s.tallies()["b"] == (0, 0, 0)  # the leave came after the bot's page view
+    s.apply(ev(KEYS[0], T0, bot=True), UTC, 0, 2)
+    assert s.tallies()["b"] == (0, 0, 1)  # and another bot row after the leave
+    s.apply(ev(KEYS[1], T0, "leave"), UTC, 0, 3)
+    s.apply(ev(KEYS[1], T0, bot=True), UTC, 0, 4)
+    assert s.tallies()["b"] == (0, 0, 2)
+    rows = [(KEYS[0], False, "pageview"), (KEYS[0], True, "leave")]
+    r = PartitionState(0, windows=WINDOWS)
+    r.advance(T0)
+    for i, (key, bot, kind) in enumerate(rows):
+        r.apply(ev(key, T0, kind, bot=bot), UTC, 0, i)
+    assert r.tallies()["b"] == (0, 0, 0)  # a bot row that is a leave: gone, bot or not
