@@ -137,6 +137,7 @@ class PartitionState:
     __slots__ = (
         "_aliases",
         "_bots",
+        "_cutoffs",
         "_dedup_ms",
         "_default_window",
         "_held",
@@ -187,6 +188,8 @@ class PartitionState:
         self._bots: dict[Key, int] = {}
         self._tally: dict[str, list[int]] = {s: [0, 0, 0, 0] for s in self._windows}
         self._now = 0  # ms: the time the tally is for
+        # site -> now - its window: online from that ms on (sites never online: absent)
+        self._cutoffs: dict[str, int] = {s: -w for s, w in self._windows.items()}
         self._wheel: dict[int, list[Key]] = {}  # second -> visitors to judge again by then
         self._slots: list[int] = []  # heap of the wheel's seconds
         self._held: list[Key] | None = None  # while ``advance`` runs: due in its second
@@ -199,6 +202,9 @@ class PartitionState:
         if bits is None:
             self._names.append(site)
             bits = self._sites[site] = len(self._names) << 128
+            window = self._window(site)
+            if window is not None:
+                self._cutoffs[site] = self._now - window
         return bits
 
     def _site_of(self, key: Key) -> str:
@@ -277,26 +283,47 @@ class PartitionState:
             own: Key = bits | int(visitor, 16)
         else:
             own = site + ":" + visitor
-        pageview = event.type == "pageview"
-        flags = _LEAVE if event.type == "leave" else 0
+        kind_of_event = event.type
+        pageview = kind_of_event == "pageview"
         if event.bot:
             seen[seen_key] = ts << _SHIFT
-            self._fold_bot(own, site, ts, flags)
+            self._fold_bot(own, site, ts, _LEAVE if kind_of_event == "leave" else 0)
             return _new_row(Row, (event, visitor, False, False, day, partition, offset))
         key = self._canonical(event, bits, own)
         visitors = self._visitors
         old = visitors.pop(key, None)
+        # The value's bits written as literals here (this runs once per event; a module
+        # global costs a lookup each): _SHIFT = 5, _WHEEL = 16, _KIND = 12 (kind << 2),
+        # _MEMBER = 2, _LEAVE = 1.
         if old is None:
             starts_visit = pageview
-            seen[seen_key] = self._fold_human(key, None, site, ts, flags | event.member << 1)
+            kept = 0
         else:
-            last = old >> _SHIFT
+            last = old >> 5
             starts_visit = pageview and ts - last >= self._timeout_ms
-            if ts >= last:
-                seen[seen_key] = self._fold_human(key, old, site, ts, flags | event.member << 1)
-            else:  # a late row: the latest row stays what it was
+            kept = old & 28  # _WHEEL | _KIND
+            if ts < last:  # a late row: the latest row stays what it was
                 visitors[key] = old
-                seen[seen_key] = ts << _SHIFT
+                seen[seen_key] = ts << 5
+                kept = -1
+        if kept >= 0:
+            flags = (1 if kind_of_event == "leave" else 0) | (2 if event.member else 0)
+            bots = self._bots
+            if bots and key in bots:
+                value = self._fold_human(key, old, site, ts, flags)
+            else:
+                # ``_judge_human`` inlined
+                cutoff = self._cutoffs.get(site)  # now - the site's window
+                # NONE (a leave, or out of the window), else MEMBER or GUEST
+                kind = 0 if flags & 1 or cutoff is None or ts < cutoff else 2 if flags & 2 else 1
+                if kind != kept >> 2 & 3:
+                    self._count(site, kept >> 2 & 3, kind)
+                value = ts << 5 | kept & 16 | kind << 2 | flags
+                if kind and not kept & 16:
+                    self._schedule(key, ts - cutoff + self._now + 1)  # type: ignore[operator]
+                    value |= 16
+                visitors[key] = value
+            seen[seen_key] = value  # the same object: one int per visitor
         if len(visitors) > self._max_visitors:
             self._forget_visitors()
         if key != own:
@@ -343,6 +370,9 @@ class PartitionState:
         if now_ms <= self._now:
             return
         self._now = now_ms
+        cutoffs = self._cutoffs
+        for site in cutoffs:
+            cutoffs[site] = now_ms - self._window(site)  # type: ignore[operator]
         cur = now_ms // 1000
         slots, wheel = self._slots, self._wheel
         held = self._held = []
