@@ -9,6 +9,7 @@ mocks."""
 
 from __future__ import annotations
 
+import asyncio
 import random
 import uuid
 from datetime import date
@@ -18,12 +19,13 @@ from zoneinfo import ZoneInfo
 
 import pytest
 
-from services.aggregate.consume import Aggregator
+from services.aggregate.consume import Aggregator, Consumer
 from services.aggregate.counting import PartitionState
 from services.aggregate.migrate import migrations, render, schema_migrations_ddl
 from services.aggregate.online import ONLINE_BY_QUERY
-from services.aggregate.sources import InRecord
+from services.aggregate.sources import InRecord, LocalLog
 from services.aggregate.store import Online, Store
+from services.ingest.publish_types import OutRecord
 from services.record import Event, decode, encode
 from services.settings import Settings
 from services.sites import Registry
@@ -309,3 +311,45 @@ async def test_an_upgraded_database_gets_the_table_and_the_numbers(tmp_path: Pat
         assert same(await published(new, clock.ms), want)
     finally:
         new.close()
+
+
+async def test_the_consume_loop_ticks_visitors_out_when_their_window_ends(store: Store) -> None:
+    """``visitorstats run``'s path (the in-process log, ``Consumer.run``): with no event at all,
+    the loop's tick takes a visitor out of the tally when their window ends, and writes it."""
+    clock = Clock(T0)
+    settings = Settings(flush_interval_seconds=0.05, counter_interval_seconds=0.05)
+    log = LocalLog()
+    agg = Aggregator(store, Registry.parse(SITES), settings, log.topic, clock=clock)
+    stopping = asyncio.Event()
+    consumer = Consumer(log, agg, settings, stopping)
+    await consumer.start()
+    task = asyncio.create_task(consumer.run(drained=lambda: log.pending() == 0))
+
+    async def online_now(want: dict[str, Online]) -> dict[str, Online]:
+        got: dict[str, Online] = {}
+        for _ in range(200):
+            snap = await store.snapshot(dict(WINDOWS), date(2026, 1, 1), clock.ms, log.topic)
+            got = snap.online
+            if same(got, want):
+                break
+            await asyncio.sleep(0.02)
+        return got
+
+    try:
+        for i, (site, member) in enumerate([("long", False), ("short", True), ("long", True)]):
+            event = Event(
+                str(uuid.uuid4()), site, "pageview", T0 + i, f"{i + 1:032x}", None, member,
+                False, "https://x.example.vn/", "", "",
+            )  # fmt: skip
+            log.append(OutRecord(b"", encode(event), 0))
+        want = {"long": Online(1, 1, 0), "short": Online(0, 1, 0)}
+        assert same(await online_now(want), want)
+        clock.ms = T0 + 61_002  # the short window ended
+        want = {"long": Online(1, 1, 0), "short": Online(0, 0, 0)}
+        assert same(await online_now(want), want)
+        clock.ms = T0 + 300_003  # and the long one
+        assert same(await online_now({}), {})
+        assert same(await online_now({}), await by_query(store, clock.ms))
+    finally:
+        stopping.set()
+        await task
