@@ -435,8 +435,8 @@ def main(argv: list[str] | None = None) -> int:
                     "plain dict of hex keys → ts",
                     "≤ 250 B",
                     met(m["bytes_per_visitor"] <= 250 and m["online"] >= 1_000_000),
-                    note=f"counting state {m['counting_bytes_per_visitor']:.0f} B + online tally "
-                    f"{m['online_tally_bytes_per_visitor']:.0f} B",
+                    note="counting state with who is online, timing wheel "
+                    f"{m['wheel_bytes_per_visitor']:.0f} B of it",
                     higher_is_better=False,
                 )
             )

@@ -11,10 +11,11 @@ so that nothing else lives in its heap: prints one JSON line.
   thread's). Baseline: the same rows, already in columns, inserted into a table of the same
   schema (the engine's floor through clickhouse-connect).
 * ``memory``: bytes per online visitor an aggregate process holds at N online, measured with
-  tracemalloc: its ``PartitionState`` (each visitor with one pageview, so one remembered event
-  id) plus the counter's online tally (``online.py``, every visitor as the snapshot's query
-  hands it over), each reported too. Baseline: a plain ``dict`` of the 32-character hex visitor
-  keys to their time stamps, measured the same way.
+  tracemalloc: its ``PartitionState`` (each visitor with one pageview, keys shaped as ingest
+  makes them, so one remembered event id), which also keeps who is online (the tallies the
+  counter reads from ClickHouse, a few rows per partition and site): the value per visitor,
+  the timing wheel (reported apart too) and the tallies. Baseline: a plain ``dict`` of the
+  32-character hex visitor keys to their time stamps, measured the same way.
 """
 
 from __future__ import annotations
@@ -258,8 +259,9 @@ async def aggregate(n: int, workdir: Path) -> dict[str, Any]:
 
 
 def memory(n: int) -> dict[str, Any]:
+    import sys
+
     from services.aggregate.counting import PartitionState
-    from services.aggregate.online import NEVER
     from services.record import Event
 
     tz = ZoneInfo("Asia/Ho_Chi_Minh")
@@ -283,34 +285,19 @@ def memory(n: int) -> dict[str, Any]:
     tracemalloc.start()
     gc.collect()
     before = tracemalloc.get_traced_memory()[0]
-    state = PartitionState(0, max_visitors=n + 1)
+    windows = dict.fromkeys(BENCH_SITES, 300)
+    state = PartitionState(0, max_visitors=n + 1, windows=windows)
+    state.advance(T0_MS)
     for i in range(n):
         state.apply(event(i), tz, 0, i)
+    state.advance(T0_MS + n // 10)  # the last event's second: every visitor still online
     gc.collect()
     held = tracemalloc.get_traced_memory()[0] - before
-    online = len(state)
-    del state
-    gc.collect()
-
-    # The online tally (online.py) keeps every online visitor of every partition too, as the
-    # snapshot's query hands them over (the visitor as a string).
-    from services.aggregate.online import OnlineTracker
-
-    before = tracemalloc.get_traced_memory()[0]
-    tracker = OnlineTracker()
-    now = T0_MS + n // 10
-    first = tracker.first_bucket(dict.fromkeys(BENCH_SITES, 300_000), now)
-    for start in range(0, n, 100_000):
-        rows = [
-            (BENCH_SITES[i % len(BENCH_SITES)], visitor_key(i), T0_MS + i // 10, (i, 0, 0), NEVER)
-            for i in range(start, min(n, start + 100_000))
-        ]
-        tracker.apply(now, first, {}, rows)
-        del rows
-    gc.collect()
-    tally = tracemalloc.get_traced_memory()[0] - before
-    tracked = len(tracker)
-    del tracker
+    wheel = state._wheel
+    wheel_bytes = sys.getsizeof(wheel) + sum(sys.getsizeof(keys) for keys in wheel.values())
+    online = sum(g + m + b for g, m, b in state.tallies().values())
+    assert online == len(state) == n, (online, len(state))
+    del state, wheel
     gc.collect()
 
     before = tracemalloc.get_traced_memory()[0]
@@ -321,11 +308,10 @@ def memory(n: int) -> dict[str, Any]:
     baseline = tracemalloc.get_traced_memory()[0] - before
     tracemalloc.stop()
     return {
-        "online": min(online, tracked),
-        "bytes": held + tally,
-        "bytes_per_visitor": (held + tally) / n,
-        "counting_bytes_per_visitor": held / n,
-        "online_tally_bytes_per_visitor": tally / n,
+        "online": online,
+        "bytes": held,
+        "bytes_per_visitor": held / n,
+        "wheel_bytes_per_visitor": wheel_bytes / n,
         "baseline_bytes_per_visitor": baseline / n,
     }
 

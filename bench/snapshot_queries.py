@@ -3,8 +3,11 @@
 Fills a chDB path through ``Store.insert_events`` (as the consumer writes: one INSERT per
 partition per batch) with ``--events`` events over ``--minutes`` minutes ending now, from
 ``--visitors`` visitors on ``--sites`` sites (pageviews, heartbeats, leaves; some members, some
-bots), then times ``Store.snapshot`` ``--repeat`` times. ``--keep PATH`` reuses (or fills once)
-a path between runs.
+bots); an ``Aggregator`` then takes the partitions over (rebuilt from the rows, timed) and
+writes their online tallies, and ``Store.snapshot`` is timed ``--repeat`` times, then over
+``--ticks`` ticks of new events counted and flushed by that aggregator. The online numbers are
+checked against the one query over the rows (``ONLINE_BY_QUERY``). ``--keep PATH`` reuses (or
+fills once) a path between runs.
 """
 
 from __future__ import annotations
@@ -19,14 +22,14 @@ import time
 import uuid
 from datetime import UTC, datetime, timedelta
 
+from services.aggregate.consume import Aggregator
 from services.aggregate.counting import Row
+from services.aggregate.online import ONLINE_BY_QUERY
+from services.aggregate.sources import InRecord
 from services.aggregate.store import Online, Store
-
-try:
-    from services.aggregate.online import ONLINE_BY_QUERY
-except ImportError:  # the code before the incremental tally: its snapshot runs that query
-    ONLINE_BY_QUERY = ""
-from services.record import Event
+from services.record import Event, encode
+from services.settings import Settings
+from services.sites import Registry
 
 PARTITIONS = 4
 
@@ -90,36 +93,52 @@ async def fill(store: Store, events: int, visitors: int, sites: int, minutes: in
     await insert(store, batch)
 
 
+def registry(sites: int) -> Registry:
+    return Registry.parse(
+        "".join(
+            f'[sites.site-{s}]\ntimezone = "Asia/Ho_Chi_Minh"\nonline_window_seconds = 300\n'
+            for s in range(sites)
+        )
+    )
+
+
 async def ticks(
-    store: Store,
+    agg: Aggregator,
+    clock: list[float],
     windows: dict[str, int],
     since: object,
-    now_ms: int,
     n: int,
     rate: int,
     visitors: int,
     sites: int,
-) -> tuple[int, list[float]]:
+) -> list[float]:
     """``n`` ticks of 250 ms of (simulated) time: ``rate``/s new events, a tenth of them late
-    (up to 5 s), inserted, then a snapshot, timed."""
+    (up to 5 s), counted and flushed by ``agg`` (rows and tallies), then its tick, then a
+    snapshot, timed."""
+    store = agg.store
     rnd = random.Random(n)
     keys = [uuid.UUID(int=random.Random(6).getrandbits(128)).hex for _ in range(visitors)]
-    offsets = [10**9 + n * 10**6] * PARTITIONS
+    offsets = [agg.next_offset[p] - 1 for p in range(PARTITIONS)]
     per_tick = rate // 4
     times = []
     for _ in range(n):
-        rows = []
+        now_ms = int(clock[0] * 1000)
+        records = []
         for j in range(per_tick):
             ts = now_ms + j * 250 // per_tick
             if rnd.random() < 0.1:
                 ts -= rnd.randrange(5000)
-            rows.append(event_row(rnd, keys, sites, ts, offsets))
-        now_ms += 250
-        await insert(store, rows)
+            row = event_row(rnd, keys, sites, ts, offsets)
+            records.append(InRecord(row.partition, row.offset, encode(row.event)))
+        records.sort(key=lambda r: r.partition)
+        agg.process(records)
+        await agg.flush()
+        clock[0] += 0.25
+        await agg.tick()
         t0 = time.monotonic()
-        await store.snapshot(windows, since, now_ms)  # type: ignore[arg-type]
+        await store.snapshot(windows, since, int(clock[0] * 1000), "pageviews")  # type: ignore[arg-type]
         times.append(time.monotonic() - t0)
-    return now_ms, times
+    return times
 
 
 async def main() -> None:
@@ -148,23 +167,29 @@ async def main() -> None:
         last = await store.run(
             lambda c: c.command("SELECT toUnixTimestamp64Milli(max(ts)) FROM events")
         )
-        now_ms = int(last)
+        clock = [int(last) / 1000]
         windows = {f"site-{s}": 300 for s in range(args.sites)}
-        since = day_of(now_ms) - timedelta(days=40)
+        since = day_of(int(last)) - timedelta(days=40)
+        agg = Aggregator(
+            store, registry(args.sites), Settings(), "pageviews", clock=lambda: clock[0]
+        )
+        t0 = time.monotonic()
+        await agg.assign(list(range(PARTITIONS)))
+        await agg.tick()
+        print(f"partitions rebuilt from the rows in {time.monotonic() - t0:.1f} s")
         times = []
         snap = None
         for _ in range(args.repeat):
             t0 = time.monotonic()
-            snap = await store.snapshot(windows, since, now_ms)  # type: ignore[arg-type]
+            snap = await store.snapshot(windows, since, int(clock[0] * 1000), "pageviews")  # type: ignore[arg-type]
             times.append(time.monotonic() - t0)
         assert snap is not None
         print(
-            f"rows {n or args.events}; snapshot ms (the first builds the state): "
-            + " ".join(f"{t * 1000:.0f}" for t in times)
+            f"rows {n or args.events}; snapshot ms: " + " ".join(f"{t * 1000:.0f}" for t in times)
         )
         if args.ticks:
-            now_ms, tick_times = await ticks(
-                store, windows, since, now_ms, args.ticks, args.rate, args.visitors, args.sites
+            tick_times = await ticks(
+                agg, clock, windows, since, args.ticks, args.rate, args.visitors, args.sites
             )
             print(
                 f"{args.ticks} ticks at {args.rate}/s, snapshot ms: "
@@ -172,10 +197,9 @@ async def main() -> None:
                 + f"; median {statistics.median(tick_times) * 1000:.0f}"
                 + f", max {max(tick_times) * 1000:.0f}"
             )
-            snap = await store.snapshot(windows, since, now_ms)  # type: ignore[arg-type]
-        # the query the counter ran before, for the time and the numbers
-        if not ONLINE_BY_QUERY:
-            return
+        now_ms = int(clock[0] * 1000)
+        snap = await store.snapshot(windows, since, now_ms, "pageviews")  # type: ignore[arg-type]
+        # the one query over the rows, for the time and the numbers
         sites = list(windows)
         params = {
             "since": now_ms - 300_000,
@@ -191,7 +215,7 @@ async def main() -> None:
             )
             old_times.append(time.monotonic() - t0)
         print(
-            "the old online query ms: "
+            "the one query over the rows, ms: "
             + " ".join(f"{t * 1000:.0f}" for t in old_times)
             + f"; median {statistics.median(old_times) * 1000:.0f}"
         )
@@ -200,7 +224,7 @@ async def main() -> None:
             snap.online,
             old,
         )
-        print("same online numbers as the old query")
+        print("same online numbers as the query over the rows")
         print("online", {k: (o.guests, o.members, o.bots) for k, o in sorted(snap.online.items())})
         print("totals", dict(sorted(snap.totals.items())))
     finally:

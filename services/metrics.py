@@ -122,8 +122,8 @@ FRESHNESS = Histogram(
     "Time from a beacon's acceptance at ingest to its appearance in the counter.",
     buckets=_FRESHNESS_BUCKETS,
 )
-COUNTER_REFRESH = Histogram(
-    "visitorstats_counter_refresh_seconds",
+SNAPSHOT_REFRESH = Histogram(
+    "visitorstats_snapshot_refresh_seconds",
     "Duration of one counter refresh: the ClickHouse queries of all sites' numbers.",
     buckets=_LATENCY_BUCKETS,
 )

@@ -33,7 +33,13 @@ How exactly-once holds (see README, "Guarantees"):
    ``Consumer.lock`` serialises them with the loop's process and write steps, so the state, the
    batch and the positions are only ever changed by one party at a time. Nothing waits on the
    broker while holding it, except the assignment callback itself.
-8. **One write in the background.** When a batch is due, its inserts may run on the store's
+8. **Who is online, per partition.** Each partition's state keeps who of it is online
+   (counting.py); its tallies are written to ``online_now`` with each flush, after the flush's
+   events are stored and checked (numbers of stored rows), and at a tick when only time changed
+   them (for a partition with nothing pending: its state is then that of the stored rows).
+   Each row carries (next offset, time): the counter takes, per partition, the greatest, which
+   a fenced former owner (resuming at or before what the new owner resumes at) cannot beat.
+9. **One write in the background.** When a batch is due, its inserts may run on the store's
    thread (``Aggregator.begin_write``) while the loop counts the next records into a new batch;
    before that one is written, the first is awaited and checked (4), so per partition the
    inserts land and are checked in log order, and at most two batches are held. A batch counted
@@ -51,12 +57,13 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from itertools import groupby
 from operator import attrgetter
+from typing import Any
 
 from services import metrics
 from services.aggregate import gcpause
 from services.aggregate.counting import PartitionState, Row
 from services.aggregate.sources import InRecord, Source
-from services.aggregate.store import Store
+from services.aggregate.store import Store, online_rows
 from services.record import RecordError, decode
 from services.settings import Settings
 from services.sites import Registry
@@ -78,6 +85,9 @@ class Pending:
     token: str | None = None  # frozen at the first insert attempt
     written: bool = False
     attempt: int = 0  # > 0 after a token was swallowed without its rows (see 4 above)
+    # (next offset, tallies) of the partition's state when the batch froze, written with it
+    online: tuple[int, dict[str, tuple[int, int, int]]] | None = None
+    online_rows: list[list[Any]] | None = None
 
 
 @dataclass
@@ -125,11 +135,21 @@ class Aggregator:
         settings: Settings,
         topic: str,
         on_flushed: Callable[[list[int]], None] | None = None,
+        clock: Callable[[], float] = time.time,
     ) -> None:
         self.store = store
         self.registry = registry
         self.settings = settings
         self.topic = topic
+        self.clock = clock
+        self.windows = {s.id: s.online_window_seconds for s in registry}
+        # per owned partition: the (next offset, tallies) last handed to ClickHouse, and the
+        # next offset its tallies are written with (after the last row it stored)
+        self.published: dict[int, tuple[int, dict[str, tuple[int, int, int]]]] = {}
+        self.tally_offset: dict[int, int] = {}
+        # per owned partition: the ``at`` of its latest tallies written (by any owner, as of the
+        # rebuild): the next are later, even after the clock went back
+        self.last_at: dict[int, int] = {}
         self.states: dict[int, PartitionState] = {}
         self.next_offset: dict[int, int] = {}  # per owned partition: the first offset not counted
         self.batch = Batch()
@@ -139,13 +159,19 @@ class Aggregator:
         self._sending: asyncio.Future[dict[int, int]] | None = None
         self._on_flushed = on_flushed
 
-    def _new_state(self, partition: int) -> PartitionState:
-        return PartitionState(
+    def now_ms(self) -> int:
+        return int(self.clock() * 1000)
+
+    def _new_state(self, partition: int, now_ms: int) -> PartitionState:
+        state = PartitionState(
             partition,
             visit_timeout_s=self.settings.visit_timeout_seconds,
             dedup_horizon_s=self.settings.dedup_horizon_seconds,
             max_visitors=self.settings.max_visitors_per_partition,
+            windows=self.windows,
         )
+        state.advance(now_ms)
+        return state
 
     async def rebuild(
         self,
@@ -156,17 +182,24 @@ class Aggregator:
         """Rebuild the state of ``partitions`` from ClickHouse; return where each resumes:
         after its last stored row, or ``floor`` (the committed offset) when later. Retries until
         ClickHouse answers (counting without the state would count wrong), or ``give_up()``."""
-        horizon_ms = 1000 * max(
-            self.settings.visit_timeout_seconds, self.settings.dedup_horizon_seconds
+        longest_ms = 1000 * max(self.windows.values(), default=0)
+        horizon_ms = max(
+            1000 * self.settings.visit_timeout_seconds,
+            1000 * self.settings.dedup_horizon_seconds,
+            longest_ms,
         )
         backoff = 0.2
         while True:
             try:
                 stored = await self.store.next_offsets(self.topic)
+                stamps = await self.store.online_stamps(self.topic)
                 states = {}
                 for p in partitions:
-                    state = self._new_state(p)
-                    for event, visitor in await self.store.recent_rows(self.topic, p, horizon_ms):
+                    now = self.now_ms()
+                    state = self._new_state(p, now)
+                    # the rows that decide who is online now, too (even behind a future row)
+                    rows = await self.store.recent_rows(self.topic, p, horizon_ms, now - longest_ms)
+                    for event, visitor in rows:
                         state.replay(event, visitor)
                     states[p] = state
                 break
@@ -182,6 +215,10 @@ class Aggregator:
             self.states[p] = states[p]
             self.next_offset[p] = resume[p]
             self.needs_reset.discard(p)
+            # the next tick writes its tallies (every site, zeros too) as of its resume point
+            self.tally_offset[p] = resume[p]
+            self.published.pop(p, None)
+            self.last_at[p] = stamps.get(p, 0)
         log.info("partitions %s rebuilt; resuming at %s", partitions, resume)
         return resume
 
@@ -194,6 +231,9 @@ class Aggregator:
             self.states.pop(p, None)
             self.next_offset.pop(p, None)
             self.needs_reset.discard(p)
+            self.published.pop(p, None)
+            self.tally_offset.pop(p, None)
+            self.last_at.pop(p, None)
             with contextlib.suppress(KeyError):
                 metrics.CONSUMER_LAG.remove(str(p))
 
@@ -358,8 +398,23 @@ class Aggregator:
         returned gives each written partition's next offset as ClickHouse has it."""
         batch.frozen = True
         todo = []
+        online = []
+        now = self.now_ms()
         for p, pending in sorted(batch.parts.items()):
-            if pending.rows and not pending.written:
+            if not pending.rows:
+                continue
+            state = self.states.get(p)
+            if pending.online_rows is None and state is not None:
+                # the state holds exactly the rows counted so far: up to this batch's last
+                state.advance(now)
+                next_offset = pending.rows[-1].offset + 1
+                tallies = state.tallies()
+                pending.online = (next_offset, tallies)
+                at = self._stamp(p, state.now)
+                pending.online_rows = online_rows(self.topic, p, next_offset, at, tallies)
+            if pending.online_rows is not None:
+                online.append((p, pending.rows[-1].offset, pending.online_rows))
+            if not pending.written:
                 if pending.token is None:
                     pending.token = insert_token(
                         self.topic, p, pending.rows[0].offset, pending.attempt
@@ -368,7 +423,11 @@ class Aggregator:
         check = [p for p, pending in batch.parts.items() if pending.rows]
         done: list[int] = []
         sent = self.store.write_events(
-            [(pending.rows, pending.token or "") for pending in todo], self.topic, check, done
+            [(pending.rows, pending.token or "") for pending in todo],
+            self.topic,
+            check,
+            done,
+            online,
         )
 
         def written(future: asyncio.Future[dict[int, int]]) -> None:
@@ -389,6 +448,10 @@ class Aggregator:
                 continue
             at = stored.get(p, 0) - 1
             if at == pending.rows[-1].offset:
+                if pending.online is not None and p in self.states:
+                    # its tallies were written with it
+                    self.published[p] = pending.online
+                    self.tally_offset[p] = pending.online[0]
                 continue
             if at < pending.rows[0].offset:
                 # The token was taken but no row of it is stored: insert again, new token.
@@ -419,6 +482,58 @@ class Aggregator:
         return {p: pending.last + 1 for p, pending in batch.parts.items() if p not in lost}
 
     flush = write  # the name the counting-rules tests drive it by
+
+    def tick_rows(self) -> list[list[Any]]:
+        """Move every owned partition's clock to now; the ``online_now`` rows to write: the
+        tallies of each partition with nothing pending (its state is that of its stored rows)
+        that differ from those last written. A partition whose clock went back (by more than a
+        second) is rebuilt from its rows instead (``needs_reset``): time only moves forward in
+        a state."""
+        now = self.now_ms()
+        busy = {p for p, pending in self.batch.parts.items() if pending.rows}
+        if self.writing is not None:
+            busy.update(p for p, pending in self.writing.parts.items() if pending.rows)
+        out: list[list[Any]] = []
+        for p, state in self.states.items():
+            if p in self.needs_reset:
+                continue
+            if now < state.now - 1000:
+                log.warning("partition %d: the clock went back; rebuilding its state", p)
+                self.needs_reset.add(p)
+                continue
+            state.advance(now)
+            if p in busy:
+                continue  # its tallies go with its flush
+            tallies = state.tallies()
+            offset = self.tally_offset[p]
+            if self.published.get(p) == (offset, tallies):
+                continue
+            self.published[p] = (offset, tallies)
+            out.extend(online_rows(self.topic, p, offset, self._stamp(p, state.now), tallies))
+        return out
+
+    def _stamp(self, partition: int, now_ms: int) -> int:
+        """The ``at`` of tallies of ``partition`` as of ``now_ms``: later than its last."""
+        at = max(now_ms, self.last_at.get(partition, 0) + 1)
+        self.last_at[partition] = at
+        return at
+
+    async def publish(self, rows: list[list[Any]]) -> None:
+        """Write ``tick_rows``; if that fails, they are written again at the next tick."""
+        if not rows:
+            return
+        try:
+            await self.store.write_online(rows)
+        except Exception as e:
+            log.warning("could not write the online tallies (%s); next tick", e)
+            for p in {row[1] for row in rows}:
+                self.published.pop(p, None)
+            return
+        if self._on_flushed is not None:
+            self._on_flushed([])  # the counter refreshes soon
+
+    async def tick(self) -> None:
+        await self.publish(self.tick_rows())
 
 
 class Consumer:
@@ -483,7 +598,19 @@ class Consumer:
             self.settings,
             self.stopping,
         )
+        last_tick = 0.0
+        # the online tallies' write of the last tick: in the background (on the store's writing
+        # thread, after any write of events already handed to it), one at a time
+        publishing: asyncio.Future[None] | None = None
         while True:
+            if (publishing is None or publishing.done()) and (
+                time.monotonic() - last_tick >= settings.counter_interval_seconds
+            ):
+                last_tick = time.monotonic()
+                async with self.lock:
+                    rows = agg.tick_rows()
+                if rows:
+                    publishing = asyncio.ensure_future(agg.publish(rows))
             if agg.needs_reset:
                 async with self.lock:
                     owned = set(source.assigned())
@@ -525,6 +652,8 @@ class Consumer:
                         if agg.writing is None and not agg.needs_reset and agg.due():
                             agg.begin_write()
             if stopping_now:
+                if publishing is not None:
+                    await publishing
                 return
 
     async def _write_for(self, seconds: float) -> dict[int, int] | None:

@@ -1,7 +1,8 @@
 """The counter: every tick, the numbers of every site are computed once (a few small ClickHouse
-queries for all sites, whose cost follows what changed since the last tick, not the size of the
-table: see store.py and online.py) and prepared as ready bytes with their ETag, then served to
-every request and every stream subscriber as they are. A tick follows each flush of events
+queries for all sites, whose cost does not follow the size of the table: who is online is the
+sum of the tallies the consumers write per partition, the days and totals come from a
+projection; see store.py) and prepared as ready bytes with their ETag, then served to every
+request and every stream subscriber as they are. A tick follows each flush of events
 closely (``min_gap_seconds``), so that a beacon shows soon after it is written.
 
 ``stale`` turns true when a refresh fails: the last good numbers stay, with their ``as_of``.
@@ -299,9 +300,11 @@ class CounterService:
         registry: Registry,
         interval_seconds: float = 0.5,
         clock: Callable[[], float] = time.time,
+        topic: str = "",
     ) -> None:
         self.store = store
         self.registry = registry
+        self.topic = topic  # whose consumers' online tallies count ("": every topic's)
         self.interval = interval_seconds
         self.clock = clock
         self.fanout = Fanout(s.id for s in registry)
@@ -329,8 +332,10 @@ class CounterService:
         )
         started = time.monotonic()
         try:
-            snap = await asyncio.wait_for(self.store.snapshot(windows, since, now_ms), 10)
-            metrics.COUNTER_REFRESH.observe(time.monotonic() - started)
+            snap = await asyncio.wait_for(
+                self.store.snapshot(windows, since, now_ms, self.topic), 10
+            )
+            metrics.SNAPSHOT_REFRESH.observe(time.monotonic() - started)
         except Exception as e:
             self._flushed = flushed + self._flushed
             if self.healthy:

@@ -10,23 +10,36 @@ It decides, for each event of one partition taken in log order, what the event c
 * a **page view** is every accepted ``pageview``;
 * the **day** of a visit or page view is the date of its ``ts`` in the site's time zone.
 
-Who is *online* is answered from the stored rows (see ``store.py``), so that every aggregate
-process serves the same number; the state kept here is only what the decisions above need:
-per visitor the time of their latest event, the keys linked across a salt rotation, and the
-recent event ids. That state is a function of the partition's recent rows, so it is rebuilt
-from ClickHouse on start and on rebalance by ``replay`` (exactly the decisions made before).
+Who is *online* is answered here too, per partition, from the same state: ingest keys a
+visitor to one partition across salt rotations, and the partition's events come in log order,
+so the state already sees, per canonical visitor, every row that decides it. The rules are
+those of ``ONLINE_BY_QUERY`` (the oracle of the tests): over the rows of the last ``L`` seconds
+(``L`` = the longest window of all sites), per (site, visitor), the latest row by
+``(ts, offset)``; online when it is within the site's window (``last >= now - window``) and not
+a ``leave``; a bot when any of those rows is a bot, else a member when the latest row says so,
+else a guest. ``now`` is given (``advance``); a timing wheel of seconds brings each visitor
+back when its window ends, so a tick costs what changed, not the number of visitors. The
+per-site tallies (``tallies``) are kept as visitors change.
+
+That state is a function of the partition's recent rows, so it is rebuilt from ClickHouse on
+start and on rebalance by ``replay`` (exactly the decisions made before, the same online
+numbers).
 
 Memory per online visitor is what limits a partition, so the state is compact: a visitor key
 (32 hex characters, as ingest makes them) and an event id (a UUID) are each kept as one
 integer with the site folded into its high bits, in plain insertion-ordered dicts (an update
-moves a visitor to the end); about 200 bytes per online visitor with one recent event id,
-against about 400 with "site:hex" strings in ``OrderedDict``s (``make bench`` measures it).
-Keys of any other shape (tests, foreign producers) are kept as strings: same decisions.
+moves a visitor to the end); a visitor's value is ONE integer, ``ts << 5`` with its online
+flags in the low bits (see ``_SHIFT``), the very object the event id of its latest event maps
+to. About 220 bytes per online visitor with one recent event id, the timing wheel included
+(``python -m bench.inproc memory`` measures it). Bots are few: their state is a small dict
+of its own. Keys of any other shape (tests, foreign producers) are kept as strings: same decisions.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from datetime import UTC, date, datetime, timedelta
+from heapq import heappop, heappush
 from itertools import islice
 from typing import NamedTuple
 from zoneinfo import ZoneInfo
@@ -93,22 +106,53 @@ def _visitor_of(key: Key) -> str:
     return key.partition(":")[2]
 
 
+# A visitor's value, one int: ``ts << _SHIFT | flags``. ``ts`` is the ms of their latest row (the
+# max); the flags are those of the latest row by (ts, offset) — rows come in offset order, so a row
+# with ``ts >= `` the stored one replaces them — and what the visitor is counted as now:
+_SHIFT = 5
+_LEAVE = 1  # the latest row is a ``leave``
+_MEMBER = 2  # the latest row says ``member`` (for a bot entry: _NEWER)
+_NEWER = 2  # bot entry: its latest row comes after the human latest row of the same ts
+_KIND = 12  # two bits: NONE, GUEST, MEMBER or BOT (what the tally counts this visitor as)
+_WHEEL = 16  # the timing wheel holds an entry for this visitor
+_KIND_SHIFT = 2
+NONE, GUEST, MEMBER, BOT = 0, 1, 2, 3
+DEFAULT_WINDOW_S = 300
+
+
 class PartitionState:
-    """Counting state of one partition. Bounded: visitors idle longer than the visit timeout
-    and event ids older than the dedup horizon are forgotten by ``expire`` (which also keeps at
-    most ``max_visitors`` event ids, oldest forgotten first); on top of that at most
-    ``max_visitors`` visitors are kept (the longest idle is forgotten first, which at worst starts
-    a new visit for them — a stated bound under a flood of fake visitors; once the cap is
-    passed, the longest idle 0.1 % of the cap go at once, so that a flood costs O(1) a visitor)."""
+    """Counting state of one partition, and who of it is online. Bounded: visitors idle longer
+    than the visit timeout (and out of every online window) and event ids older than the dedup
+    horizon are forgotten by ``expire`` (which also keeps at most ``max_visitors`` event ids,
+    oldest forgotten first); on top of that at most ``max_visitors`` visitors are kept (the
+    longest idle is forgotten first, which at worst starts a new visit for them and takes them
+    out of the online tally — a stated bound under a flood of fake visitors; once the cap is
+    passed, the longest idle 0.1 % of the cap go at once, so that a flood costs O(1) a visitor).
+
+    Online: ``windows`` maps each site to its window in seconds (``None``: every site
+    ``DEFAULT_WINDOW_S``; a site absent from a mapping given is never online). ``advance(now)``
+    moves the clock (never back); ``tallies()`` gives (guests, members, bots) per site as of it.
+    """
 
     __slots__ = (
         "_aliases",
+        "_bots",
+        "_cutoffs",
         "_dedup_ms",
+        "_default_window",
+        "_held",
+        "_longest",
         "_max_visitors",
+        "_names",
+        "_now",
         "_seen",
         "_sites",
+        "_slots",
+        "_tally",
         "_timeout_ms",
         "_visitors",
+        "_wheel",
+        "_windows",
         "high_ts",
         "partition",
     )
@@ -119,18 +163,36 @@ class PartitionState:
         visit_timeout_s: int = 1800,
         dedup_horizon_s: int = 3600,
         max_visitors: int = 2_000_000,
+        windows: Mapping[str, int] | None = None,
     ) -> None:
         self.partition = partition
         self._timeout_ms = visit_timeout_s * 1000
         self._dedup_ms = dedup_horizon_s * 1000
         self._max_visitors = max_visitors
-        # visitor key (site + canonical visitor) -> ts of their latest event (humans only),
-        # least recently updated first
+        # visitor key (site + canonical visitor) -> ts << _SHIFT | flags of their latest event
+        # (humans only), least recently updated first
         self._visitors: dict[Key, int] = {}
         self._aliases: dict[Key, Key] = {}  # key under a later salt -> canonical key
-        self._seen: dict[Key, int] = {}  # (site, event_id) -> ts, in arrival order
+        # (site, event_id) -> ts << _SHIFT (the visitor's very value when it is their latest),
+        # in arrival order
+        self._seen: dict[Key, int] = {}
         self._sites: dict[str, int] = {}  # site id -> its number, shifted past the 128 bits
+        self._names: list[str] = []  # site number - 1 -> site id
         self.high_ts = 0  # the latest ts seen in this partition: "now" for expiry
+        # -- online --
+        self._windows: dict[str, int] = {s: w * 1000 for s, w in (windows or {}).items()}
+        self._default_window: int | None = DEFAULT_WINDOW_S * 1000 if windows is None else None
+        self._longest = max(self._windows.values(), default=self._default_window or 0)
+        # (site, visitor) of a bot row (the visitor as stored: not linked) -> ts << _SHIFT |
+        # flags of their latest bot row; while an entry is here it holds the visitor's count
+        self._bots: dict[Key, int] = {}
+        self._tally: dict[str, list[int]] = {s: [0, 0, 0, 0] for s in self._windows}
+        self._now = 0  # ms: the time the tally is for
+        # site -> now - its window: online from that ms on (sites never online: absent)
+        self._cutoffs: dict[str, int] = {s: -w for s, w in self._windows.items()}
+        self._wheel: dict[int, list[Key]] = {}  # second -> visitors to judge again by then
+        self._slots: list[int] = []  # heap of the wheel's seconds
+        self._held: list[Key] | None = None  # while ``advance`` runs: due in its second
 
     def __len__(self) -> int:
         return len(self._visitors)
@@ -138,8 +200,17 @@ class PartitionState:
     def _site(self, site: str) -> int:
         bits = self._sites.get(site)
         if bits is None:
-            bits = self._sites[site] = (len(self._sites) + 1) << 128
+            self._names.append(site)
+            bits = self._sites[site] = len(self._names) << 128
+            window = self._window(site)
+            if window is not None:
+                self._cutoffs[site] = self._now - window
         return bits
+
+    def _site_of(self, key: Key) -> str:
+        if isinstance(key, int):
+            return self._names[(key >> 128) - 1]
+        return key.partition(":")[0]
 
     @staticmethod
     def _visitor_key(bits: int, site: str, visitor: str) -> Key:
@@ -204,23 +275,55 @@ class PartitionState:
         if seen_key in seen:
             return None
         ts = event.ts
-        seen[seen_key] = ts
         if ts > self.high_ts:
             self.high_ts = ts
         day = local_day(ts, tz)
         visitor = event.visitor
-        if event.bot:
-            return _new_row(Row, (event, visitor, False, False, day, partition, offset))
         if len(visitor) == 32 and not visitor.strip(_HEX_DIGITS):
             own: Key = bits | int(visitor, 16)
         else:
             own = site + ":" + visitor
+        kind_of_event = event.type
+        pageview = kind_of_event == "pageview"
+        if event.bot:
+            seen[seen_key] = ts << _SHIFT
+            self._fold_bot(own, site, ts, _LEAVE if kind_of_event == "leave" else 0)
+            return _new_row(Row, (event, visitor, False, False, day, partition, offset))
         key = self._canonical(event, bits, own)
         visitors = self._visitors
-        last = visitors.pop(key, None)
-        pageview = event.type == "pageview"
-        starts_visit = pageview and (last is None or ts - last >= self._timeout_ms)
-        visitors[key] = ts if last is None or ts > last else last
+        old = visitors.pop(key, None)
+        # The value's bits written as literals here (this runs once per event; a module
+        # global costs a lookup each): _SHIFT = 5, _WHEEL = 16, _KIND = 12 (kind << 2),
+        # _MEMBER = 2, _LEAVE = 1.
+        if old is None:
+            starts_visit = pageview
+            kept = 0
+        else:
+            last = old >> 5
+            starts_visit = pageview and ts - last >= self._timeout_ms
+            kept = old & 28  # _WHEEL | _KIND
+            if ts < last:  # a late row: the latest row stays what it was
+                visitors[key] = old
+                seen[seen_key] = ts << 5
+                kept = -1
+        if kept >= 0:
+            flags = (1 if kind_of_event == "leave" else 0) | (2 if event.member else 0)
+            bots = self._bots
+            if bots and key in bots:
+                value = self._fold_human(key, old, site, ts, flags)
+            else:
+                # ``_judge_human`` inlined
+                cutoff = self._cutoffs.get(site)  # now - the site's window
+                # NONE (a leave, or out of the window), else MEMBER or GUEST
+                kind = 0 if flags & 1 or cutoff is None or ts < cutoff else 2 if flags & 2 else 1
+                if kind != kept >> 2 & 3:
+                    self._count(site, kept >> 2 & 3, kind)
+                value = ts << 5 | kept & 16 | kind << 2 | flags
+                if kind and not kept & 16:
+                    self._schedule(key, ts - cutoff + self._now + 1)  # type: ignore[operator]
+                    value |= 16
+                visitors[key] = value
+            seen[seen_key] = value  # the same object: one int per visitor
         if len(visitors) > self._max_visitors:
             self._forget_visitors()
         if key != own:
@@ -232,29 +335,216 @@ class PartitionState:
         site = event.site
         bits = self._site(site)
         ts = event.ts
-        self._seen[self._event_key(bits, site, event.event_id)] = ts
+        seen_key = self._event_key(bits, site, event.event_id)
         if ts > self.high_ts:
             self.high_ts = ts
+        flags = _LEAVE if event.type == "leave" else 0
         if event.bot:
+            self._seen[seen_key] = ts << _SHIFT
+            self._fold_bot(self._visitor_key(bits, site, visitor), site, ts, flags)
             return
         key = self._visitor_key(bits, site, visitor)
         if visitor != event.visitor:
             self._aliases[self._visitor_key(bits, site, event.visitor)] = key
         visitors = self._visitors
-        last = visitors.pop(key, None)
-        visitors[key] = ts if last is None or ts > last else last
+        old = visitors.pop(key, None)
+        if old is None or ts >= old >> _SHIFT:
+            value = self._fold_human(key, old, site, ts, flags | event.member << 1)
+            self._seen[seen_key] = value
+        else:
+            visitors[key] = old
+            self._seen[seen_key] = ts << _SHIFT
 
+    # -- online --------------------------------------------------------------------------------
+    @property
+    def now(self) -> int:
+        return self._now
+
+    def tallies(self) -> dict[str, tuple[int, int, int]]:
+        """(guests, members, bots) online per site as of ``now`` (every site of ``windows``)."""
+        return {site: (t[GUEST], t[MEMBER], t[BOT]) for site, t in self._tally.items()}
+
+    def advance(self, now_ms: int) -> None:
+        """Move the clock to ``now_ms`` (never back): visitors whose window ended by then leave
+        the tally. Costs the visitors due, not the number online."""
+        if now_ms <= self._now:
+            return
+        self._now = now_ms
+        cutoffs = self._cutoffs
+        for site in cutoffs:
+            cutoffs[site] = now_ms - self._window(site)  # type: ignore[operator]
+        cur = now_ms // 1000
+        slots, wheel = self._slots, self._wheel
+        held = self._held = []
+        try:
+            while slots and slots[0] <= cur:
+                for key in wheel.pop(heappop(slots)):
+                    self._recheck(key)
+        finally:
+            self._held = None
+        if held:
+            wheel[cur] = held
+            heappush(slots, cur)
+
+    def _schedule(self, key: Key, due_ms: int) -> None:
+        """Have ``advance`` judge ``key`` again by the time ``now`` reaches ``due_ms``."""
+        slot = due_ms // 1000
+        held = self._held
+        if held is not None and slot <= self._now // 1000:
+            held.append(key)  # in the second being judged: in its slot again, after it
+            return
+        keys = self._wheel.get(slot)
+        if keys is None:
+            self._wheel[slot] = [key]
+            heappush(self._slots, slot)
+        else:
+            keys.append(key)
+
+    def _count(self, site: str, was: int, kind: int) -> None:
+        t = self._tally.get(site)
+        if t is None:
+            t = self._tally[site] = [0, 0, 0, 0]
+        t[was] -= 1
+        t[kind] += 1
+
+    def _window(self, site: str) -> int | None:
+        return self._windows.get(site, self._default_window)
+
+    def _fold_human(self, key: Key, old: int | None, site: str, ts: int, flags: int) -> int:
+        """Store a visitor's new latest row (ts >= the stored one); return their value."""
+        bots = self._bots
+        if bots and key in bots:
+            # the bot entry holds the count: the visitor's own value counts nothing
+            value = ts << _SHIFT | flags
+            self._visitors[key] = value
+            b = bots[key]
+            if b & _NEWER and ts >= b >> _SHIFT:
+                b ^= _NEWER
+            self._judge_bot(key, site, b)
+            return value
+        if old is not None:
+            flags |= old & (_WHEEL | _KIND)
+        return self._judge_human(key, site, ts << _SHIFT | flags)
+
+    def _judge_human(self, key: Key, site: str, value: int) -> int:
+        """Count a visitor without a bot entry for what ``value`` says at ``now``; store it (and
+        return it) with its count, making sure the wheel brings it back when its window ends."""
+        ts = value >> _SHIFT
+        window = self._windows.get(site, self._default_window)
+        if value & _LEAVE or window is None or ts < self._now - window:
+            kind = NONE
+        else:
+            kind = MEMBER if value & _MEMBER else GUEST
+        was = (value & _KIND) >> _KIND_SHIFT
+        if kind != was:
+            self._count(site, was, kind)
+            value = value & ~_KIND | kind << _KIND_SHIFT
+        if kind and not value & _WHEEL:
+            assert window is not None
+            self._schedule(key, ts + window + 1)
+            value |= _WHEEL
+        self._visitors[key] = value
+        return value
+
+    def _fold_bot(self, key: Key, site: str, ts: int, flags: int) -> None:
+        """A bot row of ``key`` (its visitor as stored, not linked)."""
+        bots = self._bots
+        b = bots.get(key)
+        h = self._visitors.get(key)
+        if b is None:
+            b = 0
+            if h is not None and h & (_KIND | _WHEEL):
+                # from now on the bot entry holds the visitor's count
+                was = (h & _KIND) >> _KIND_SHIFT
+                if was:
+                    self._count(site, was, NONE)
+                self._visitors[key] = h & ~(_KIND | _WHEEL)
+        elif ts < b >> _SHIFT:
+            return  # an earlier bot row changes nothing
+        if h is None or ts >= h >> _SHIFT:
+            flags |= _NEWER
+        self._judge_bot(key, site, ts << _SHIFT | b & (_KIND | _WHEEL) | flags)
+
+    def _judge_bot(self, key: Key, site: str, b: int) -> None:
+        """Count ``key`` of a bot entry ``b`` for what it is at ``now``: a bot while any bot row
+        is within ``L`` and the latest row (bot or not) is online; the entry goes when its
+        latest bot row leaves ``L`` (the visitor is then judged by its own rows)."""
+        now, longest = self._now, self._longest
+        bts = b >> _SHIFT
+        h = self._visitors.get(key)
+        was = (b & _KIND) >> _KIND_SHIFT
+        if bts < now - longest:
+            self._bots.pop(key, None)
+            if was:
+                self._count(site, was, NONE)
+            if h is not None:
+                self._judge_human(key, site, h)
+            return
+        if h is None or bts > h >> _SHIFT or (bts == h >> _SHIFT and b & _NEWER):
+            latest, leave = bts, b & _LEAVE
+        else:
+            latest, leave = h >> _SHIFT, h & _LEAVE
+        window = self._window(site)
+        due = bts + longest + 1
+        if leave or window is None or latest < now - window:
+            kind = NONE
+        else:
+            kind = BOT
+            due = min(due, latest + window + 1)
+        if kind != was:
+            self._count(site, was, kind)
+            b = b & ~_KIND | kind << _KIND_SHIFT
+        # Its due time only grows, except when it turns a bot: its window may end before its
+        # latest bot row leaves ``L`` (an entry too many is harmless: judged again, it goes).
+        if not b & _WHEEL or (kind == BOT and was != BOT):
+            self._schedule(key, due)
+            b |= _WHEEL
+        self._bots[key] = b
+
+    def _recheck(self, key: Key) -> None:
+        """A wheel entry of ``key`` came due: judge it again (it may be due later now)."""
+        site = self._site_of(key)
+        b = self._bots.get(key)
+        if b is not None:
+            self._judge_bot(key, site, b & ~_WHEEL)
+            return
+        value = self._visitors.get(key)
+        if value is None or not value & _WHEEL:
+            return  # forgotten, or an entry of before (another is in the wheel)
+        self._judge_human(key, site, value & ~_WHEEL)
+
+    def _drop_visitor(self, key: Key) -> None:
+        """Forget a visitor: out of the tally too."""
+        value = self._visitors.pop(key)
+        kind = (value & _KIND) >> _KIND_SHIFT
+        if kind or self._bots:
+            site = self._site_of(key)
+            if kind:
+                self._count(site, kind, NONE)
+            b = self._bots.get(key)
+            if b is not None:
+                self._judge_bot(key, site, b)
+
+    # -- forgetting ----------------------------------------------------------------------------
     def _forget_visitors(self) -> None:
         # aliases pointing at a forgotten visitor are dropped lazily by expire()
         visitors = self._visitors
         excess = len(visitors) - self._max_visitors + self._max_visitors // 1000
         for key in list(islice(visitors, excess)):
-            del visitors[key]
+            self._drop_visitor(key)
 
     def expire(self) -> None:
-        """Forget what can no longer change a decision (relative to the partition's latest ts)."""
+        """Forget what can no longer change a decision (relative to the partition's latest ts)
+        nor who is online (relative to ``now``, or to that ts while no clock was given)."""
         now = self.high_ts
-        _drop_older(self._visitors, now - self._timeout_ms)
+        before = min(now - self._timeout_ms, (self._now or now) - self._longest)
+        doomed = []
+        for key, value in self._visitors.items():
+            if value >> _SHIFT >= before:
+                break
+            doomed.append(key)
+        for key in doomed:
+            self._drop_visitor(key)
         _drop_older(self._seen, now - self._dedup_ms)
         # The dedup memory is bounded by count too (as many ids as visitors): under a flood from
         # many addresses the oldest ids go first, and only a resend older than them could count
@@ -270,11 +560,11 @@ class PartitionState:
 
 
 def _drop_older(entries: dict[Key, int], before: int) -> None:
-    """Drop entries from the front while their ts is before ``before``: the oldest entries are
-    at the front, and the walk stops at the first one still current."""
+    """Drop entries from the front while their ts (``value >> _SHIFT``) is before ``before``: the
+    oldest entries are at the front, and the walk stops at the first one still current."""
     doomed = []
-    for key, ts in entries.items():
-        if ts >= before:
+    for key, value in entries.items():
+        if value >> _SHIFT >= before:
             break
         doomed.append(key)
     for key in doomed:

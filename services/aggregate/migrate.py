@@ -14,9 +14,10 @@ from importlib import resources
 
 # One consumer partition's insert goes to one shard: its deduplication token then fences it
 # there (a random key would split one insert across shards, out of reach of the token).
-SHARDING_KEYS = {"events": "kafka_partition"}
+SHARDING_KEYS = {"events": "kafka_partition", "online_now": "kafka_partition"}
 
-_PLACEHOLDER = re.compile(r"\{(table|engine):([a-z_]+)\}")
+# {table:NAME}, {engine:NAME}, or {engine:NAME:Replacing(VERSION_COLUMN)}
+_PLACEHOLDER = re.compile(r"\{(table|engine):([a-z_]+)(?::Replacing\(([a-z_]+)\))?\}")
 
 
 @dataclass(frozen=True)
@@ -52,18 +53,19 @@ def render(
     if cluster is not None:
         check_identifier(cluster, "the cluster name")
     check_identifier(database, "the database name")
-    tables = sorted({name for kind, name in _PLACEHOLDER.findall(migration.sql) if kind == "table"})
+    tables = sorted(
+        {name for kind, name, _ in _PLACEHOLDER.findall(migration.sql) if kind == "table"}
+    )
 
     def sub(m: re.Match[str]) -> str:
-        kind, name = m.group(1), m.group(2)
+        kind, name, version = m.group(1), m.group(2), m.group(3)
         if kind == "table":
             return f"{name}_local" if cluster else name
+        family = "ReplacingMergeTree" if version else "MergeTree"
         if cluster:
-            return (
-                f"ReplicatedMergeTree('/clickhouse/tables/{{shard}}/{database}/{name}', "
-                "'{replica}')"
-            )
-        return "MergeTree"
+            args = f"'/clickhouse/tables/{{shard}}/{database}/{name}', '{{replica}}'"
+            return f"Replicated{family}({args}{', ' + version if version else ''})"
+        return f"{family}({version})" if version else family
 
     sql = _PLACEHOLDER.sub(sub, migration.sql)
     sql = sql.replace("{on_cluster}", f"ON CLUSTER {cluster}" if cluster else "")

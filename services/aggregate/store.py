@@ -29,13 +29,6 @@ from services import metrics
 from services.aggregate import gcpause
 from services.aggregate.counting import Row
 from services.aggregate.migrate import migrations, render, schema_migrations_ddl
-from services.aggregate.online import (
-    BUCKET_MS,
-    COUNTS_QUERY,
-    NEVER,
-    STATES_QUERY,
-    OnlineTracker,
-)
 from services.record import Event
 
 log = logging.getLogger(__name__)
@@ -62,6 +55,37 @@ EVENT_COLUMNS = (
     "kafka_partition",
     "kafka_offset",
 )
+
+ONLINE_COLUMNS = (
+    "topic",
+    "kafka_partition",
+    "site",
+    "guests",
+    "members",
+    "bots",
+    "next_offset",
+    "at",
+    "version",
+)
+
+# Per site, the sum over the partitions (of one topic, or of all with ``''``) of each
+# (partition, site)'s row of the greatest version: see migration 0004.
+
+
+def online_rows(
+    topic: str,
+    partition: int,
+    next_offset: int,
+    at_ms: int,
+    tallies: dict[str, tuple[int, int, int]],
+) -> list[list[Any]]:
+    """One partition's tallies as rows of ``online_now`` (in the order of ``ONLINE_COLUMNS``):
+    what its owner counted up to ``next_offset``, as of ``at_ms``."""
+    version = next_offset << 64 | at_ms
+    return [
+        [topic, partition, site, g, m, b, next_offset, at_ms, version]
+        for site, (g, m, b) in tallies.items()
+    ]
 
 
 # ``ts`` (ms) goes into the JSON as seconds, ``ts / 1000``: below this bound (year 10000) the
@@ -174,19 +198,33 @@ class Snapshot:
     peaks: dict[str, tuple[int, int]]  # site -> (online, at ms)
 
 
-# Visits and page views per recent day and in all, and the peaks, of every site, in one query
-# (one round trip: each query costs the reading thread a few waits for the GIL, which the
-# consumer's loop holds most of the time under load). Both sums come from the ``daily``
-# projection. Rows: (kind, site, day, a, b), kind "day" / "total" (a visits, b page views) or
-# "peak" (a the most online, b when, in ms).
+# Everything a counter refresh reads, in one query (one round trip: each query costs the reading
+# thread a few waits for the GIL, which the consumer's loop holds most of the time under load).
+# Rows (kind, site, day, a, b, n):
+# * "online": the sum over partitions of each partition's latest tallies (the row with the
+#   greatest version per topic, partition and site of ``online_now``, of ``topic`` or of every
+#   topic with ''): a guests, b members, n bots;
+# * "day" / "total": visits (a) and page views (b) per recent day and in all, from the ``daily``
+#   projection;
+# * "peak": the most online (a) and when (b, ms).
 NUMBERS_QUERY = """
-SELECT 'day' AS kind, site, day, toInt64(sum(starts_visit)), toInt64(sum(pageview))
+SELECT 'online' AS kind, site, toDate(0), toInt64(sum(t.1)), toInt64(sum(t.2)), toInt64(sum(t.3))
+FROM (
+    SELECT site, argMax((guests, members, bots), version) AS t
+    FROM online_now
+    WHERE ({topic:String} = '' OR topic = {topic:String}) AND site IN {sites:Array(String)}
+    GROUP BY topic, kafka_partition, site
+)
+GROUP BY site
+UNION ALL
+SELECT 'day', site, day, toInt64(sum(starts_visit)), toInt64(sum(pageview)), toInt64(0)
 FROM events WHERE day >= {since:Date} GROUP BY site, day
 UNION ALL
-SELECT 'total', site, toDate(0), toInt64(sum(starts_visit)), toInt64(sum(pageview))
+SELECT 'total', site, toDate(0), toInt64(sum(starts_visit)), toInt64(sum(pageview)), toInt64(0)
 FROM events GROUP BY site
 UNION ALL
-SELECT 'peak', site, toDate(0), toInt64(max(online)), toUnixTimestamp64Milli(argMax(at, online))
+SELECT 'peak', site, toDate(0), toInt64(max(online)), toUnixTimestamp64Milli(argMax(at, online)),
+       toInt64(0)
 FROM peaks GROUP BY site
 """
 
@@ -198,7 +236,6 @@ class Store:
         self._reader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="clickhouse-read")
         self._client: Any = None
         self._read_client: Any = None
-        self._online = OnlineTracker()  # used on the reading thread only
         # A flush's inserts (one per partition) run side by side, each on a client of its own
         # (chDB runs queries of different connections in parallel; so does a server): a write
         # costs its slowest insert, not their sum.
@@ -325,9 +362,12 @@ class Store:
         topic: str,
         check: list[int],
         done: list[int],
+        online: Sequence[tuple[int, int, list[list[Any]]]] = (),
     ) -> asyncio.Future[dict[int, int]]:
         """``insert_events`` of each ``(rows, token)`` in turn, then ``next_offsets`` of the
-        partitions ``check``: one job, handed to the store's thread at once (not when the
+        partitions ``check``, then the ``online_now`` rows of each ``(partition, last offset,
+        rows)`` of ``online`` whose partition's stored rows end at that offset (its own insert
+        is the one stored): one job, handed to the store's thread at once (not when the
         caller first awaits), whose steps follow each other there without waiting for the
         event loop (busy counting the next batch meanwhile). ``done`` receives the index of
         each insert as it succeeds (for a retry after a failure)."""
@@ -356,7 +396,13 @@ class Store:
                     failed = failed or e
             if failed is not None:
                 raise failed
-            return _next_offsets(c, topic, check) if check else {}
+            stored = _next_offsets(c, topic, check) if check else {}
+            tallies = [
+                row for p, last, rows in online if stored.get(p, 0) - 1 == last for row in rows
+            ]
+            if tallies:
+                self._insert_online(c, tallies)
+            return stored
 
         return asyncio.get_running_loop().run_in_executor(self._executor, self._call, job)
 
@@ -415,6 +461,24 @@ class Store:
         metrics.CLICKHOUSE_WRITE_LATENCY.observe(time.monotonic() - started)
         metrics.BATCH_SIZE.observe(len(rows))
 
+    @staticmethod
+    def _insert_online(c: Any, rows: list[list[Any]]) -> None:
+        try:
+            c.insert(
+                "online_now",
+                rows,
+                column_names=ONLINE_COLUMNS,
+                settings={"insert_distributed_sync": 1},
+            )
+        except Exception:
+            metrics.CLICKHOUSE_ERRORS.labels("insert").inc()
+            raise
+
+    async def write_online(self, rows: list[list[Any]]) -> None:
+        """Rows of ``online_now`` (``online_rows``), on the writing thread (after any write of
+        events handed to it before)."""
+        await self.run(lambda c: self._insert_online(c, rows))
+
     async def record_peak(self, site: str, online: int, at_ms: int) -> None:
         # On the reading thread: the counter's own small write, never queued behind a batch
         # of events, and seen by the next snapshot (the same thread, after it).
@@ -430,10 +494,27 @@ class Store:
         consuming resumes. Partitions with no row are absent."""
         return await self.run(lambda c: _next_offsets(c, topic, partitions))
 
+    async def online_stamps(self, topic: str) -> dict[int, int]:
+        """Per partition of ``topic``, the latest ``at`` (ms) of its ``online_now`` rows."""
+        rows = await self.run(
+            lambda c: (
+                c.query(
+                    "SELECT kafka_partition, toUnixTimestamp64Milli(max(at)) FROM online_now "
+                    "WHERE topic = {topic:String} GROUP BY kafka_partition",
+                    parameters={"topic": topic},
+                ).result_rows
+            )
+        )
+        return {int(p): int(at) for p, at in rows}
+
     async def recent_rows(
-        self, topic: str, partition: int, horizon_ms: int
+        self, topic: str, partition: int, horizon_ms: int, since_ms: int | None = None
     ) -> list[tuple[Event, str]]:
-        """The rows of one partition within ``horizon_ms`` of its latest, in log order."""
+        """The rows of one partition within ``horizon_ms`` of its latest, and those from
+        ``since_ms`` on, in log order."""
+
+        # without ``since_ms``: the latest minus the horizon (a far future bound)
+        since = max(0, since_ms) if since_ms is not None else 9_000_000_000_000
 
         def query(c: Any) -> list[tuple[Event, str]]:
             rows = c.query(
@@ -442,13 +523,16 @@ class Store:
                        visitor
                 FROM events
                 WHERE topic = {topic:String} AND kafka_partition = {p:UInt32}
-                  AND ts >= (
-                      SELECT max(ts) FROM events
-                      WHERE topic = {topic:String} AND kafka_partition = {p:UInt32}
-                  ) - toIntervalMillisecond({h:UInt64})
+                  AND ts >= least(
+                      (
+                          SELECT max(ts) FROM events
+                          WHERE topic = {topic:String} AND kafka_partition = {p:UInt32}
+                      ) - toIntervalMillisecond({h:UInt64}),
+                      fromUnixTimestamp64Milli({since:Int64}, 'UTC')
+                  )
                 ORDER BY kafka_offset
                 """,
-                parameters={"topic": topic, "p": partition, "h": horizon_ms},
+                parameters={"topic": topic, "p": partition, "h": horizon_ms, "since": since},
             ).result_rows
             return [
                 (
@@ -460,50 +544,34 @@ class Store:
 
         return await self.run(query)
 
-    async def snapshot(self, windows: dict[str, int], since_day: date, now_ms: int) -> Snapshot:
-        """Everything the counters of all sites need. Online from what changed since the last
-        call (see online.py: two small queries, the first from the ``buckets`` projection);
-        days and totals from the ``daily`` projection (rows per part, site and day, not per
-        event); peaks from their own small table."""
+    async def snapshot(
+        self, windows: dict[str, int], since_day: date, now_ms: int, topic: str = ""
+    ) -> Snapshot:
+        """Everything the counters of all sites need, in one query (``NUMBERS_QUERY``). Online:
+        the sum of the tallies the consumers published per partition (``online_now``, of
+        ``topic``, or of every topic with ``''``); days and totals from the ``daily`` projection
+        (rows per part, site and day, not per event); peaks from their own small table.
+        ``now_ms`` is the counter's clock: who is online is as of the consumers' latest tick."""
         sites = list(windows)
-        windows_ms = {s: windows[s] * 1000 for s in sites}
-        tracker = self._online
 
         def query(c: Any) -> Snapshot:
-            first = tracker.first_bucket(windows_ms, now_ms)
-            counts = c.query(
-                COUNTS_QUERY,
-                parameters={"first": first, "sites": sites},
-            ).result_rows
-            read = tracker.changed(counts)
-            states: list[Any] = []
-            if read:
-                states = c.query(
-                    STATES_QUERY,
-                    parameters={
-                        "bucket": BUCKET_MS,
-                        "lo": min(read) * BUCKET_MS,
-                        "hi": (max(read) + 1) * BUCKET_MS,
-                        "sites": sites,
-                        "buckets": sorted(read),
-                        "never": NEVER,
-                    },
-                ).result_rows
-            online = tracker.apply(now_ms, first, read, states)
+            online: dict[str, Online] = {}
             days: dict[str, dict[date, tuple[int, int]]] = {}
             totals: dict[str, tuple[int, int]] = {}
             peaks: dict[str, tuple[int, int]] = {}
-            for kind, site, day, a, b in c.query(
-                NUMBERS_QUERY, parameters={"since": since_day}
+            for kind, site, day, a, b, n in c.query(
+                NUMBERS_QUERY, parameters={"since": since_day, "topic": topic, "sites": sites}
             ).result_rows:
-                if kind == "day":
+                if kind == "online":
+                    online[site] = Online(a, b, n)
+                elif kind == "day":
                     days.setdefault(site, {})[day] = (a, b)
                 elif kind == "total":
                     totals[site] = (a, b)
                 else:
                     peaks[site] = (a, b)
             return Snapshot(
-                online={s: Online(g, m, b) for s, (g, m, b) in online.items()},
+                online=online,
                 days=days,
                 totals=totals,
                 peaks=peaks,

@@ -1,7 +1,8 @@
 """The counting rules of the spec, with an injected clock, on the real ClickHouse engine (chDB).
 
 Events go through the very code both deployments run (``Aggregator.process`` ->
-``PartitionState`` -> ``Store.insert_events``) and are read back through ``CounterService``.
+``PartitionState`` -> ``Store.insert_events``) and are read back through ``CounterService``;
+who is online through the tallies the aggregator writes at a tick of the same clock.
 """
 
 from __future__ import annotations
@@ -57,7 +58,9 @@ class Rig:
     aggregator: Aggregator | None = None
 
     async def start(self) -> None:
-        self.aggregator = Aggregator(self.store, self.registry, self.settings, self.topic)
+        self.aggregator = Aggregator(
+            self.store, self.registry, self.settings, self.topic, clock=lambda: self.now
+        )
         resume = await self.aggregator.assign([0, 1])
         self.offsets = {p: itertools.count(resume.get(p, 0)) for p in (0, 1)}
 
@@ -87,7 +90,15 @@ class Rig:
 
     async def counter(self, site: str, t: float) -> dict[str, Any]:
         self.now = t
-        service = CounterService(self.store, self.registry, clock=lambda: self.now)
+        agg = self.aggregator
+        assert agg is not None
+        await agg.tick()  # as the consume loop does: the tallies as of now
+        if agg.needs_reset:  # the clock went back: rebuilt from the rows, as the loop does
+            await agg.rebuild(sorted(agg.needs_reset), {})
+            await agg.tick()
+        service = CounterService(
+            self.store, self.registry, clock=lambda: self.now, topic=self.topic
+        )
         await service.refresh()
         payload: dict[str, Any] = service.prepared[site].payload
         return payload

@@ -5,12 +5,13 @@ the loser learns it and rebuilds from ClickHouse."""
 from __future__ import annotations
 
 import uuid
+from datetime import date
 
 import pytest
 
 from services.aggregate.consume import Aggregator
 from services.aggregate.sources import InRecord
-from services.aggregate.store import Store
+from services.aggregate.store import Online, Store, online_rows
 from services.record import Event, encode
 from services.settings import Settings
 from services.sites import Registry
@@ -198,3 +199,61 @@ async def test_dropping_a_background_write_resets_both_batches(store: Store) -> 
     agg.process(records(resume[0], 29))
     assert await agg.write() == {0: 30}
     assert await stored(store) == expected(29)
+
+
+async def online(store: Store, now_ms: int) -> Online:
+    snap = await store.snapshot({"hcm": 300}, date(2026, 1, 1), now_ms, TOPIC)
+    return snap.online.get("hcm", Online())
+
+
+@pytest.mark.parametrize("zombie_first", [True, False])
+async def test_a_fenced_former_owners_late_tally_does_not_override_the_new_owners(
+    store: Store, zombie_first: bool
+) -> None:
+    """Each partition's online tally is written with its flush, after the flush's rows are
+    stored and checked: a fenced write writes none, and the counter takes, per partition, the
+    tally of the greatest (next offset, at), so a former owner's tally written late (its clock
+    later, its offset behind) never replaces the new owner's."""
+    clock = [T0 / 1000]
+    now = lambda: clock[0]  # noqa: E731
+
+    def agg() -> Aggregator:
+        return Aggregator(store, Registry.parse(SITES), Settings(), TOPIC, clock=now)
+
+    first = agg()
+    await first.rebuild([0], {})
+    first.process(records(0, 19))
+    await first.write()
+    zombie, owner = agg(), agg()
+    assert await zombie.rebuild([0], {}) == {0: 20}
+    assert await owner.rebuild([0], {}) == {0: 20}
+    zombie.process(records(20, 49))
+    owner.process(records(20, 99))
+    clock[0] += 100  # ts of record 99 (T0 + 99 s): all 7 visitors online until T0 + 399 s
+    if zombie_first:
+        await zombie.write()  # stored, its tally with it (next offset 50)
+        await owner.write()  # fenced: no tally
+        assert owner.needs_reset == {0}
+        await owner.rebuild([0], {})
+        owner.process(records(50, 99))
+        await owner.write()
+    else:
+        await owner.write()
+        await zombie.write()  # fenced: no tally
+        assert zombie.needs_reset == {0}
+    assert await stored(store) == expected(99)
+    assert owner.states[0].tallies() == {"hcm": (7, 0, 0)}
+    assert await online(store, int(clock[0] * 1000)) == Online(7, 0, 0)
+
+    # the former owner, much later by its own clock (everyone gone), writes the tally of its
+    # state, its offset behind the new owner's: the new owner's stays
+    clock[0] += 1000
+    former = zombie
+    former.states[0].advance(int(clock[0] * 1000))
+    assert former.states[0].tallies() == {"hcm": (0, 0, 0)}
+    late = online_rows(TOPIC, 0, 50, int(clock[0] * 1000), former.states[0].tallies())
+    await store.write_online(late)
+    assert await online(store, int(clock[0] * 1000)) == Online(7, 0, 0)
+    # the owner's own tick moves it on
+    await owner.tick()
+    assert await online(store, int(clock[0] * 1000)) == Online(0, 0, 0)

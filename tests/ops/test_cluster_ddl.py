@@ -59,14 +59,23 @@ def test_cluster_ddl_parses_and_creates_replicated_and_distributed_tables() -> N
     assert "ENGINE = Distributed(visitorstats, default, peaks_local, rand())" in joined
     assert "replicated_deduplication_window" in joined
     assert "non_replicated_deduplication_window" not in joined
-    for table in ("events", "peaks", "schema_migrations"):
+    assert (
+        "ReplicatedReplacingMergeTree('/clickhouse/tables/{shard}/default/online_now', "
+        "'{replica}', version)" in joined
+    )
+    assert (
+        "ENGINE = Distributed(visitorstats, default, online_now_local, kafka_partition)" in joined
+    )
+    for table in ("events", "peaks", "online_now", "schema_migrations"):
         assert any(f"CREATE TABLE IF NOT EXISTS {table}" in s for s in out), table
-    # a projection is added to the replicated tables (the Distributed one has no parts)
+    # a projection is added to the replicated tables (the Distributed one has no parts), and
+    # dropped again by a later migration
     alters = [s for s in out if s.startswith("ALTER TABLE")]
-    assert len(alters) == 2, alters
+    assert len(alters) == 3, alters
     assert all(s.startswith("ALTER TABLE events_local ON CLUSTER visitorstats") for s in alters)
     assert "ADD PROJECTION IF NOT EXISTS buckets" in alters[0]
     assert "MATERIALIZE PROJECTION buckets" in alters[1]
+    assert "DROP PROJECTION IF EXISTS buckets" in alters[2]
 
 
 def test_single_server_ddl_parses() -> None:
@@ -76,6 +85,8 @@ def test_single_server_ddl_parses() -> None:
     assert "PROJECTION daily" in joined and "non_replicated_deduplication_window" in joined
     assert "ADD PROJECTION IF NOT EXISTS buckets" in joined
     assert "MATERIALIZE PROJECTION buckets" in joined
+    assert "DROP PROJECTION IF EXISTS buckets" in joined
+    assert "ENGINE = ReplacingMergeTree(version)" in joined
 
 
 def test_a_cluster_name_that_is_not_an_identifier_is_refused() -> None:

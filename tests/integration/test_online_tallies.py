@@ -1,0 +1,361 @@
+"""Who is online, as the counter reads it: the tallies each partition's owner writes to
+``online_now`` (counting.py, consume.py), summed, are exactly the numbers of the one query over
+the stored rows (``ONLINE_BY_QUERY``), at many ``now``s, on random streams through the real
+consume path (``Aggregator.process``, ``flush``, ``tick``): late rows, rows older than the
+window, future rows, equal-ms rows, leaves, members, bots (under a human's key too), two sites
+with different windows, salt-rotation aliases, expiry by a visit timeout shorter than a window,
+duplicates, the clock stepping back; and after a rebuild by another process. Real chDB, no
+mocks."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import uuid
+from datetime import date
+from pathlib import Path
+from typing import Any
+from zoneinfo import ZoneInfo
+
+import pytest
+
+from services.aggregate.consume import Aggregator, Consumer
+from services.aggregate.counting import PartitionState
+from services.aggregate.migrate import migrations, render, schema_migrations_ddl
+from services.aggregate.online import ONLINE_BY_QUERY
+from services.aggregate.sources import InRecord, LocalLog
+from services.aggregate.store import Online, Store
+from services.ingest.publish_types import OutRecord
+from services.record import Event, decode, encode
+from services.settings import Settings
+from services.sites import Registry
+
+pytestmark = pytest.mark.integration
+
+SITES = """
+[sites.long]
+timezone = "Asia/Ho_Chi_Minh"
+online_window_seconds = 300
+
+[sites.short]
+timezone = "UTC"
+online_window_seconds = 60
+"""
+WINDOWS = {"long": 300, "short": 60}
+TOPIC = "online"
+T0 = 1_772_600_000_000  # ms
+PARTITIONS = 3
+
+
+class Clock:
+    def __init__(self, ms: int) -> None:
+        self.ms = ms
+
+    def __call__(self) -> float:
+        return self.ms / 1000
+
+
+class Stream:
+    """Random events of a few people; each stays in one partition across salt rotations (as
+    ingest keys them), and a rotation gives them a new key that carries the previous one."""
+
+    def __init__(self, seed: int, people: int = 40) -> None:
+        self.rnd = random.Random(seed)
+        rnd = self.rnd
+        self.people = [
+            {
+                "site": rnd.choice(list(WINDOWS)),
+                "keys": [uuid.UUID(int=rnd.getrandbits(128)).hex],
+                "p": rnd.randrange(PARTITIONS),
+            }
+            for _ in range(people)
+        ]
+        self.offsets = [0] * PARTITIONS
+        self.stamps: list[int] = []
+        self.ids: list[str] = []
+
+    def records(self, now: int, n: int) -> list[InRecord]:
+        rnd = self.rnd
+        out = []
+        for _ in range(n):
+            person = rnd.choice(self.people)
+            keys: list[str] = person["keys"]
+            prev = None
+            if rnd.random() < 0.05:  # the salt rotates for this person
+                prev = keys[-1]
+                keys.append(uuid.UUID(int=rnd.getrandbits(128)).hex)
+            shape = rnd.random()
+            if shape < 0.65:
+                ts = now - rnd.randrange(2_000)  # just now
+            elif shape < 0.8:
+                ts = now - rnd.randrange(400_000)  # late, possibly beyond every window
+            elif shape < 0.87:
+                ts = now + rnd.randrange(5_000)  # a clock ahead of ours
+            elif self.stamps:
+                ts = rnd.choice(self.stamps)  # the same ms as another row
+            else:
+                ts = now
+            self.stamps.append(ts)
+            event_id = str(uuid.UUID(int=rnd.getrandbits(128)))
+            if self.ids and rnd.random() < 0.03:
+                event_id = rnd.choice(self.ids)  # sent again
+            self.ids.append(event_id)
+            kind = rnd.choices(["pageview", "heartbeat", "leave"], [5, 4, 2])[0]
+            event = Event(
+                event_id, person["site"], kind, ts, keys[-1], prev,
+                rnd.random() < 0.3, rnd.random() < 0.08, "https://x.example.vn/", "", "",
+            )  # fmt: skip
+            p = person["p"]
+            out.append(InRecord(p, self.offsets[p], encode(event)))
+            self.offsets[p] += 1
+        return sorted(out, key=lambda r: r.partition)  # runs of one partition, as fetched
+
+
+async def by_query(store: Store, now_ms: int) -> dict[str, Online]:
+    sites = list(WINDOWS)
+    params: dict[str, Any] = {
+        "since": now_ms - max(WINDOWS.values()) * 1000,
+        "now": now_ms,
+        "sites": sites,
+        "windows": [WINDOWS[s] * 1000 for s in sites],
+    }
+    rows = await store.run(lambda c: c.query(ONLINE_BY_QUERY, parameters=params).result_rows)
+    return {s: Online(int(g), int(m), int(b)) for s, g, m, b in rows}
+
+
+async def published(store: Store, now_ms: int) -> dict[str, Online]:
+    snap = await store.snapshot(dict(WINDOWS), date(2026, 1, 1), now_ms, TOPIC)
+    return snap.online
+
+
+def same(a: dict[str, Online], b: dict[str, Online]) -> bool:
+    return all(a.get(s, Online()) == b.get(s, Online()) for s in WINDOWS)
+
+
+def aggregator(store: Store, clock: Clock, **settings: Any) -> Aggregator:
+    return Aggregator(store, Registry.parse(SITES), Settings(**settings), TOPIC, clock=clock)
+
+
+async def tick(agg: Aggregator) -> None:
+    """The consume loop's tick, and its rebuild of a partition whose clock went back."""
+    await agg.tick()
+    if agg.needs_reset:
+        await agg.rebuild(sorted(agg.needs_reset), {})
+        await agg.tick()
+
+
+@pytest.mark.parametrize("seed", [1, 2, 3])
+async def test_the_summed_tallies_are_the_query_over_the_rows(store: Store, seed: int) -> None:
+    clock = Clock(T0)
+    # a visit timeout shorter than the longest window: expiry keeps who may be online
+    settings = {"visit_timeout_seconds": 120, "dedup_horizon_seconds": 600}
+    agg = aggregator(store, clock, **settings)
+    await agg.assign(list(range(PARTITIONS)))
+    stream = Stream(seed)
+    rnd = stream.rnd
+    checked = 0
+    for step in range(50):
+        agg.process(stream.records(clock.ms, rnd.randrange(0, 40)))
+        if rnd.random() < 0.3:
+            await tick(agg)  # a tick with rows pending: those partitions wait for the flush
+        await agg.flush()
+        r = rnd.random()
+        if r < 0.5:
+            clock.ms += rnd.randrange(1, 3_000)
+        elif r < 0.8:
+            clock.ms += rnd.randrange(3_000, 120_000)
+        elif r < 0.92 and stream.stamps:
+            # exactly on an edge: a row's window ends now, or just did
+            edge = rnd.choice(stream.stamps) + rnd.choice([60_000, 300_000])
+            clock.ms = max(clock.ms, edge + rnd.choice([0, 1]))
+        elif r < 0.96:
+            clock.ms -= rnd.randrange(2_000, 30_000)  # the clock steps back
+        await tick(agg)
+        want = await by_query(store, clock.ms)
+        assert same(await published(store, clock.ms), want), (step, clock.ms - T0, want)
+        checked += sum(o.guests + o.members + o.bots for o in want.values()) > 0
+    assert checked > 20  # most steps had someone online
+
+    # another process takes the partitions over: rebuilt from the rows, the same numbers
+    clock.ms += 1_500
+    other = aggregator(store, clock, **settings)
+    await other.assign(list(range(PARTITIONS)))
+    await other.tick()
+    want = await by_query(store, clock.ms)
+    assert same(await published(store, clock.ms), want)
+    for edge in (1, 60_001, 300_001):
+        clock.ms += edge
+        await other.tick()
+        assert same(await published(store, clock.ms), await by_query(store, clock.ms)), edge
+
+
+async def test_the_visitor_cap_takes_the_forgotten_out_of_the_tally(store: Store) -> None:
+    """The stated bound: past ``max_visitors`` the longest idle are forgotten, online or not;
+    they leave the tally with their state (the query over the rows still sees them)."""
+    clock = Clock(T0)
+    agg = aggregator(store, clock, max_visitors_per_partition=20)
+    await agg.assign([0])
+    records = []
+    for i in range(30):
+        event = Event(
+            str(uuid.uuid4()), "long", "pageview", T0 + i, f"{i:032x}", None, False, False,
+            "https://x.example.vn/", "", "",
+        )  # fmt: skip
+        records.append(InRecord(0, i, encode(event)))
+    agg.process(records)
+    await agg.flush()
+    await tick(agg)
+    kept = len(agg.states[0])
+    assert kept == 20
+    assert (await published(store, clock.ms))["long"] == Online(kept, 0, 0)
+    assert (await by_query(store, clock.ms))["long"] == Online(30, 0, 0)
+    clock.ms += 301_000  # their window ended: the same numbers again
+    await tick(agg)
+    assert same(await published(store, clock.ms), await by_query(store, clock.ms))
+
+
+async def test_the_edges_of_the_windows_to_the_millisecond(store: Store) -> None:
+    """Online while ``last >= now - window``; a bot while a bot row is within the longest
+    window; tick after tick, and by a process rebuilding then."""
+    clock = Clock(T0)
+    agg = aggregator(store, clock)
+    await agg.assign([0])
+
+    def rec(offset: int, site: str, visitor: str, ts: int, **kw: Any) -> InRecord:
+        event = Event(
+            str(uuid.uuid4()), site, kw.get("kind", "pageview"), ts, visitor, None, False,
+            kw.get("bot", False), "https://x.example.vn/", "", "",
+        )  # fmt: skip
+        return InRecord(0, offset, encode(event))
+
+    agg.process(
+        [
+            rec(0, "long", "bot-then-human", T0, bot=True),
+            rec(1, "long", "bot-then-human", T0 + 100_000),
+            rec(2, "short", "reader", T0 + 1_000),
+            rec(3, "long", "leaver", T0),
+            rec(4, "long", "leaver", T0 + 2_000, kind="leave"),
+        ]
+    )
+    await agg.flush()
+    for at in (2_000, 60_999, 61_000, 61_001, 299_999, 300_000, 300_001, 399_999, 400_000):
+        clock.ms = T0 + at
+        await tick(agg)
+        want = await by_query(store, clock.ms)
+        assert same(await published(store, clock.ms), want), (at, want)
+        fresh = aggregator(store, clock)
+        await fresh.assign([0])
+        assert fresh.states[0].tallies() == agg.states[0].tallies(), at
+    assert (await by_query(store, T0 + 300_000))["long"] == Online(0, 0, 1)
+    assert (await by_query(store, T0 + 300_001))["long"] == Online(1, 0, 0)
+
+
+async def test_totals_and_days_read_the_daily_projection(store: Store) -> None:
+    """Totals and per-day sums cost rows per part, site and day, not per event."""
+    agg = aggregator(store, Clock(T0))
+    await agg.assign(list(range(PARTITIONS)))
+    agg.process(Stream(5).records(T0, 50))
+    await agg.flush()
+    for sql in (
+        "SELECT site, sum(starts_visit), sum(pageview) FROM events GROUP BY site",
+        "SELECT site, day, sum(starts_visit), sum(pageview) FROM events "
+        "WHERE day >= '2026-01-01' GROUP BY site, day",
+    ):
+        plan = await store.run(lambda c, sql=sql: c.query("EXPLAIN " + sql).result_rows)
+        assert any("ReadFromMergeTree (daily)" in line for (line,) in plan), plan
+
+
+async def test_an_upgraded_database_gets_the_table_and_the_numbers(tmp_path: Path) -> None:
+    """A database of the previous version (0001-0003 applied, rows stored) gets ``online_now``;
+    the consumer, rebuilding, writes the numbers of the rows it has."""
+    url = f"chdb://{tmp_path}/clickhouse"
+    old = Store(url)
+
+    def previous_version(c: Any) -> None:
+        c.command(schema_migrations_ddl(None))
+        for mig in migrations():
+            if mig.version <= 3:
+                for statement in render(mig):
+                    c.command(statement)
+                c.insert("schema_migrations", [[mig.version, mig.name]], ["version", "name"])
+
+    clock = Clock(T0 + 100_000)
+    try:
+        await old.run(previous_version)
+        # rows as the previous version's consumer stored them (the same counting rules)
+        state = PartitionState(0)
+        stream = Stream(11)
+        for t in range(0, 100_000, 10_000):
+            for p in range(PARTITIONS):
+                rows = [
+                    row
+                    for r in stream.records(T0 + t, 30)
+                    if r.partition == p and r.value is not None
+                    for row in [state.apply(decode(r.value), ZoneInfo("UTC"), p, r.offset)]
+                    if row is not None
+                ]
+                if rows:
+                    await old.insert_events(rows, TOPIC, str(uuid.uuid4()))
+        want = await by_query(old, clock.ms)
+    finally:
+        old.close()
+
+    new = Store(url)
+    try:
+        assert await new.migrate() == ["0004_online_now", "0005_drop_buckets"]
+        assert await new.migrate() == []
+        projections = await new.run(
+            lambda c: (
+                c.query("SELECT name FROM system.projections WHERE table = 'events'").result_rows
+            )
+        )
+        assert sorted(name for (name,) in projections) == ["daily", "progress"]
+        agg = aggregator(new, clock)
+        await agg.assign(list(range(PARTITIONS)))
+        await agg.tick()
+        assert sum(o.guests + o.members + o.bots for o in want.values()) > 0
+        assert same(await published(new, clock.ms), want)
+    finally:
+        new.close()
+
+
+async def test_the_consume_loop_ticks_visitors_out_when_their_window_ends(store: Store) -> None:
+    """``visitorstats run``'s path (the in-process log, ``Consumer.run``): with no event at all,
+    the loop's tick takes a visitor out of the tally when their window ends, and writes it."""
+    clock = Clock(T0)
+    settings = Settings(flush_interval_seconds=0.05, counter_interval_seconds=0.05)
+    log = LocalLog()
+    agg = Aggregator(store, Registry.parse(SITES), settings, log.topic, clock=clock)
+    stopping = asyncio.Event()
+    consumer = Consumer(log, agg, settings, stopping)
+    await consumer.start()
+    task = asyncio.create_task(consumer.run(drained=lambda: log.pending() == 0))
+
+    async def online_now(want: dict[str, Online]) -> dict[str, Online]:
+        got: dict[str, Online] = {}
+        for _ in range(200):
+            snap = await store.snapshot(dict(WINDOWS), date(2026, 1, 1), clock.ms, log.topic)
+            got = snap.online
+            if same(got, want):
+                break
+            await asyncio.sleep(0.02)
+        return got
+
+    try:
+        for i, (site, member) in enumerate([("long", False), ("short", True), ("long", True)]):
+            event = Event(
+                str(uuid.uuid4()), site, "pageview", T0 + i, f"{i + 1:032x}", None, member,
+                False, "https://x.example.vn/", "", "",
+            )  # fmt: skip
+            log.append(OutRecord(b"", encode(event), 0))
+        want = {"long": Online(1, 1, 0), "short": Online(0, 1, 0)}
+        assert same(await online_now(want), want)
+        clock.ms = T0 + 61_002  # the short window ended
+        want = {"long": Online(1, 1, 0), "short": Online(0, 0, 0)}
+        assert same(await online_now(want), want)
+        clock.ms = T0 + 300_003  # and the long one
+        assert same(await online_now({}), {})
+        assert same(await online_now({}), await by_query(store, clock.ms))
+    finally:
+        stopping.set()
+        await task
