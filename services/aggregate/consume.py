@@ -591,7 +591,15 @@ class Consumer:
     # -- the loop -------------------------------------------------------------------------------
     async def run(self, drained: Callable[[], bool] = lambda: True) -> None:
         """Run until ``stopping`` is set and ``drained()`` says nothing more will arrive; the last
-        batch is written before returning."""
+        batch is written before returning. Full garbage collections run on a timer meanwhile
+        (see gcpause)."""
+        undo = gcpause.full_collections_every()
+        try:
+            await self._run(drained)
+        finally:
+            undo()
+
+    async def _run(self, drained: Callable[[], bool]) -> None:
         agg, source, settings, stopping = (
             self.aggregator,
             self.source,

@@ -289,8 +289,15 @@ class PartitionState:
             seen[seen_key] = ts << _SHIFT
             self._fold_bot(own, site, ts, _LEAVE if kind_of_event == "leave" else 0)
             return _new_row(Row, (event, visitor, False, False, day, partition, offset))
-        key = self._canonical(event, bits, own)
         visitors = self._visitors
+        aliases = self._aliases
+        # (``_canonical``'s usual answers inlined: no alias, a known key or no previous key)
+        if aliases and own in aliases:
+            key = aliases[own]
+        elif event.visitor_prev is None or own in visitors:
+            key = own
+        else:
+            key = self._canonical(event, bits, own)
         old = visitors.pop(key, None)
         # The value's bits written as literals here (this runs once per event; a module
         # global costs a lookup each): _SHIFT = 5, _WHEEL = 16, _KIND = 12 (kind << 2),
