@@ -97,6 +97,10 @@ CONSUMER_LAG = Gauge(
     ["partition"],
     multiprocess_mode="livesum",
 )
+FETCH_GAPS = Counter(
+    "visitorstats_fetch_gaps",
+    "Fetches that skipped offsets of a partition, read again from the first one skipped.",
+)
 BATCH_SIZE = Histogram(
     "visitorstats_batch_size",
     "Events per batch written to ClickHouse.",

@@ -74,6 +74,8 @@ log = logging.getLogger(__name__)
 REVOKE_WRITE_SECONDS = 20.0
 # How long a graceful stop may spend writing the last batch while ClickHouse refuses it.
 STOP_WRITE_SECONDS = 30.0
+# A fetch that skipped offsets is read again; the same gap this many times over is taken as real
+GAP_RETRIES = 3
 
 
 @dataclass
@@ -154,6 +156,10 @@ class Aggregator:
         self.next_offset: dict[int, int] = {}  # per owned partition: the first offset not counted
         self.batch = Batch()
         self.needs_reset: set[int] = set()  # partitions to rebuild from ClickHouse
+        # A fetch that skipped offsets (see ``_count``): partition -> the offset to read again
+        # from, and per gap (partition, first missing, next present) the times it was met.
+        self.gaps: dict[int, int] = {}
+        self._gap_seen: dict[tuple[int, int, int], int] = {}
         # The batch whose write was started in the background (``begin_write``), and its I/O
         self.writing: Batch | None = None
         self._sending: asyncio.Future[dict[int, int]] | None = None
@@ -289,6 +295,8 @@ class Aggregator:
                 offset = rec.offset
                 if offset < after:
                     continue  # already counted (redelivery, stale prefetch)
+                if offset > after and self._gap(partition, after, offset):
+                    break  # the rest of this run is read again from ``after``
                 after = offset + 1
                 try:
                     event = decode(rec.value)
@@ -309,6 +317,38 @@ class Aggregator:
                 pending.last = after - 1
                 parts[partition] = pending
         return duplicates
+
+    def _gap(self, partition: int, after: int, offset: int) -> bool:
+        """Offsets ``after`` to ``offset - 1`` did not come. This topic has no transactions and
+        no compaction, so every offset holds a record: a fetch skipped them (seen with Tansu,
+        rarely, under load), and counting on would lose them for good. True: read the
+        partition again from ``after`` (``gaps``); False once the same gap came back
+        ``GAP_RETRIES`` times (the log really has none there: counted past)."""
+        key = (partition, after, offset)
+        seen = self._gap_seen[key] = self._gap_seen.get(key, 0) + 1
+        if seen > GAP_RETRIES:
+            del self._gap_seen[key]
+            log.warning(
+                "partition %d: offsets %d-%d are not in the log", partition, after, offset - 1
+            )
+            return False
+        if len(self._gap_seen) > 1000:
+            self._gap_seen.clear()  # bounded; a gap met again starts its count afresh
+        log.warning(
+            "partition %d: a fetch skipped offsets %d-%d; reading again from %d",
+            partition,
+            after,
+            offset - 1,
+            after,
+        )
+        metrics.FETCH_GAPS.inc()
+        self.gaps[partition] = after
+        return True
+
+    def take_gaps(self) -> dict[int, int]:
+        """The partitions to read again (``_gap``), and from where."""
+        gaps, self.gaps = self.gaps, {}
+        return gaps
 
     def due(self) -> bool:
         b = self.batch
@@ -643,6 +683,9 @@ class Consumer:
             if records:
                 async with self.lock:
                     bad = agg.process(records)
+                    gaps = agg.take_gaps()
+                    if gaps:
+                        await source.seek(gaps)
             if bad:
                 await source.dead_letter([r for r, _ in bad], bad[0][1])
             if agg.due() or (stopping_now and not agg.idle()):
