@@ -130,16 +130,13 @@ def pixel(query: str, *extra: str, client: str = "198.51.100.7") -> bytes:
 HEALTH = b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"
 
 
+def settings_for(tmp_path: Path, **overrides: Any) -> Settings:
+    return replace(Settings(), secret=b"k", data_dir=tmp_path, port=free_port(), **overrides)
+
+
 async def start(tmp_path: Path, **overrides: Any) -> Server:
     records: list[OutRecord] = []
-    s = replace(
-        Settings(),
-        secret=b"k",
-        data_dir=tmp_path,
-        port=free_port(),
-        rate_limit_per_second=0,
-        **overrides,
-    )
+    s = settings_for(tmp_path, **{"rate_limit_per_second": 0, **overrides})
     app = create_ingest_app(s, REGISTRY, LocalPublisher(records.append))
     runner = await http.start_server(app, s)
     return Server(runner, s.port, records)
@@ -376,7 +373,7 @@ async def test_the_lane_answers_as_aiohttp_does(
 async def test_the_counter_in_the_lane_answers_as_aiohttp_does(tmp_path: Path) -> None:
     """``GET /v1/sites/{site}/counter`` of ``visitorstats run``: lane and aiohttp give the same
     body, ETag, caching and CORS headers, and both honour If-None-Match."""
-    s = replace(Settings(), secret=b"k", data_dir=tmp_path, port=free_port())
+    s = settings_for(tmp_path)
     app = create_standalone_app(s, REGISTRY)
     runner = await http.start_server(app, s)
     srv = Server(runner, s.port, [])
@@ -448,14 +445,7 @@ async def test_the_stream_in_the_lane_is_the_stream_of_aiohttp(tmp_path: Path) -
     written to directly) gets the head and the events aiohttp's does; it stays open past the
     idle timeout of lane connections, gets keep-alives, counts at the gate, and ends with the
     chunked body's last chunk when the server stops."""
-    s = replace(
-        Settings(),
-        secret=b"k",
-        data_dir=tmp_path,
-        port=free_port(),
-        read_timeout_seconds=0.5,
-        stream_keepalive_seconds=0.3,
-    )
+    s = settings_for(tmp_path, read_timeout_seconds=0.5, stream_keepalive_seconds=0.3)
     app = create_standalone_app(s, REGISTRY)
     runner = await http.start_server(app, s)
     get = b"GET /v1/sites/open/counter/stream HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"
