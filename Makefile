@@ -33,8 +33,8 @@ system-deps:
 	fi
 
 lint: $(TEST_STAMP)
-	$(VENV)/bin/ruff check services tests
-	$(VENV)/bin/ruff format --check services tests
+	$(VENV)/bin/ruff check services tests bench
+	$(VENV)/bin/ruff format --check services tests bench
 	$(VENV)/bin/mypy
 
 test: $(TEST_STAMP) system-deps

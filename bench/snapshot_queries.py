@@ -20,7 +20,7 @@ import statistics
 import tempfile
 import time
 import uuid
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, date, datetime, timedelta
 
 from services.aggregate.consume import Aggregator
 from services.aggregate.counting import Row
@@ -34,7 +34,7 @@ from services.sites import Registry
 PARTITIONS = 4
 
 
-def day_of(ts_ms: int) -> object:
+def day_of(ts_ms: int) -> date:
     return (datetime.fromtimestamp(ts_ms / 1000, UTC) + timedelta(hours=7)).date()
 
 
@@ -66,7 +66,7 @@ def event_row(rnd: random.Random, keys: list[str], sites: int, ts: int, offsets:
         day_of(ts),
         p,
         offsets[p],
-    )  # type: ignore[arg-type]
+    )
 
 
 async def insert(store: Store, rows: list[Row]) -> None:
@@ -181,7 +181,7 @@ async def main() -> None:
         snap = None
         for _ in range(args.repeat):
             t0 = time.monotonic()
-            snap = await store.snapshot(windows, since, int(clock[0] * 1000), "pageviews")  # type: ignore[arg-type]
+            snap = await store.snapshot(windows, since, int(clock[0] * 1000), "pageviews")
             times.append(time.monotonic() - t0)
         assert snap is not None
         print(
@@ -198,7 +198,7 @@ async def main() -> None:
                 + f", max {max(tick_times) * 1000:.0f}"
             )
         now_ms = int(clock[0] * 1000)
-        snap = await store.snapshot(windows, since, now_ms, "pageviews")  # type: ignore[arg-type]
+        snap = await store.snapshot(windows, since, now_ms, "pageviews")
         # the one query over the rows, for the time and the numbers
         sites = list(windows)
         params = {
