@@ -13,15 +13,12 @@ from aiohttp import web
 
 from services import http, metrics
 from services.aggregate import render
-from services.aggregate.counter import SINK_BACKLOG_BYTES, CounterService, Prepared
+from services.aggregate.counter import KEEPALIVE, SINK_BACKLOG_BYTES, CounterService, Prepared
 from services.fastlane import LaneProtocol, RawRequest, Reply, chunk, reply_head
 
 COUNTER = web.AppKey("counter", CounterService)
 
-STREAM_KEEPALIVE = web.AppKey("stream_keepalive", float)
-
 KEEPALIVE_SECONDS = 15.0
-_KEEPALIVE = b": keep-alive\n\n"
 _RETRY = b"retry: 3000\n\n"  # reconnect after 3 s when the connection drops
 _STREAM_HEADERS = {
     "Content-Type": "text/event-stream",
@@ -82,7 +79,7 @@ class _CounterLane:
     def __call__(self, req: RawRequest, conn: LaneProtocol) -> Reply:
         prepared = self.service.prepared.get(self.site)
         if prepared is None:
-            return Reply(reply_head(503, self._HEADERS[:1] + tuple(_CORS.items())), _UNAVAILABLE)
+            return Reply(_UNAVAILABLE_HEAD, _UNAVAILABLE)
         if prepared is not self._for:
             etag = (("ETag", prepared.etag),)
             self._ok = reply_head(200, etag + self._HEADERS)
@@ -160,17 +157,16 @@ async def counter_stream(request: web.Request) -> web.StreamResponse:
         return prepared
     site = request.match_info["site"]
     fanout = request.app[COUNTER].fanout
-    keepalive = request.app[STREAM_KEEPALIVE]
     response = web.StreamResponse(headers={**_STREAM_HEADERS, **_CORS})
     await response.prepare(request)
     metrics.STREAM_SUBSCRIBERS.inc()
     try:
         await response.write(_RETRY)
-        async for latest in fanout.subscribe(site, min_interval=1.0, keepalive=keepalive):
+        async for latest in fanout.subscribe(site, min_interval=1.0, keepalive=fanout.keepalive):
             # A subscriber that stops reading would hold its connection forever: a write that
             # cannot drain within the limit ends the stream (the widget reconnects or polls).
             await asyncio.wait_for(
-                response.write(_KEEPALIVE if latest is None else latest.event),
+                response.write(KEEPALIVE if latest is None else latest.event),
                 STREAM_WRITE_TIMEOUT_SECONDS,
             )
     except (ConnectionError, TimeoutError):
@@ -217,7 +213,6 @@ def add_routes(
     app: web.Application, service: CounterService, keepalive_seconds: float = KEEPALIVE_SECONDS
 ) -> None:
     app[COUNTER] = service
-    app[STREAM_KEEPALIVE] = keepalive_seconds
     service.fanout.keepalive = keepalive_seconds
 
     async def end_streams(app: web.Application) -> None:

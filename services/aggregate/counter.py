@@ -113,7 +113,8 @@ def prepare(payload: dict[str, Any]) -> Prepared:
     return Prepared(payload, body, etag, event, chunk(event))
 
 
-KEEPALIVE_CHUNK = chunk(b": keep-alive\n\n")
+KEEPALIVE = b": keep-alive\n\n"  # a comment line of the stream, between events
+KEEPALIVE_CHUNK = chunk(KEEPALIVE)
 # A subscriber with more than this left unread (about two minutes of events) is dropped: its
 # page reconnects or polls.
 SINK_BACKLOG_BYTES = 64 * 1024

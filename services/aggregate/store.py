@@ -68,9 +68,6 @@ ONLINE_COLUMNS = (
     "version",
 )
 
-# Per site, the sum over the partitions (of one topic, or of all with ``''``) of each
-# (partition, site)'s row of the greatest version: see migration 0004.
-
 
 def online_rows(
     topic: str,
