@@ -476,13 +476,13 @@ class Store:
         events handed to it before)."""
         await self.run(lambda c: self._insert_online(c, rows))
 
-    async def record_peak(self, site: str, online: int, at_ms: int) -> None:
-        # On the reading thread: the counter's own small write, never queued behind a batch
-        # of events, and seen by the next snapshot (the same thread, after it).
+    async def record_peaks(self, peaks: dict[str, tuple[int, int]]) -> None:
+        """Store new peaks (site -> (online, at ms)) in one insert. On the reading thread: the
+        counter's own small write, never queued behind a batch of events, and seen by the next
+        snapshot (the same thread, after it)."""
+        rows = [[site, online, at_ms] for site, (online, at_ms) in peaks.items()]
         await self.run_read(
-            lambda c: c.insert(
-                "peaks", [[site, online, at_ms]], column_names=["site", "online", "at"]
-            )
+            lambda c: c.insert("peaks", rows, column_names=["site", "online", "at"])
         )
 
     # -- reads ----------------------------------------------------------------------------------

@@ -7,6 +7,7 @@ who is online through the tallies the aggregator writes at a tick of the same cl
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import uuid
 from collections.abc import AsyncIterator
@@ -100,6 +101,7 @@ class Rig:
             self.store, self.registry, clock=lambda: self.now, topic=self.topic
         )
         await service.refresh()
+        await service.write_peaks()  # (as the service does, soon after)
         payload: dict[str, Any] = service.prepared[site].payload
         return payload
 
@@ -310,3 +312,56 @@ async def test_peak_is_the_most_online_together(rig: Rig) -> None:
     c = await rig.counter("hcm", T0 + 400)  # all gone
     assert c["online"]["total"] == 0
     assert c["online"]["peak"]["total"] == 3
+
+
+async def test_the_running_service_stores_new_peaks_in_the_background_and_when_it_stops(
+    rig: Rig,
+) -> None:
+    async def stored() -> int:
+        rows = await rig.store.run_read(
+            lambda c: c.query("SELECT max(online) FROM peaks WHERE site = 'hcm'").result_rows
+        )
+        return int(rows[0][0])
+
+    async def until(check: Any) -> None:
+        for _ in range(400):
+            if await check():
+                return
+            await asyncio.sleep(0.025)
+        raise AssertionError("not reached in 10 s")
+
+    agg = rig.aggregator
+    assert agg is not None
+    for i in range(2):
+        await rig.send("hcm", f"p{i}", t=T0)
+    rig.now = T0 + 1
+    await agg.tick()
+    # one write at once, then none for an hour: what comes later waits for the stop
+    service = CounterService(
+        rig.store,
+        rig.registry,
+        interval_seconds=0.05,
+        clock=lambda: rig.now,
+        topic=rig.topic,
+        peak_write_seconds=3600,
+    )
+    stopping = asyncio.Event()
+    running = asyncio.create_task(service.run(stopping))
+
+    async def shown() -> int:
+        prepared = service.prepared.get("hcm")
+        return int(prepared.payload["online"]["peak"]["total"]) if prepared else 0
+
+    await until(lambda: _equals(stored(), 2))
+    await rig.send("hcm", "p2", t=T0 + 1)
+    rig.now = T0 + 2
+    await agg.tick()
+    await until(lambda: _equals(shown(), 3))  # shown from memory at once
+    assert await stored() == 2  # not written yet: at most one write an hour here
+    stopping.set()
+    await running
+    assert await stored() == 3  # the stop stored it
+
+
+async def _equals(value: Any, expected: int) -> bool:
+    return bool(await value == expected)
