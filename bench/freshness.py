@@ -100,7 +100,9 @@ async def probe(
                 await asyncio.sleep(poll)
 
         await asyncio.gather(sender(), poller())
-    lags = sorted(max(0.0, s - a) for s, a in zip(seen, accepted, strict=False))
+    timed = [(a, max(0.0, s - a)) for s, a in zip(seen, accepted, strict=False)]
+    lags = sorted(lag for _, lag in timed)
+    start = accepted[0] if accepted else 0.0
     return {
         "probes": len(accepted),
         "seen": len(seen),
@@ -109,6 +111,11 @@ async def probe(
         "p50": percentile(lags, 50),
         "p99": percentile(lags, 99),
         "max": lags[-1] if lags else None,
+        # the slowest probes: (seconds into the run when accepted, seconds to the counter)
+        "slowest": [
+            (round(a - start, 2), round(lag, 3))
+            for a, lag in sorted(timed, key=lambda t: t[1], reverse=True)[:10]
+        ],
     }
 
 
