@@ -104,3 +104,19 @@ def test_the_lane_figure_answers_every_beacon_and_hands_on_every_accepted_one(no
     assert result["answers"] == 2000
     assert result["records"] == (0 if noop else 2000)
     assert result["cpu_us_per_beacon"] > 0
+
+
+def test_the_broker_batches_tool_delivers_its_markers() -> None:
+    proc = subprocess.run(
+        [sys.executable, "-m", "bench.broker_batches", "--flushes", "50", "--seconds", "2"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
+    )
+    result = json.loads(proc.stdout.splitlines()[-1])
+    assert result["flushes_per_s"] == 50
+    assert result["markers"] > 0  # the consumer read what the producer sent
+    assert 0 <= result["lag_p50"] <= result["lag_p99"] <= result["lag_max"]
+    assert result["broker_cores"] > 0
