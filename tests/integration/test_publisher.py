@@ -167,3 +167,45 @@ async def test_a_spool_left_behind_is_sent_by_the_next_process(
     finally:
         await successor.stop()
     check_order(await read_all(topic.bootstrap, KEYS * 10), 10)
+
+
+async def test_a_flush_starts_at_batch_records_or_once_the_oldest_waited_linger(
+    topic: Tansu, tmp_path: Path
+) -> None:
+    publisher = KafkaPublisher(
+        topic.bootstrap,
+        TOPIC,
+        Spool(tmp_path / "spool", 1024 * 1024),
+        linger_seconds=30,
+        batch_records=4,
+    )
+    safe: list[int] = []
+
+    def submit(seq: int) -> None:
+        publisher.submit(record(seq, seq), lambda exc: safe.append(seq) if exc is None else None)
+
+    async def until_safe(n: int) -> None:
+        for _ in range(200):
+            if len(safe) >= n:
+                return
+            await asyncio.sleep(0.05)
+
+    await publisher.start()
+    try:
+        for seq in range(5):  # more than a batch: all of it goes
+            submit(seq)
+        await until_safe(5)
+        assert sorted(safe) == list(range(5))
+        for seq in range(5, 8):  # fewer than a batch: they wait for the linger (30 s)
+            submit(seq)
+        await asyncio.sleep(0.5)
+        assert sorted(safe) == list(range(5))
+        submit(8)  # the batch is full: it goes
+        await until_safe(9)
+        assert sorted(safe) == list(range(9))
+        submit(9)
+    finally:
+        await publisher.stop()  # what is waiting goes at once
+    assert sorted(safe) == list(range(10))
+    got = await read_all(topic.bootstrap, 10)
+    assert sorted(seq for _, _, seq in got) == list(range(10))
