@@ -78,8 +78,8 @@ class Settings:
     # aggregate service can link a visitor who is active across the rotation (and no longer).
     salt_link_seconds: int = 3600
     # ingest -> broker batching
-    publish_linger_seconds: float = 0.010
-    publish_batch_records: int = 64
+    publish_linger_seconds: float = 0.002
+    publish_batch_bytes: int = 512 * 1024
     spool_dir: Path = Path("data/spool")
     spool_max_bytes: int = 256 * 1024 * 1024
     # aggregate batching: a batch closes on count or on age, whichever comes first
@@ -129,8 +129,7 @@ class Settings:
             access_log=_bool(e, "VISITORSTATS_ACCESS_LOG", False),
             salt_period_seconds=_int(e, "VISITORSTATS_SALT_PERIOD_SECONDS", 86400),
             salt_link_seconds=_int(e, "VISITORSTATS_SALT_LINK_SECONDS", 3600),
-            publish_linger_seconds=_float(e, "VISITORSTATS_PUBLISH_LINGER_SECONDS", 0.010),
-            publish_batch_records=_int(e, "VISITORSTATS_PUBLISH_BATCH_RECORDS", 64),
+            publish_linger_seconds=_float(e, "VISITORSTATS_PUBLISH_LINGER_SECONDS", 0.002),
             spool_dir=Path(e.get("VISITORSTATS_SPOOL_DIR", str(data_dir / "spool"))),
             spool_max_bytes=_int(e, "VISITORSTATS_SPOOL_MAX_BYTES", 256 * 1024 * 1024),
             flush_max_events=_int(e, "VISITORSTATS_FLUSH_MAX_EVENTS", 50_000),

@@ -36,7 +36,6 @@ def create_standalone_app(settings: Settings, registry: Registry) -> web.Applica
             settings.kafka_topic,
             Spool.claim(settings.spool_dir, settings.spool_max_bytes),
             linger_seconds=settings.publish_linger_seconds,
-            batch_records=settings.publish_batch_records,
         )
         add_aggregate(app, settings, registry, source)
     else:

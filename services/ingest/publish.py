@@ -83,14 +83,7 @@ class LocalPublisher:
 
 
 class KafkaPublisher:
-    """Collects records and sends them, one batch per partition, one flush at a time. As with
-    Kafka's own producer (``batch.size``, ``linger.ms``), a flush starts once ``batch_records``
-    records are waiting or once the oldest of them has waited ``linger_seconds``.
-
-    Batches are what a broker pays for: flushing whatever arrived while the previous flush was
-    in flight (every millisecond or so at a few thousand beacons a second) made hundreds of
-    small batches a second, and the broker's work for them (writing them, and serving them to
-    the consumers) took the cores the rest needed (BENCHMARKS.md, round 6).
+    """Collects records for ``linger_seconds`` and sends one batch per partition.
 
     Two paths, never both at once for the same records, so that order per visitor holds (a
     visitor's records go to one partition, in the order of acceptance):
@@ -113,22 +106,19 @@ class KafkaPublisher:
         bootstrap: str,
         topic: str,
         spool: Spool,
-        linger_seconds: float = 0.010,
-        batch_records: int = 64,
+        linger_seconds: float = 0.002,
         max_pending: int = 20_000,
         ack_timeout_seconds: float = 10.0,
     ) -> None:
         self._bootstrap = bootstrap
         self._topic = topic
         self._linger = linger_seconds
-        self._batch_records = max(1, batch_records)
         self._spool = spool
         self._max_pending = max_pending
         self._ack_timeout = ack_timeout_seconds
         self._producer: AIOKafkaProducer | None = None
         self._pending: list[tuple[OutRecord, Done]] = []
-        self._wakeup = asyncio.Event()  # set when the first record is pending
-        self._full = asyncio.Event()  # set when ``batch_records`` are
+        self._wakeup = asyncio.Event()
         self._flusher: asyncio.Task[None] | None = None
         self._drainer: asyncio.Task[None] | None = None
         self._partitions: list[int] = []
@@ -207,34 +197,29 @@ class KafkaPublisher:
             raise Unavailable("shutting down")
         if len(self._pending) >= self._max_pending:
             raise Unavailable("too many beacons in flight")
-        pending = self._pending
-        pending.append((record, done))
-        if len(pending) == 1:
+        self._pending.append((record, done))
+        if len(self._pending) == 1:
             self._wakeup.set()
-        elif len(pending) == self._batch_records:
-            self._full.set()
 
     async def _flush_loop(self) -> None:
-        """One flush at a time (order per partition), of everything pending once
-        ``batch_records`` are or the oldest has waited ``linger_seconds`` (at once when
-        closing)."""
+        """One flush at a time (order per partition). ``linger_seconds`` gathers a batch only
+        when the pipe was idle: records that arrived during a flush have waited already and go
+        out as soon as it is done."""
+        waited = False
         while True:
-            pending = self._pending
-            if not pending:
-                if self._closing:
-                    return
-                self._wakeup.clear()
+            if not waited:
                 await self._wakeup.wait()
-                continue
-            wait = pending[0][0].accepted_at + self._linger - time.monotonic()
-            if wait > 0 and len(pending) < self._batch_records and not self._closing:
-                self._full.clear()
-                with contextlib.suppress(TimeoutError):
-                    async with asyncio.timeout(wait):
-                        await self._full.wait()
-                continue
-            self._pending = []
-            await self._flush(pending)
+                self._wakeup.clear()
+                if self._linger and not self._closing:
+                    await asyncio.sleep(self._linger)
+            if self._pending:
+                pending, self._pending = self._pending, []
+                await self._flush(pending)
+            waited = bool(self._pending)
+            if waited:
+                self._wakeup.clear()
+            if self._closing and not self._pending:
+                return
 
     async def _flush(self, pending: list[tuple[OutRecord, Done]]) -> None:
         records = [r for r, _ in pending]

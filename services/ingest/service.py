@@ -56,7 +56,6 @@ def create_ingest_app(
             settings.kafka_topic,
             Spool.claim(settings.spool_dir, settings.spool_max_bytes),
             linger_seconds=settings.publish_linger_seconds,
-            batch_records=settings.publish_batch_records,
         )
     app = http.new_app(settings)
     add_publisher(app, publisher)
