@@ -89,17 +89,23 @@ def test_every_subscriber_holds_on_and_ends_on_the_current_numbers(
     assert baseline["alive"] == subs["wanted"]
 
 
-@pytest.mark.parametrize("noop", [False, True])
-def test_the_lane_figure_answers_every_beacon_and_hands_on_every_accepted_one(noop: bool) -> None:
+def run_tool(module: str, *args: str) -> str:
+    """``python -m module args``: its standard output (it must exit 0)."""
     proc = subprocess.run(
-        [sys.executable, "-m", "bench.lane", "--beacons", "2000", *(["--noop"] if noop else [])],
+        [sys.executable, "-m", module, *args],
         cwd=ROOT,
         capture_output=True,
         text=True,
         timeout=120,
         check=True,
     )
-    line = next(x for x in proc.stdout.splitlines() if x.startswith("BENCH "))
+    return proc.stdout
+
+
+@pytest.mark.parametrize("noop", [False, True])
+def test_the_lane_figure_answers_every_beacon_and_hands_on_every_accepted_one(noop: bool) -> None:
+    out = run_tool("bench.lane", "--beacons", "2000", *(["--noop"] if noop else []))
+    line = next(x for x in out.splitlines() if x.startswith("BENCH "))
     result = json.loads(line.removeprefix("BENCH "))
     assert result["answers"] == 2000
     assert result["records"] == (0 if noop else 2000)
@@ -107,15 +113,8 @@ def test_the_lane_figure_answers_every_beacon_and_hands_on_every_accepted_one(no
 
 
 def test_the_broker_batches_tool_delivers_its_markers() -> None:
-    proc = subprocess.run(
-        [sys.executable, "-m", "bench.broker_batches", "--flushes", "50", "--seconds", "2"],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=True,
-    )
-    result = json.loads(proc.stdout.splitlines()[-1])
+    out = run_tool("bench.broker_batches", "--flushes", "50", "--seconds", "2")
+    result = json.loads(out.splitlines()[-1])
     assert result["flushes_per_s"] == 50
     assert result["markers"] > 0  # the consumer read what the producer sent
     assert 0 <= result["lag_p50"] <= result["lag_p99"] <= result["lag_max"]
