@@ -15,23 +15,18 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
 import time
 from pathlib import Path
 from tempfile import TemporaryDirectory
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 
+from bench.deploy import CpuMeter
 from tests.support.tansu import Tansu, create_topic
 
 TOPIC = "batches"
 VALUE = b'{"x":"' + b"a" * 300 + b'"}'
 RATE = 10_000
-
-
-def cpu_seconds(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 async def produce(bootstrap: str, seconds: float, flushes: int, records: int | None) -> None:
@@ -113,9 +108,9 @@ async def run(flushes: int, seconds: float, prefill: int) -> dict[str, float]:
             async def produce_once_assigned() -> float:
                 """The broker's cores while the producer runs."""
                 await assigned.wait()
-                cpu0, t0 = cpu_seconds(pid), time.monotonic()
-                await produce(broker.bootstrap, seconds, flushes, None)
-                return (cpu_seconds(pid) - cpu0) / (time.monotonic() - t0)
+                with CpuMeter({"broker": [pid]}) as meter:
+                    await produce(broker.bootstrap, seconds, flushes, None)
+                return meter.shares()["broker"]
 
             _, cores = await asyncio.gather(
                 consume(broker.bootstrap, seconds + 2, lags, assigned), produce_once_assigned()
@@ -133,7 +128,7 @@ async def run(flushes: int, seconds: float, prefill: int) -> dict[str, float]:
         "lag_p50": round(lags[n // 2], 3),
         "lag_p99": round(lags[min(n - 1, int(n * 0.99))], 3),
         "lag_max": round(lags[-1], 3),
-        "broker_cores": round(cores, 2),
+        "broker_cores": cores,
     }
 
 
