@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -323,12 +323,12 @@ async def test_the_running_service_stores_new_peaks_in_the_background_and_when_i
         )
         return int(rows[0][0])
 
-    async def until(check: Any) -> None:
+    async def until(probe: Callable[[], Awaitable[int]], expected: int) -> None:
         for _ in range(400):
-            if await check():
+            if await probe() == expected:
                 return
             await asyncio.sleep(0.025)
-        raise AssertionError("not reached in 10 s")
+        raise AssertionError(f"not {expected} in 10 s")
 
     agg = rig.aggregator
     assert agg is not None
@@ -352,16 +352,12 @@ async def test_the_running_service_stores_new_peaks_in_the_background_and_when_i
         prepared = service.prepared.get("hcm")
         return int(prepared.payload["online"]["peak"]["total"]) if prepared else 0
 
-    await until(lambda: _equals(stored(), 2))
+    await until(stored, 2)
     await rig.send("hcm", "p2", t=T0 + 1)
     rig.now = T0 + 2
     await agg.tick()
-    await until(lambda: _equals(shown(), 3))  # shown from memory at once
+    await until(shown, 3)  # shown from memory at once
     assert await stored() == 2  # not written yet: at most one write an hour here
     stopping.set()
     await running
     assert await stored() == 3  # the stop stored it
-
-
-async def _equals(value: Any, expected: int) -> bool:
-    return bool(await value == expected)
