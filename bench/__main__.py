@@ -118,6 +118,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workers", type=int, default=2, help="ingest (and baseline) processes")
     parser.add_argument("--profile", action="store_true", help="py-spy the measured processes")
     parser.add_argument("--out", type=Path, default=ROOT / "bench-results")
+    parser.add_argument(
+        "--keep", action="store_true", help="keep the processes' logs: copied to OUT/logs"
+    )
     args = parser.parse_args(argv)
     only = set(args.only.split(",")) if args.only else set(FIGURES)
     unknown = only - set(FIGURES)
@@ -444,6 +447,12 @@ def main(argv: list[str] | None = None) -> int:
         if dep is not None:
             log("stopping the deployment")
             dep.stop()
+        if args.keep:
+            logs = out / "logs"
+            shutil.rmtree(logs, ignore_errors=True)
+            logs.mkdir(parents=True)
+            for path in work.rglob("*.log"):
+                shutil.copy(path, logs / path.name)
         shutil.rmtree(work, ignore_errors=True)
 
     rep.truth = truth

@@ -6,8 +6,10 @@ ingest's publisher does), while a consumer with the aggregate service's fetch se
 them. Every 100 ms a marker record in partition 3 carries the moment it was sent; the time
 until the consumer has it is the delivery lag. Printed, one JSON line for each ``--flushes``:
 the markers' lag (p50, p99, max) and the broker's CPU (cores, from ``/proc``). ``--prefill``
-first fills the topic (does its size matter?). No part of visitorstats runs: this measures the
-broker and aiokafka alone.
+first fills the topic, in batches of ``--prefill-batch`` records: what costs the broker is the
+number of batches it holds, not the number of records (Tansu's memory storage keeps every batch
+as an object and lists all of a partition's objects on each fetch). No part of visitorstats
+runs: this measures the broker and aiokafka alone.
 """
 
 from __future__ import annotations
@@ -29,38 +31,59 @@ VALUE = b'{"x":"' + b"a" * 300 + b'"}'
 RATE = 10_000
 
 
-async def produce(bootstrap: str, seconds: float, flushes: int, records: int | None) -> None:
-    """``RATE`` records/s in ``flushes`` requests/s for ``seconds`` (with markers), or, with
-    ``records``, that many as fast as acknowledged (no markers)."""
-    producer = AIOKafkaProducer(
+def new_producer(bootstrap: str) -> AIOKafkaProducer:
+    return AIOKafkaProducer(
         bootstrap_servers=bootstrap, acks="all", linger_ms=0, max_batch_size=1 << 20
     )
+
+
+async def produce(bootstrap: str, seconds: float, flushes: int) -> None:
+    """``RATE`` records/s in ``flushes`` requests/s for ``seconds``, with markers."""
+    producer = new_producer(bootstrap)
     await producer.start()
     try:
-        per = 250 if records is not None else max(1, RATE // flushes // 4)
+        per = max(1, RATE // flushes // 4)
         started = time.monotonic()
-        sent = flush = 0
+        flush = 0
         next_marker = started
-        while (records is not None and sent < records) or (
-            records is None and time.monotonic() - started < seconds
-        ):
+        while time.monotonic() - started < seconds:
             now = time.monotonic()
             futures = []
             for partition in range(4):
                 batch = producer.create_batch()
                 for _ in range(per):
                     batch.append(key=b"k", value=VALUE, timestamp=None)
-                if records is None and partition == 3 and now >= next_marker:
+                if partition == 3 and now >= next_marker:
                     batch.append(key=b"m", value=b"%.6f" % now, timestamp=None)
                     next_marker += 0.1
                 futures.append(await producer.send_batch(batch, TOPIC, partition=partition))
             await asyncio.gather(*futures)
-            sent += 4 * per
             flush += 1
-            if records is None:
-                await asyncio.sleep(max(0.0, started + flush / flushes - time.monotonic()))
+            await asyncio.sleep(max(0.0, started + flush / flushes - time.monotonic()))
     finally:
         await producer.stop()
+
+
+async def prefill(bootstrap: str, records: int, per_batch: int) -> int:
+    """``records`` records in batches of ``per_batch``, spread over the partitions, as fast as
+    acknowledged (up to 100 batches in flight). Returns how many the broker acknowledged."""
+    producer = new_producer(bootstrap)
+    await producer.start()
+    acknowledged = 0
+    try:
+        sizes = [min(per_batch, records - first) for first in range(0, records, per_batch)]
+        for first in range(0, len(sizes), 100):
+            futures = []
+            for i in range(first, min(len(sizes), first + 100)):
+                batch = producer.create_batch()
+                for _ in range(sizes[i]):
+                    batch.append(key=b"k", value=VALUE, timestamp=None)
+                futures.append(await producer.send_batch(batch, TOPIC, partition=i % 4))
+            await asyncio.gather(*futures)
+            acknowledged += sum(sizes[first : first + 100])
+    finally:
+        await producer.stop()
+    return acknowledged
 
 
 async def consume(
@@ -93,13 +116,12 @@ async def consume(
         await consumer.stop()
 
 
-async def run(flushes: int, seconds: float, prefill: int) -> dict[str, float]:
+async def run(flushes: int, seconds: float, records: int, per_batch: int) -> dict[str, float]:
     with TemporaryDirectory() as tmp:
         broker = Tansu(log_path=Path(tmp) / "tansu.log").start()
         try:
             await create_topic(broker.bootstrap, TOPIC, 4)
-            if prefill:
-                await produce(broker.bootstrap, 0, 1, prefill)
+            prefilled = await prefill(broker.bootstrap, records, per_batch) if records else 0
             assert broker.proc is not None
             pid = broker.proc.pid
             lags: list[float] = []
@@ -109,7 +131,7 @@ async def run(flushes: int, seconds: float, prefill: int) -> dict[str, float]:
                 """The broker's cores while the producer runs."""
                 await assigned.wait()
                 with CpuMeter({"broker": [pid]}) as meter:
-                    await produce(broker.bootstrap, seconds, flushes, None)
+                    await produce(broker.bootstrap, seconds, flushes)
                 return meter.shares()["broker"]
 
             _, cores = await asyncio.gather(
@@ -123,7 +145,8 @@ async def run(flushes: int, seconds: float, prefill: int) -> dict[str, float]:
     n = len(lags)
     return {
         "flushes_per_s": flushes,
-        "prefill": prefill,
+        "prefilled": prefilled,
+        "prefill_batch": per_batch,
         "markers": n,
         "lag_p50": round(lags[n // 2], 3),
         "lag_p99": round(lags[min(n - 1, int(n * 0.99))], 3),
@@ -137,9 +160,11 @@ def main() -> None:
     parser.add_argument("--flushes", default="100,200,400,600", help="produce requests/s")
     parser.add_argument("--seconds", type=float, default=20)
     parser.add_argument("--prefill", type=int, default=0, help="records written first")
+    parser.add_argument("--prefill-batch", type=int, default=250, help="records per batch")
     args = parser.parse_args()
     for flushes in (int(f) for f in args.flushes.split(",")):
-        print(json.dumps(asyncio.run(run(flushes, args.seconds, args.prefill))), flush=True)
+        result = asyncio.run(run(flushes, args.seconds, args.prefill, args.prefill_batch))
+        print(json.dumps(result), flush=True)
 
 
 if __name__ == "__main__":

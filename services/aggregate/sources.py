@@ -164,10 +164,12 @@ class KafkaSource:
             isolation_level="read_uncommitted",
             max_partition_fetch_bytes=4 * 1024 * 1024,
             # Fetches of up to 50 ms of records, not one as soon as a record is there: each
-            # fetch costs the broker work (not more as the topic grows: `python -m
-            # bench.broker_batches --prefill`), and a fetch per record made the broker the
+            # fetch costs the broker work, and a fetch per record made the broker the
             # bottleneck of a sustained load (freshness p99 at 10,000/s for 60 s: 3.5 s with
-            # the defaults, 0.8-0.9 s with these; BENCHMARKS.md).
+            # the defaults, 0.8-0.9 s with these; BENCHMARKS.md). With Tansu (the test
+            # broker) that work grows with the number of batches the partition holds: its
+            # memory storage lists them all on each fetch (`python -m bench.broker_batches
+            # --prefill 300000 --prefill-batch 3`).
             fetch_min_bytes=256 * 1024,
             fetch_max_wait_ms=50,
             session_timeout_ms=10_000,

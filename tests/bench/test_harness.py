@@ -31,7 +31,7 @@ FIGURES = (
 def quick_run(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     out = tmp_path_factory.mktemp("bench")
     proc = subprocess.run(
-        [sys.executable, "-m", "bench", "--quick", "--out", str(out)],
+        [sys.executable, "-m", "bench", "--quick", "--keep", "--out", str(out)],
         cwd=ROOT,
         capture_output=True,
         text=True,
@@ -40,6 +40,7 @@ def quick_run(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     assert (out / "latest.md").read_text(encoding="utf-8") in proc.stdout
     result: dict[str, Any] = json.loads((out / "latest.json").read_text(encoding="utf-8"))
+    result["kept_logs"] = sorted(p.name for p in (out / "logs").iterdir())
     return result
 
 
@@ -52,6 +53,12 @@ def test_every_figure_is_reported_beside_its_baseline(quick_run: dict[str, Any])
         figure = matching[0]
         assert figure["value"] is not None and figure["value"] > 0, figure
         assert figure["baseline"] is not None and figure["baseline"] > 0, figure
+
+
+@pytest.mark.timeout(900)
+def test_keep_leaves_the_logs_of_the_processes(quick_run: dict[str, Any]) -> None:
+    for name in ("aggregate.log", "ingest.log", "tansu.log"):
+        assert name in quick_run["kept_logs"]
 
 
 @pytest.mark.timeout(900)
@@ -113,9 +120,13 @@ def test_the_lane_figure_answers_every_beacon_and_hands_on_every_accepted_one(no
 
 
 def test_the_broker_batches_tool_delivers_its_markers() -> None:
-    out = run_tool("bench.broker_batches", "--flushes", "50", "--seconds", "2")
+    out = run_tool(
+        "bench.broker_batches",
+        *("--flushes", "50", "--seconds", "2", "--prefill", "100", "--prefill-batch", "3"),
+    )
     result = json.loads(out.splitlines()[-1])
     assert result["flushes_per_s"] == 50
+    assert (result["prefilled"], result["prefill_batch"]) == (100, 3)  # acknowledged
     assert result["markers"] > 0  # the consumer read what the producer sent
     assert 0 <= result["lag_p50"] <= result["lag_p99"] <= result["lag_max"]
     assert result["broker_cores"] > 0
