@@ -321,9 +321,10 @@ class Aggregator:
     def _gap(self, partition: int, after: int, offset: int) -> bool:
         """Offsets ``after`` to ``offset - 1`` did not come. This topic has no transactions and
         no compaction, so every offset holds a record: a fetch skipped them (seen with Tansu,
-        rarely, under load), and counting on would lose them for good. True: read the
-        partition again from ``after`` (``gaps``); False once the same gap came back
-        ``GAP_RETRIES`` times (the log really has none there: counted past)."""
+        rarely, under load; likely a fetch between a produce raising the high watermark and
+        storing its batch, BENCHMARKS.md round 7), and counting on would lose them for good.
+        True: read the partition again from ``after`` (``gaps``); False once the same gap came
+        back ``GAP_RETRIES`` times (the log really has none there: counted past)."""
         key = (partition, after, offset)
         seen = self._gap_seen[key] = self._gap_seen.get(key, 0) + 1
         if seen > GAP_RETRIES:
