@@ -76,6 +76,11 @@ REVOKE_WRITE_SECONDS = 20.0
 STOP_WRITE_SECONDS = 30.0
 # A fetch that skipped offsets is read again; the same gap this many times over is taken as real
 GAP_RETRIES = 3
+# A partition's tallies are written again at least this often (ms) even when they have not
+# changed: a live owner's latest tally is then never older than the smallest online window a
+# site may have (10 s), and the counter can take an older one for a gone owner's, whose
+# visitors have all left the window since (store.NUMBERS_QUERY).
+TALLY_REFRESH_MS = 5_000
 
 
 @dataclass
@@ -527,9 +532,9 @@ class Aggregator:
     def tick_rows(self) -> list[list[Any]]:
         """Move every owned partition's clock to now; the ``online_now`` rows to write: the
         tallies of each partition with nothing pending (its state is that of its stored rows)
-        that differ from those last written. A partition whose clock went back (by more than a
-        second) is rebuilt from its rows instead (``needs_reset``): time only moves forward in
-        a state."""
+        that differ from those last written, or were written ``TALLY_REFRESH_MS`` ago. A
+        partition whose clock went back (by more than a second) is rebuilt from its rows
+        instead (``needs_reset``): time only moves forward in a state."""
         now = self.now_ms()
         busy = {p for p, pending in self.batch.parts.items() if pending.rows}
         if self.writing is not None:
@@ -547,7 +552,8 @@ class Aggregator:
                 continue  # its tallies go with its flush
             tallies = state.tallies()
             offset = self.tally_offset[p]
-            if self.published.get(p) == (offset, tallies):
+            fresh = state.now - self.last_at.get(p, 0) < TALLY_REFRESH_MS
+            if fresh and self.published.get(p) == (offset, tallies):
                 continue
             self.published[p] = (offset, tallies)
             out.extend(online_rows(self.topic, p, offset, self._stamp(p, state.now), tallies))

@@ -200,18 +200,23 @@ class Snapshot:
 # Rows (kind, site, day, a, b, n):
 # * "online": the sum over partitions of each partition's latest tallies (the row with the
 #   greatest version per topic, partition and site of ``online_now``, of ``topic`` or of every
-#   topic with ''): a guests, b members, n bots;
+#   topic with ''): a guests, b members, n bots. A latest tally stamped at or before its site's
+#   cutoff (``ONLINE_GRACE_MS`` more than the site's window ago) counts no one: everyone in it
+#   has left the window since, and a live owner would have written the change (zeros), so
+#   its owner is gone and no other has taken the partition over yet;
 # * "day" / "total": visits (a) and page views (b) per recent day and in all, from the ``daily``
 #   projection;
 # * "peak": the most online (a) and when (b, ms).
 NUMBERS_QUERY = """
 SELECT 'online' AS kind, site, toDate(0), toInt64(sum(t.1)), toInt64(sum(t.2)), toInt64(sum(t.3))
 FROM (
-    SELECT site, argMax((guests, members, bots), version) AS t
+    SELECT site, argMax((guests, members, bots), version) AS t, argMax(at, version) AS latest
     FROM online_now
     WHERE ({topic:String} = '' OR topic = {topic:String}) AND site IN {sites:Array(String)}
     GROUP BY topic, kafka_partition, site
 )
+WHERE toUnixTimestamp64Milli(latest)
+    > {cutoffs:Array(Int64)}[indexOf({sites:Array(String)}, site)]
 GROUP BY site
 UNION ALL
 SELECT 'day', site, day, toInt64(sum(starts_visit)), toInt64(sum(pageview)), toInt64(0)
@@ -224,6 +229,11 @@ SELECT 'peak', site, toDate(0), toInt64(max(online)), toUnixTimestamp64Milli(arg
        toInt64(0)
 FROM peaks GROUP BY site
 """
+
+
+# Clocks of different machines may differ by this much (ms) before a live owner's latest tally
+# could be taken for a gone owner's.
+ONLINE_GRACE_MS = 5_000
 
 
 class Store:
@@ -546,10 +556,13 @@ class Store:
     ) -> Snapshot:
         """Everything the counters of all sites need, in one query (``NUMBERS_QUERY``). Online:
         the sum of the tallies the consumers published per partition (``online_now``, of
-        ``topic``, or of every topic with ``''``); days and totals from the ``daily`` projection
-        (rows per part, site and day, not per event); peaks from their own small table.
-        ``now_ms`` is the counter's clock: who is online is as of the consumers' latest tick."""
+        ``topic``, or of every topic with ``''``), but not a partition's whose latest tally is
+        older than the site's window (``windows``, seconds): its owner is gone; days and totals
+        from the ``daily`` projection (rows per part, site and day, not per event); peaks from
+        their own small table. ``now_ms`` is the counter's clock: who is online is as of the
+        consumers' latest tick."""
         sites = list(windows)
+        cutoffs = [now_ms - windows[s] * 1000 - ONLINE_GRACE_MS for s in sites]
 
         def query(c: Any) -> Snapshot:
             online: dict[str, Online] = {}
@@ -557,7 +570,13 @@ class Store:
             totals: dict[str, tuple[int, int]] = {}
             peaks: dict[str, tuple[int, int]] = {}
             for kind, site, day, a, b, n in c.query(
-                NUMBERS_QUERY, parameters={"since": since_day, "topic": topic, "sites": sites}
+                NUMBERS_QUERY,
+                parameters={
+                    "since": since_day,
+                    "topic": topic,
+                    "sites": sites,
+                    "cutoffs": cutoffs,
+                },
             ).result_rows:
                 if kind == "online":
                     online[site] = Online(a, b, n)

@@ -246,14 +246,16 @@ async def test_a_fenced_former_owners_late_tally_does_not_override_the_new_owner
     assert await online(store, int(clock[0] * 1000)) == Online(7, 0, 0)
 
     # the former owner, much later by its own clock (everyone gone), writes the tally of its
-    # state, its offset behind the new owner's: the new owner's stays
+    # state, its offset behind the new owner's: the new owner's stays (read as of the owner's
+    # clock: by the former's, the owner's tally is older than the window and counts no one)
+    then = int(clock[0] * 1000)
     clock[0] += 1000
     former = zombie
     former.states[0].advance(int(clock[0] * 1000))
     assert former.states[0].tallies() == {"hcm": (0, 0, 0)}
     late = online_rows(TOPIC, 0, 50, int(clock[0] * 1000), former.states[0].tallies())
     await store.write_online(late)
-    assert await online(store, int(clock[0] * 1000)) == Online(7, 0, 0)
+    assert await online(store, then) == Online(7, 0, 0)
     # the owner's own tick moves it on
     await owner.tick()
     assert await online(store, int(clock[0] * 1000)) == Online(0, 0, 0)

@@ -19,12 +19,12 @@ from zoneinfo import ZoneInfo
 
 import pytest
 
-from services.aggregate.consume import Aggregator, Consumer
+from services.aggregate.consume import TALLY_REFRESH_MS, Aggregator, Consumer
 from services.aggregate.counting import PartitionState
 from services.aggregate.migrate import migrations, render, schema_migrations_ddl
 from services.aggregate.online import ONLINE_BY_QUERY
 from services.aggregate.sources import InRecord, LocalLog
-from services.aggregate.store import Online, Store
+from services.aggregate.store import ONLINE_GRACE_MS, Online, Store, online_rows
 from services.ingest.publish_types import OutRecord
 from services.record import Event, decode, encode
 from services.settings import Settings
@@ -248,6 +248,64 @@ async def test_the_edges_of_the_windows_to_the_millisecond(store: Store) -> None
         assert fresh.states[0].tallies() == agg.states[0].tallies(), at
     assert (await by_query(store, T0 + 300_000))["long"] == Online(0, 0, 1)
     assert (await by_query(store, T0 + 300_001))["long"] == Online(1, 0, 0)
+
+
+async def test_a_gone_owners_tally_stops_counting_once_its_window_has_passed(
+    store: Store,
+) -> None:
+    """A partition whose owner is gone (and not yet taken over) keeps its last tally in
+    ``online_now``; everyone in it has left the window by ``at + window``, so from then on
+    (plus ``ONLINE_GRACE_MS`` for clocks) it counts no one, per site and to the millisecond."""
+    now = T0 + 1_000_000
+    cut = {site: now - window * 1000 - ONLINE_GRACE_MS for site, window in WINDOWS.items()}
+    tallies = {"long": (1, 2, 3), "short": (10, 20, 30)}
+    ages = {  # partition -> how its last tally is stamped
+        0: now - 1_000,  # a live owner's: counted for both sites
+        1: cut["short"],  # just out of the short window: counted for the long one only
+        2: cut["short"] + 1,  # just inside it: counted for both
+        3: cut["long"],  # out of both
+        4: cut["long"] + 1,  # inside the long window only
+    }
+    for partition, at_ms in ages.items():
+        await store.write_online(online_rows(TOPIC, partition, 10, at_ms, tallies))
+    # partition 3's former owner had written a newer-looking stamp with less progress: the
+    # latest tally (greatest version) decides, not the latest stamp
+    await store.write_online(online_rows(TOPIC, 3, 9, now, tallies))
+    online = await published(store, now)
+    assert online["long"] == Online(4, 8, 12)  # partitions 0, 1, 2, 4
+    assert online["short"] == Online(20, 40, 60)  # partitions 0, 2
+    # and once every stamp is out of its window, no one
+    assert await published(store, now + 400_000) == {}
+
+
+async def test_a_live_owner_writes_its_unchanged_tallies_again_before_they_look_gone(
+    store: Store,
+) -> None:
+    """Unchanged tallies are written again every ``TALLY_REFRESH_MS``, so the counter never
+    takes a live owner's latest tally for a gone owner's: here ingest's clock is 30 s ahead of
+    the aggregate's, so the reader stays online for 30 s more than the window past the
+    tally's stamp."""
+    clock = Clock(T0)
+    agg = aggregator(store, clock)
+    await agg.assign([0])
+    ts = T0 + 30_000
+    event = Event(
+        str(uuid.uuid4()), "short", "pageview", ts, "reader", None, False, False,
+        "https://x.example.vn/", "", "",
+    )  # fmt: skip
+    agg.process([InRecord(0, 0, encode(event))])
+    await agg.flush()
+    rewrites = 0
+    for ms in range(1_000, 90_000, 1_000):  # the loop ticks; nothing new comes
+        clock.ms = T0 + ms
+        rows = agg.tick_rows()
+        rewrites += bool(rows)
+        await agg.publish(rows)
+        assert (await published(store, clock.ms))["short"] == Online(1, 0, 0), ms
+    assert rewrites >= 90_000 // TALLY_REFRESH_MS - 1
+    clock.ms = ts + 60_001  # the window after the reader's last event: gone
+    await tick(agg)
+    assert (await published(store, clock.ms)).get("short", Online()) == Online()
 
 
 async def test_totals_and_days_read_the_daily_projection(store: Store) -> None:
