@@ -5,7 +5,8 @@ projection; see store.py) and prepared as ready bytes with their ETag, then serv
 request and every stream subscriber as they are. A tick follows each flush of events
 closely (``min_gap_seconds``), so that a beacon shows soon after it is written.
 
-``stale`` turns true when a refresh fails: the last good numbers stay, with their ``as_of``.
+``stale`` turns true when a refresh fails: the last good numbers stay, with their ``as_of``; and
+while the broker does not answer (``SILENT_SECONDS``): the numbers, though read, stand still.
 
 Stream subscribers share one ``Fanout``: a change of a site's numbers is written to every
 subscriber of that site as the very same prepared bytes; ten thousand open pages cost ten
@@ -296,6 +297,9 @@ class Fanout:
 
 # New peaks are stored at most this often (the counter shows them from memory at once).
 PEAK_WRITE_SECONDS = 1.0
+# Seconds without an answer from the broker after which the numbers are marked ``stale``: the
+# consumer's fetches come back every fetch_max_wait_ms (50 ms) even with nothing new.
+SILENT_SECONDS = 10.0
 
 
 class CounterService:
@@ -307,8 +311,10 @@ class CounterService:
         clock: Callable[[], float] = time.time,
         topic: str = "",
         peak_write_seconds: float = PEAK_WRITE_SECONDS,
+        silent: Callable[[], float] = lambda: 0.0,
     ) -> None:
         self.store = store
+        self.silent = silent  # seconds since the broker last answered (Source.silent_seconds)
         self.registry = registry
         self.topic = topic  # whose consumers' online tallies count ("": every topic's)
         self.interval = interval_seconds
@@ -323,6 +329,7 @@ class CounterService:
         self._peak_write_seconds = peak_write_seconds
         self._flushed: list[int] = []  # ts (ms) of events written since the last refresh
         self._landed = asyncio.Event()  # set when a flush lands: refresh now, not at the tick
+        self._silent_logged = False
 
     def note_flushed(self, ts_ms: list[int]) -> None:
         """Events were written: ``run`` refreshes as soon as it may (``min_gap_seconds``)."""
@@ -358,13 +365,18 @@ class CounterService:
             return
         self.healthy = True
         metrics.COUNTER_AGE.set(now_ms / 1000)
+        # the broker has not answered for a while: the numbers, though read, stand still
+        stale = self.silent() > SILENT_SECONDS
+        if stale and not self._silent_logged:
+            log.warning("the broker has not answered for %.0f s: numbers are stale", self.silent())
+        self._silent_logged = stale
         new_peaks = [site for site in self.registry if self._peak(site, snap, now_ms)]
         for site in self.registry:
-            payload = build_payload(site, snap, now_ms, stale=False)
+            payload = build_payload(site, snap, now_ms, stale=stale)
             online = payload["online"]
             for kind in ("guests", "members", "total", "bots"):
                 metrics.ONLINE.labels(site.id, kind).set(online[kind])
-            metrics.COUNTER_STALE.labels(site.id).set(0)
+            metrics.COUNTER_STALE.labels(site.id).set(int(stale))
             old = self.prepared.get(site.id)
             new = prepare(payload)
             if old is None or old.etag != new.etag:

@@ -32,7 +32,13 @@ def add_aggregate(
     cleanup context: on stop, the consume loop writes its last batch, then the counter stops,
     then the store closes."""
     store = Store(settings.clickhouse_url)
-    counter = CounterService(store, registry, settings.counter_interval_seconds, topic=source.topic)
+    counter = CounterService(
+        store,
+        registry,
+        settings.counter_interval_seconds,
+        topic=source.topic,
+        silent=source.silent_seconds,
+    )
     stopping = asyncio.Event()
 
     async def store_ctx(app: web.Application) -> AsyncIterator[None]:

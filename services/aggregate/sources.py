@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -46,6 +47,7 @@ class Source(Protocol):
     async def dead_letter(self, records: list[InRecord], reason: str) -> None: ...
     async def stop(self) -> None: ...
     def ready(self) -> tuple[bool, str]: ...
+    def silent_seconds(self) -> float: ...
 
 
 class LocalLog:
@@ -125,6 +127,9 @@ class LocalLog:
     def ready(self) -> tuple[bool, str]:
         return (True, "in-process")
 
+    def silent_seconds(self) -> float:
+        return 0.0  # ingest appends in the same process: never cut off
+
 
 class _Listener(ConsumerRebalanceListener):  # type: ignore[misc]
     def __init__(self, source: KafkaSource, on_assign: OnAssign, on_revoke: OnRevoke) -> None:
@@ -154,6 +159,10 @@ class KafkaSource:
         self._dlq: AIOKafkaProducer | None = None
         self._ok = False
         self._position: dict[int, int] = {}  # partition -> next offset to read (for the lag)
+        # when the broker last answered a fetch of an owned partition (or, before the group
+        # was joined, when this source was made): ``silent_seconds``
+        self._heard_at = time.monotonic()
+        self._last_poll = 0
 
     def _new_consumer(self) -> AIOKafkaConsumer:
         return AIOKafkaConsumer(
@@ -195,6 +204,7 @@ class KafkaSource:
             raise
         self._consumer.subscribe([self.topic], listener=_Listener(self, on_assign, on_revoke))
         self._ok = True
+        self._heard_at = time.monotonic()
 
     async def fetch(self, timeout: float, max_records: int) -> list[InRecord]:
         try:
@@ -224,13 +234,27 @@ class KafkaSource:
 
     def _update_lag(self, fetched: dict[int, int]) -> None:
         """Records behind the end of each owned partition, from the broker's high watermark
-        and the next offset this process will read."""
+        and the next offset this process will read; and whether the broker answered a fetch
+        since the last call (its answers stamp each partition, records or not)."""
         self._position.update(fetched)
-        for tp in self._consumer.assignment():
+        owned = self._consumer.assignment()
+        if not owned:
+            self._heard_at = time.monotonic()  # nothing to fetch: nothing missed
+        for tp in owned:
             high = self._consumer.highwater(tp)
             pos = self._position.get(tp.partition)
             if high is not None and pos is not None:
                 metrics.CONSUMER_LAG.labels(str(tp.partition)).set(max(0, high - pos))
+            polled = self._consumer.last_poll_timestamp(tp)
+            if polled is not None and polled > self._last_poll:
+                self._last_poll = polled
+                self._heard_at = time.monotonic()
+
+    def silent_seconds(self) -> float:
+        """Seconds since the broker last answered a fetch of a partition this process owns:
+        the counter's numbers stop following the beacons while it is silent (a fetch comes back
+        within ``fetch_max_wait_ms`` even when there is nothing new)."""
+        return time.monotonic() - self._heard_at
 
     async def commit(self, offsets: dict[int, int]) -> None:
         owned = {tp.partition for tp in self._consumer.assignment()}

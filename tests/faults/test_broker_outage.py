@@ -1,6 +1,7 @@
 """The broker unreachable (Tansu frozen with SIGSTOP) while beacons flow: ingest keeps
-accepting into its on-disk spool and delivers everything once the broker is back; a full
-spool answers 503 with Retry-After and fails /readyz; SIGTERM drains."""
+accepting into its on-disk spool and delivers everything once the broker is back, the counter
+is marked stale while the broker is silent and not after; a full spool answers 503 with
+Retry-After and fails /readyz; SIGTERM drains."""
 
 from __future__ import annotations
 
@@ -10,9 +11,10 @@ from pathlib import Path
 
 import pytest
 
+from services.aggregate.counter import SILENT_SECONDS
 from tests.faults.conftest import Deployment, assert_counter, metric, wait_for
 from tests.faults.load import Plan, Sender
-from tests.support.procs import Service, http
+from tests.support.procs import Service, http, wait_counter
 
 pytestmark = pytest.mark.faults
 
@@ -44,8 +46,12 @@ def test_broker_paused_during_the_stream(deployment: Deployment) -> None:
     assert metric(ingest.url, "visitorstats_spool_depth") > 0
     status, body = ready(ingest)
     assert status == 200, body
-    # the counter keeps being served meanwhile
+    # the counter keeps being served meanwhile, marked stale once the broker has been silent
     assert http("GET", f"{aggregate.url}/v1/sites/dongha/counter")[0] == 200
+    left = OUTAGE_SECONDS - (time.monotonic() - paused_at)
+    stale = wait_counter(aggregate.url, "dongha", lambda c: c["stale"], timeout=left)
+    assert stale["stale"] is True, stale
+    assert time.monotonic() - paused_at >= SILENT_SECONDS  # not before the broker fell silent
     time.sleep(max(0.0, OUTAGE_SECONDS - (time.monotonic() - paused_at)))
     d.broker.resume()
 

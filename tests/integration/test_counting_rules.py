@@ -20,7 +20,7 @@ from zoneinfo import ZoneInfo
 import pytest
 
 from services.aggregate.consume import Aggregator
-from services.aggregate.counter import CounterService
+from services.aggregate.counter import SILENT_SECONDS, CounterService
 from services.aggregate.sources import InRecord
 from services.aggregate.store import Store
 from services.record import Event, encode
@@ -361,3 +361,26 @@ async def test_the_running_service_stores_new_peaks_in_the_background_and_when_i
     stopping.set()
     await running
     assert await stored() == 3  # the stop stored it
+
+
+async def test_the_numbers_are_stale_while_the_broker_is_silent(rig: Rig) -> None:
+    """Read from ClickHouse as usual, but marked stale while the broker has not answered for
+    ``SILENT_SECONDS`` (the numbers stand still), and no longer once it answers again."""
+    silent = [0.0]
+    service = CounterService(
+        rig.store, rig.registry, clock=lambda: rig.now, topic=rig.topic, silent=lambda: silent[0]
+    )
+    await rig.send("hcm", "a", t=T0)
+    rig.now = T0 + 1
+    await service.refresh()
+    before = service.prepared["hcm"].payload
+    assert before["stale"] is False
+    silent[0] = SILENT_SECONDS + 0.1
+    await rig.send("hcm", "b", t=T0 + 1)  # counted before the broker fell silent
+    await service.refresh()
+    payload = service.prepared["hcm"].payload
+    assert payload["stale"] is True
+    assert payload["pageviews"]["total"] == before["pageviews"]["total"] + 1  # still read
+    silent[0] = 0.2
+    await service.refresh()
+    assert service.prepared["hcm"].payload["stale"] is False
