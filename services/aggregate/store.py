@@ -201,9 +201,10 @@ class Snapshot:
 # * "online": the sum over partitions of each partition's latest tallies (the row with the
 #   greatest version per topic, partition and site of ``online_now``, of ``topic`` or of every
 #   topic with ''): a guests, b members, n bots. A latest tally stamped at or before its site's
-#   cutoff (``ONLINE_GRACE_MS`` more than the site's window ago) counts no one: everyone in it
-#   has left the window since, and a live owner would have written the change (zeros), so
-#   its owner is gone and no other has taken the partition over yet;
+#   cutoff (``ONLINE_GRACE_MS`` more than the site's window ago) counts no one: a live owner
+#   writes its tallies again at least every ``consume.TALLY_REFRESH_MS``, so its owner is gone
+#   (and no other has taken the partition over yet), and everyone in it has left the window
+#   since;
 # * "day" / "total": visits (a) and page views (b) per recent day and in all, from the ``daily``
 #   projection;
 # * "peak": the most online (a) and when (b, ms).
