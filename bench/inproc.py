@@ -141,6 +141,9 @@ class _MemorySource:
     def ready(self) -> tuple[bool, str]:
         return (True, "memory")
 
+    def silent_seconds(self) -> float:
+        return 0.0
+
 
 def _timed_aggregator() -> Any:
     from services.aggregate.consume import Aggregator

@@ -5,8 +5,8 @@ projection; see store.py) and prepared as ready bytes with their ETag, then serv
 request and every stream subscriber as they are. A tick follows each flush of events
 closely (``min_gap_seconds``), so that a beacon shows soon after it is written.
 
-``stale`` turns true when a refresh fails: the last good numbers stay, with their ``as_of``; and
-while the broker does not answer (``SILENT_SECONDS``): the numbers, though read, stand still.
+``stale`` turns true when a refresh fails, or while the broker does not answer
+(``SILENT_SECONDS``): the last good numbers stay, with their ``as_of``.
 
 Stream subscribers share one ``Fanout``: a change of a site's numbers is written to every
 subscriber of that site as the very same prepared bytes; ten thousand open pages cost ten
@@ -365,19 +365,29 @@ class CounterService:
             return
         self.healthy = True
         metrics.COUNTER_AGE.set(now_ms / 1000)
-        # the broker has not answered for a while: the numbers, though read, stand still
-        stale = self.silent() > SILENT_SECONDS
-        if stale and not self._silent_logged:
+        # The broker has not answered for a while: what ClickHouse holds no longer follows the
+        # beacons (they wait in ingest's spool), and who is online would only wear away. The
+        # last good numbers stay, with their as_of, marked stale (fresh ones, marked, for a
+        # site that has none yet).
+        silent = self.silent() > SILENT_SECONDS
+        if silent and not self._silent_logged:
             log.warning("the broker has not answered for %.0f s: numbers are stale", self.silent())
-        self._silent_logged = stale
-        new_peaks = [site for site in self.registry if self._peak(site, snap, now_ms)]
+        self._silent_logged = silent
+        new_peaks = (
+            [] if silent else [site for site in self.registry if self._peak(site, snap, now_ms)]
+        )
         for site in self.registry:
-            payload = build_payload(site, snap, now_ms, stale=stale)
+            old = self.prepared.get(site.id)
+            if silent and old is not None:
+                if not old.payload["stale"]:
+                    self.fanout.publish(site.id, prepare({**old.payload, "stale": True}))
+                metrics.COUNTER_STALE.labels(site.id).set(1)
+                continue
+            payload = build_payload(site, snap, now_ms, stale=silent)
             online = payload["online"]
             for kind in ("guests", "members", "total", "bots"):
                 metrics.ONLINE.labels(site.id, kind).set(online[kind])
-            metrics.COUNTER_STALE.labels(site.id).set(int(stale))
-            old = self.prepared.get(site.id)
+            metrics.COUNTER_STALE.labels(site.id).set(int(silent))
             new = prepare(payload)
             if old is None or old.etag != new.etag:
                 self.fanout.publish(site.id, new)

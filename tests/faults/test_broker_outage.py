@@ -14,7 +14,7 @@ import pytest
 from services.aggregate.counter import SILENT_SECONDS
 from tests.faults.conftest import Deployment, assert_counter, metric, wait_for
 from tests.faults.load import Plan, Sender
-from tests.support.procs import Service, http, wait_counter
+from tests.support.procs import Service, counter, http, wait_counter
 
 pytestmark = pytest.mark.faults
 
@@ -52,6 +52,8 @@ def test_broker_paused_during_the_stream(deployment: Deployment) -> None:
     stale = wait_counter(aggregate.url, "dongha", lambda c: c["stale"], timeout=left)
     assert stale["stale"] is True, stale
     assert time.monotonic() - paused_at >= SILENT_SECONDS  # not before the broker fell silent
+    time.sleep(1.5)  # the last good numbers stay as they were, with their as_of
+    assert counter(aggregate.url, "dongha") == stale
     time.sleep(max(0.0, OUTAGE_SECONDS - (time.monotonic() - paused_at)))
     d.broker.resume()
 

@@ -363,24 +363,47 @@ async def test_the_running_service_stores_new_peaks_in_the_background_and_when_i
     assert await stored() == 3  # the stop stored it
 
 
+async def tick_at(rig: Rig, t: float) -> None:
+    """The consume loop's tick at ``t``: the tallies as of then."""
+    rig.now = t
+    assert rig.aggregator is not None
+    await rig.aggregator.tick()
+
+
 async def test_the_numbers_are_stale_while_the_broker_is_silent(rig: Rig) -> None:
-    """Read from ClickHouse as usual, but marked stale while the broker has not answered for
-    ``SILENT_SECONDS`` (the numbers stand still), and no longer once it answers again."""
+    """While the broker has not answered for ``SILENT_SECONDS``, the last good numbers stay,
+    with their ``as_of``, marked stale: who is online does not wear away meanwhile (readers'
+    beacons wait in ingest's spool). Once it answers again, the current numbers."""
     silent = [0.0]
     service = CounterService(
         rig.store, rig.registry, clock=lambda: rig.now, topic=rig.topic, silent=lambda: silent[0]
     )
     await rig.send("hcm", "a", t=T0)
-    rig.now = T0 + 1
+    await tick_at(rig, T0 + 1)
     await service.refresh()
-    before = service.prepared["hcm"].payload
-    assert before["stale"] is False
+    good = service.prepared["hcm"].payload
+    assert good["stale"] is False and good["online"]["total"] == 1
     silent[0] = SILENT_SECONDS + 0.1
-    await rig.send("hcm", "b", t=T0 + 1)  # counted before the broker fell silent
+    await rig.send("hcm", "b", t=T0 + 1)
+    await tick_at(rig, T0 + 400)  # past the window: the tally says no one is online
     await service.refresh()
-    payload = service.prepared["hcm"].payload
-    assert payload["stale"] is True
-    assert payload["pageviews"]["total"] == before["pageviews"]["total"] + 1  # still read
+    assert service.prepared["hcm"].payload == {**good, "stale": True}
     silent[0] = 0.2
     await service.refresh()
-    assert service.prepared["hcm"].payload["stale"] is False
+    now = service.prepared["hcm"].payload
+    assert now["stale"] is False
+    assert now["pageviews"]["total"] == good["pageviews"]["total"] + 1
+    assert now["online"]["total"] == 0 and now["as_of"] != good["as_of"]
+
+
+async def test_a_counter_with_no_numbers_yet_serves_the_stored_ones_stale_while_silent(
+    rig: Rig,
+) -> None:
+    await rig.send("hcm", "a", t=T0)
+    await tick_at(rig, T0 + 1)
+    service = CounterService(
+        rig.store, rig.registry, clock=lambda: rig.now, topic=rig.topic, silent=lambda: 60.0
+    )
+    await service.refresh()  # e.g. started while the broker was down
+    payload = service.prepared["hcm"].payload
+    assert payload["stale"] is True and payload["online"]["total"] == 1
