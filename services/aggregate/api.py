@@ -56,9 +56,12 @@ def _prepared(request: web.Request) -> Prepared | web.Response:
 
 
 def _etag_matches(etag: str, if_none_match: str | None) -> bool:
+    """``If-None-Match`` by the weak comparison (RFC 9110 13.1.2): a ``W/`` tag, as a proxy
+    may have made of ours, matches it too."""
     if not if_none_match:
         return False
-    return if_none_match.strip() == "*" or etag in {t.strip() for t in if_none_match.split(",")}
+    tags = {t.strip().removeprefix("W/") for t in if_none_match.split(",")}
+    return "*" in tags or etag in tags
 
 
 class _CounterLane:
@@ -188,7 +191,7 @@ async def counter_svg(request: web.Request) -> web.Response:
 
 
 async def widget_js(request: web.Request) -> web.Response:
-    if request.headers.get("If-None-Match") == _WIDGET_JS_ETAG:
+    if _etag_matches(_WIDGET_JS_ETAG, request.headers.get("If-None-Match")):
         return web.Response(status=304, headers={"ETag": _WIDGET_JS_ETAG})
     return web.Response(
         body=_WIDGET_JS,

@@ -399,13 +399,15 @@ async def test_the_counter_in_the_lane_answers_as_aiohttp_does(tmp_path: Path) -
         for name in ("content-type", "etag", "cache-control", "access-control-allow-origin"):
             assert lane[1][name] == full[1][name], name
         # If-None-Match with the current ETag: 304 from both (the very answer if it changed)
+        # (also as a weak tag in a list, as a proxy may send it back)
         etag = lane[1]["etag"]
-        conditional = get.replace(b"\r\n\r\n", f"\r\nIf-None-Match: {etag}\r\n\r\n".encode())
-        (lane304,) = split_answers(await srv.exchange(conditional))
-        (full304,) = split_answers(await srv.exchange(conditional[:10], conditional[10:]))
-        for answer in (lane304, full304):
-            assert answer[0] == 304 or answer[1]["etag"] != etag
-            assert answer[0] != 304 or answer[2] == b""
+        for tags in (etag, f'"other", W/{etag}'):
+            conditional = get.replace(b"\r\n\r\n", f"\r\nIf-None-Match: {tags}\r\n\r\n".encode())
+            (lane304,) = split_answers(await srv.exchange(conditional))
+            (full304,) = split_answers(await srv.exchange(conditional[:10], conditional[10:]))
+            for answer in (lane304, full304):
+                assert answer[0] == 304 or answer[1]["etag"] != etag
+                assert answer[0] != 304 or answer[2] == b""
         # an unknown site is not in the lane: aiohttp's 404 names the field
         (unknown,) = split_answers(
             await srv.exchange(get.replace(b"/sites/open/", b"/sites/nope/"))
