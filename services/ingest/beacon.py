@@ -7,8 +7,9 @@ The rules (the OpenAPI document in ``services/openapi.py`` states the same):
   is an array or object is bounded too (at most ``MAX_DEPTH`` levels and ``MAX_KEYS`` members
   in all), so no input can make a walk over it expensive;
 * every known field has a type, a length limit in characters (checked on the raw value), and
-  a format: ``site`` is a site id, ``type`` one of three words, ``url``/``referrer`` absolute
-  http(s) URLs parsed with ``urllib.parse.urlsplit``, ``event_id`` a UUID (kept in canonical
+  a format: ``site`` is a site id, ``type`` one of three words, ``url`` an absolute http(s) URL
+  and ``referrer`` an absolute URL with a host (``android-app://…`` too), both parsed with
+  ``urllib.parse.urlsplit``, ``event_id`` a UUID (kept in canonical
   form), ``member`` a boolean (``true``/``false``, ``1``/``0``, or the strings ``"1"``, ``"0"``,
   ``"true"``, ``"false"``, ``""``);
 * in strings every kind of white space becomes a plain space, other control and format
@@ -19,6 +20,7 @@ The rules (the OpenAPI document in ``services/openapi.py`` states the same):
 
 from __future__ import annotations
 
+import re
 import unicodedata
 import uuid
 from collections.abc import Mapping
@@ -42,6 +44,7 @@ _KEEP_FORMAT = frozenset("\u200c\u200d")  # zero-width non-joiner, zero-width jo
 _TRUE = ("1", "true")
 _BOOL_STRINGS = ("1", "true", "0", "false", "")
 _URL_SCHEMES = ("http", "https")
+_SCHEME = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*").fullmatch  # RFC 3986
 
 
 class BeaconError(ValueError):
@@ -91,22 +94,34 @@ def _string(raw: Mapping[str, Any], name: str, limit: int) -> str | None:
     return clean(value, limit)
 
 
-def _url(raw: Mapping[str, Any], name: str, *, required: bool) -> str:
+def _url(raw: Mapping[str, Any], name: str, *, required: bool, web: bool = True) -> str:
+    """An absolute URL with a host: ``http(s)`` for ``web`` (the page), any scheme otherwise
+    (a referrer may be an app's, ``android-app://…``)."""
     value = _string(raw, name, MAX_URL)
     if not value:
         if required:
             raise BeaconError(name, f"{name} is required for a pageview")
         return ""
-    problem = _url_problem(value)
+    problem = _url_problem(value) if web else _referrer_problem(value)
     if problem is not None:
         raise BeaconError(name, f"{name} {problem}")
     return value
 
 
+# Cached: the readers of one page all send its URL (and referrer), with every event.
 @memo(65536)
 def _url_problem(value: str) -> str | None:
-    """What is wrong with a cleaned URL, or None. Cached: the readers of one page all send
-    its URL, and a reader sends it with every event."""
+    """What is wrong with a cleaned page URL, or None."""
+    return _problem(value, web=True)
+
+
+@memo(65536)
+def _referrer_problem(value: str) -> str | None:
+    """What is wrong with a cleaned referrer, or None."""
+    return _problem(value, web=False)
+
+
+def _problem(value: str, *, web: bool) -> str | None:
     if " " in value:  # clean() made every white space a space; a URL has none
         return "must not contain white space"
     try:
@@ -115,8 +130,10 @@ def _url_problem(value: str) -> str | None:
         host = parts.hostname
     except ValueError:
         return "is not a valid URL"
-    if parts.scheme.lower() not in _URL_SCHEMES or not host:
+    if web and (parts.scheme.lower() not in _URL_SCHEMES or not host):
         return "must be an absolute http(s) URL"
+    if not web and not (_SCHEME(parts.scheme) and host):
+        return "must be an absolute URL"
     return None
 
 
@@ -196,7 +213,7 @@ def parse_beacon(raw: Mapping[str, Any]) -> Beacon:
         site=site,
         type=kind,
         url=_url(raw, "url", required=kind == "pageview"),
-        referrer=_url(raw, "referrer", required=False),
+        referrer=_url(raw, "referrer", required=False, web=False),
         title=_string(raw, "title", MAX_TITLE) or "",
         member=_bool(raw, "member"),
         event_id=event_id or None,

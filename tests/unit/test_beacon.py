@@ -170,7 +170,10 @@ def test_normalisation_examples() -> None:
         ({"site": "dongha", "url": "//a.vn/x"}, "url"),
         ({"site": "dongha", "url": "https://a.vn/a b"}, "url"),
         ({"site": "dongha", "url": "https://a.vn/" + "x" * MAX_URL}, "url"),
-        ({"site": "dongha", "url": "https://a.vn/", "referrer": "ftp://a.vn/"}, "referrer"),
+        ({"site": "dongha", "url": "https://a.vn/", "referrer": "javascript:alert(1)"}, "referrer"),
+        ({"site": "dongha", "url": "https://a.vn/", "referrer": "a.vn/x"}, "referrer"),
+        ({"site": "dongha", "url": "https://a.vn/", "referrer": "1a://a.vn/"}, "referrer"),
+        ({"site": "dongha", "url": "https://a.vn/", "referrer": "https://a.vn:x/"}, "referrer"),
         ({"site": "dongha", "url": "https://a.vn/", "member": "yes"}, "member"),
         ({"site": "dongha", "url": "https://a.vn/", "member": 2}, "member"),
         ({"site": "dongha", "url": "https://a.vn/", "member": None}, "member"),
@@ -211,6 +214,9 @@ def test_accepted_forms() -> None:
     assert b.type == "pageview" and b.url == "https://Đông-Hà.vn/tin-tức?a=1#x"
     assert b.member and b.event_id == "12345678-1234-5678-1234-567812345678"
     assert b.member_token is None
+    for referrer in ("android-app://com.google.android.gm/", "ftp://a.vn/x", "HTTPS://a.vn"):
+        b = parse_beacon({"site": "dongha", "url": "https://a.vn/", "referrer": referrer})
+        assert b.referrer == referrer  # any absolute URL with a host
 
 
 @settings(max_examples=500)
