@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import shutil
 import sys
@@ -51,6 +52,20 @@ def _multiprocess_metrics(settings: Settings) -> Path | None:
     path = Path(tempfile.mkdtemp(prefix="metrics-", dir=settings.data_dir))
     os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(path)
     return path
+
+
+def _run_can_fork(settings: Settings) -> bool:
+    """``run`` with several processes: each takes beacons, counts its share of the partitions
+    and serves the counter, so they need Kafka for the hand-off and a ClickHouse server to
+    share (one process only may open an embedded chDB)."""
+    if not settings.kafka_bootstrap:
+        why = "needs Kafka for the hand-off"
+    elif settings.clickhouse_url.startswith("chdb://"):
+        why = "needs a ClickHouse server (one process only may open embedded ClickHouse)"
+    else:
+        return True
+    print(f"visitorstats run: VISITORSTATS_WORKERS > 1 {why}; using 1 process", file=sys.stderr)
+    return False
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -106,20 +121,22 @@ def main(argv: list[str] | None = None) -> None:
     if not len(registry):
         sys.exit(f"visitorstats: no site in {settings.sites_path}")
     settings = settings.with_secret()
-    metrics_dir = _multiprocess_metrics(settings) if args.command == "ingest" else None
+    if args.command == "run" and settings.workers > 1 and not _run_can_fork(settings):
+        settings = dataclasses.replace(settings, workers=1)
+    metrics_dir = _multiprocess_metrics(settings) if args.command in ("ingest", "run") else None
 
     from services import http
 
     if args.command == "run":
         from services.standalone import create_standalone_app
 
-        if settings.workers > 1 and not settings.kafka_bootstrap:
-            print(
-                "visitorstats run: VISITORSTATS_WORKERS > 1 needs Kafka for the hand-off; "
-                "using 1 process",
-                file=sys.stderr,
+        try:
+            http.serve_workers(
+                lambda: create_standalone_app(settings, registry), settings, settings.workers
             )
-        http.serve(lambda: create_standalone_app(settings, registry), settings)
+        finally:
+            if metrics_dir is not None:
+                shutil.rmtree(metrics_dir, ignore_errors=True)
     elif args.command == "ingest":
         from services.ingest.service import create_ingest_app
 
