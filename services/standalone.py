@@ -39,7 +39,8 @@ def create_standalone_app(settings: Settings, registry: Registry) -> web.Applica
         )
         add_aggregate(app, settings, registry, source)
     else:
-        log = LocalLog()
+        journal = Spool.claim(settings.data_dir / "journal", settings.spool_max_bytes, False)
+        log = LocalLog(journal)
         source = log
         publisher = LocalPublisher(log.append)
         add_aggregate(app, settings, registry, source, drained=lambda: log.pending() == 0)

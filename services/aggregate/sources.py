@@ -18,6 +18,7 @@ from aiokafka.errors import IllegalStateError
 
 from services import metrics
 from services.ingest.publish_types import OutRecord
+from services.ingest.spool import Spool
 
 log = logging.getLogger(__name__)
 
@@ -53,18 +54,31 @@ class Source(Protocol):
 class LocalLog:
     """The standalone hand-off: an in-memory log with one partition, holding only what was
     appended and not yet fetched. Its offsets continue from what ClickHouse already holds (set
-    by ``seek`` at start), so the same progress rule works as with Kafka. A hard kill loses what
-    was appended but not yet written: at most one flush interval (plus one write)."""
+    by ``seek`` at start), so the same progress rule works as with Kafka.
+
+    With a ``journal`` (an on-disk ``Spool``) every record is written there before it is taken
+    (before its ``202``) and forgotten once ClickHouse holds it (``commit``), so a process
+    killed hard loses nothing: the next one reads the journal back first. A record stored but
+    not yet forgotten when the process died comes back too, and is counted once by its
+    ``event_id``, as a broker's redelivery is."""
 
     topic = "local"
 
-    def __init__(self) -> None:
+    def __init__(self, journal: Spool | None = None) -> None:
         self._records: list[InRecord] = []
         self._next = 0
         self._arrived = asyncio.Event()
         self._paused = False
+        self._journal = journal
+        if journal is not None:
+            for rec in journal.peek(len(journal)):
+                self._records.append(InRecord(0, self._next, rec.value))
+                self._next += 1
 
     def append(self, record: OutRecord) -> None:
+        """Raises ``SpoolFullError`` when the journal cannot take it (nothing appended)."""
+        if self._journal is not None:
+            self._journal.append([record])
         self._records.append(InRecord(0, self._next, record.value))
         self._next += 1
         self._arrived.set()
@@ -88,14 +102,21 @@ class LocalLog:
         return batch
 
     async def commit(self, offsets: dict[int, int]) -> None:
-        return None
+        """ClickHouse holds everything before ``offsets[0]``: the journal forgets it. The
+        journal holds the latest records appended, so its oldest has offset ``_next - len``."""
+        if self._journal is None or 0 not in offsets:
+            return
+        stored = offsets[0] - (self._next - len(self._journal))
+        if stored > 0:
+            self._journal.pop(stored)
 
     async def committed(self, partitions: list[int]) -> dict[int, int]:
         return {}
 
     async def seek(self, offsets: dict[int, int]) -> None:
         """Nothing can be re-read (what was fetched is gone); but what waits here, appended
-        before the resume point was known, is renumbered from it."""
+        (or read back from the journal) before the resume point was known, is renumbered
+        from it."""
         target = offsets.get(0, 0)
         first = self._records[0].offset if self._records else self._next
         if target > first:
@@ -122,7 +143,8 @@ class LocalLog:
         log.warning("dropped %d undecodable records: %s", len(records), reason)
 
     async def stop(self) -> None:
-        return None
+        if self._journal is not None:
+            self._journal.close()
 
     def ready(self) -> tuple[bool, str]:
         return (True, "in-process")

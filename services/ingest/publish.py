@@ -69,10 +69,13 @@ class LocalPublisher:
         self._open = False
 
     def submit(self, record: OutRecord, done: Done) -> None:
-        """Done at once: the record is in the in-process log."""
+        """Done at once: the record is in the in-process log (and its journal on disk)."""
         if not self._open:
             raise Unavailable("shutting down")
-        self._sink(record)
+        try:
+            self._sink(record)
+        except SpoolFullError:
+            raise Unavailable("the journal on disk is full") from None
         metrics.BEACONS_PUBLISHED.inc()
         for child in record.counters:
             child.inc()

@@ -2,10 +2,12 @@
 
 Segments are append-only files ``NNNNNNNNNN.spool`` of length-prefixed records; the oldest is
 drained first, so order per visitor is kept. A segment is deleted once every record in it was
-acknowledged by the broker. Records are written with ``write()`` (no fsync): they survive a
-crash of the process, like Kafka's own page-cache durability; not a power loss of the machine.
-A crash in the middle of a drain may send some records twice: the aggregate service counts an
-``event_id`` once, so that changes no count.
+acknowledged by the broker; ``head`` notes how many of the oldest segment's were, so a
+restarted process takes back only the others. Records are written with ``write()`` (no
+fsync): they survive a crash of the process, like Kafka's own page-cache durability; not a
+power loss of the machine. A crash in the middle of a drain may send some records twice (those
+sent since ``head`` was last written): the aggregate service counts an ``event_id`` once, so
+that changes no count.
 """
 
 from __future__ import annotations
@@ -30,9 +32,10 @@ class SpoolFullError(Exception):
 
 class Spool:
     @classmethod
-    def claim(cls, root: Path, max_bytes: int) -> Spool:
+    def claim(cls, root: Path, max_bytes: int, metered: bool = True) -> Spool:
         """Take the first free ``root/worker-N`` (an exclusive lock held while the process
-        lives), so a restarted process drains what a crashed one spooled."""
+        lives), so a restarted process drains what a crashed one spooled. ``metered``: its
+        depth and size are the ``visitorstats_spool_*`` gauges."""
         root.mkdir(parents=True, exist_ok=True)
         n = 0
         while True:
@@ -45,12 +48,13 @@ class Spool:
                 os.close(fd)
                 n += 1
                 continue
-            spool = cls(directory, max_bytes)
+            spool = cls(directory, max_bytes, metered)
             spool._lock_fd = fd
             return spool
 
-    def __init__(self, directory: Path, max_bytes: int) -> None:
+    def __init__(self, directory: Path, max_bytes: int, metered: bool = True) -> None:
         self._lock_fd: int | None = None
+        self._metered = metered
         self._dir = directory
         self._max = max_bytes
         self._dir.mkdir(parents=True, exist_ok=True)
@@ -61,11 +65,33 @@ class Spool:
         self._tail: int = 0
         self._tail_file: int | None = None
         self._tail_size = 0
+        # the oldest segment still held, and how many of its records were popped: kept in
+        # ``head`` so that a restarted process does not take them back
+        self._head_segment, self._head_popped = self._read_head()
         for path in sorted(self._dir.glob("*.spool")):
-            self._load(path)
+            segment = int(path.stem)
+            if segment < self._head_segment:
+                path.unlink()  # every record popped; the process died before deleting it
+                continue
+            self._load(path, self._head_popped if segment == self._head_segment else 0)
+        if self._records and self._records[0][0] != self._head_segment:
+            self._head_segment, self._head_popped = self._records[0][0], 0
         self._update_metrics()
 
-    def _load(self, path: Path) -> None:
+    def _read_head(self) -> tuple[int, int]:
+        try:
+            segment, popped = (self._dir / "head").read_text().split()
+            return int(segment), int(popped)
+        except (OSError, ValueError):
+            return 0, 0
+
+    def _write_head(self) -> None:
+        tmp = self._dir / "head.tmp"
+        tmp.write_text(f"{self._head_segment} {self._head_popped}")
+        os.replace(tmp, self._dir / "head")
+
+    def _load(self, path: Path, skip: int) -> None:
+        """The records of one segment, but its first ``skip`` (popped before a restart)."""
         segment = int(path.stem)
         data = path.read_bytes()
         pos = 0
@@ -74,11 +100,14 @@ class Spool:
             end = pos + _HEADER.size + klen + vlen
             if end > len(data):
                 break  # a torn last write: that record was never acknowledged to a client
-            key = data[pos + _HEADER.size : pos + _HEADER.size + klen]
-            value = data[pos + _HEADER.size + klen : end]
-            self._records.append((segment, OutRecord(key, value, shard)))
+            if skip:
+                skip -= 1
+            else:
+                key = data[pos + _HEADER.size : pos + _HEADER.size + klen]
+                value = data[pos + _HEADER.size + klen : end]
+                self._records.append((segment, OutRecord(key, value, shard)))
+                self._bytes += end - pos
             pos = end
-        self._bytes += pos
         self._tail = max(self._tail, segment + 1)
 
     def empty(self) -> bool:
@@ -130,13 +159,22 @@ class Spool:
         return [rec for _, rec in itertools.islice(self._records, n)]
 
     def pop(self, n: int) -> None:
-        """Forget the oldest ``n`` records: they were acknowledged by the broker."""
+        """Forget the oldest ``n`` records: they were acknowledged by the broker (or stored).
+        Noted in ``head`` too, so that a restarted process does not take them back."""
         self._refused = False
-        for _ in range(min(n, len(self._records))):
+        n = min(n, len(self._records))
+        for _ in range(n):
             segment, rec = self._records.popleft()
             self._bytes -= _HEADER.size + len(rec.key) + len(rec.value)
+            if segment != self._head_segment:
+                self._head_segment, self._head_popped = segment, 0
+            self._head_popped += 1
             if not self._records or self._records[0][0] != segment:
                 self._drop_segment(segment)
+                self._head_segment = self._records[0][0] if self._records else self._tail
+                self._head_popped = 0
+        if n:
+            self._write_head()
         self._update_metrics()
 
     def _drop_segment(self, segment: int) -> None:
@@ -154,5 +192,7 @@ class Spool:
             self._lock_fd = None
 
     def _update_metrics(self) -> None:
+        if not self._metered:
+            return
         metrics.SPOOL_DEPTH.set(len(self._records))
         metrics.SPOOL_BYTES.set(self._bytes)

@@ -1,0 +1,56 @@
+"""The standalone hand-off's journal (``LocalLog`` over an on-disk ``Spool``): a record is on
+disk before it is taken, forgotten once ClickHouse holds it (``commit``), and what a killed
+process left is read back by the next one, renumbered from ClickHouse's resume point."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from services.aggregate.sources import LocalLog
+from services.ingest.publish_types import OutRecord
+from services.ingest.spool import Spool, SpoolFullError
+
+
+def record(i: int) -> OutRecord:
+    return OutRecord(b"k", b"value-%d" % i, 0)
+
+
+def values(log_records: list[object]) -> list[bytes]:
+    return [r.value for r in log_records]  # type: ignore[attr-defined]
+
+
+async def test_what_was_not_stored_is_read_back_by_the_next_process(tmp_path: Path) -> None:
+    journal = Spool.claim(tmp_path, 1 << 20, metered=False)
+    log = LocalLog(journal)
+    for i in range(5):
+        log.append(record(i))
+    fetched = await log.fetch(0.1, 3)
+    assert [r.offset for r in fetched] == [0, 1, 2]
+    await log.commit({0: 3})  # ClickHouse holds 0-2
+    assert len(journal) == 2
+    journal.close()  # the process dies here, 3 and 4 taken but not stored
+
+    journal = Spool.claim(tmp_path, 1 << 20, metered=False)
+    again = LocalLog(journal)
+    await again.seek({0: 3})  # ClickHouse's resume point
+    back = await again.fetch(0.1, 10)
+    assert [(r.offset, r.value) for r in back] == [(3, b"value-3"), (4, b"value-4")]
+    again.append(record(5))
+    await again.commit({0: 5})
+    assert values(await again.fetch(0.1, 10)) == [b"value-5"]
+    assert len(journal) == 1
+    await again.commit({0: 6})
+    assert len(journal) == 0
+    await again.stop()
+    assert not [p for p in tmp_path.rglob("*.spool")]  # noqa: ASYNC240 - after the run
+
+
+async def test_a_full_journal_takes_nothing(tmp_path: Path) -> None:
+    log = LocalLog(Spool.claim(tmp_path, 30, metered=False))
+    log.append(record(0))
+    with pytest.raises(SpoolFullError):
+        log.append(record(1))
+    assert log.pending() == 1  # the refused record is not in the log either
+    await log.stop()
