@@ -127,23 +127,13 @@ def main(argv: list[str] | None = None) -> None:
 
     from services import http
 
-    if args.command == "run":
-        from services.standalone import create_standalone_app
-
+    if args.command in ("run", "ingest"):
+        if args.command == "run":
+            from services.standalone import create_standalone_app as create_app
+        else:
+            from services.ingest.service import create_ingest_app as create_app
         try:
-            http.serve_workers(
-                lambda: create_standalone_app(settings, registry), settings, settings.workers
-            )
-        finally:
-            if metrics_dir is not None:
-                shutil.rmtree(metrics_dir, ignore_errors=True)
-    elif args.command == "ingest":
-        from services.ingest.service import create_ingest_app
-
-        try:
-            http.serve_workers(
-                lambda: create_ingest_app(settings, registry), settings, settings.workers
-            )
+            http.serve_workers(lambda: create_app(settings, registry), settings, settings.workers)
         finally:
             if metrics_dir is not None:
                 shutil.rmtree(metrics_dir, ignore_errors=True)
