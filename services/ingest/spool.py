@@ -76,6 +76,8 @@ class Spool:
             self._load(path, self._head_popped if segment == self._head_segment else 0)
         if self._records and self._records[0][0] != self._head_segment:
             self._head_segment, self._head_popped = self._records[0][0], 0
+        # new segments come after the head, even when every earlier one was popped and deleted
+        self._tail = max(self._tail, self._head_segment)
         self._update_metrics()
 
     def _read_head(self) -> tuple[int, int]:

@@ -54,3 +54,22 @@ async def test_a_full_journal_takes_nothing(tmp_path: Path) -> None:
         log.append(record(1))
     assert log.pending() == 1  # the refused record is not in the log either
     await log.stop()
+
+
+def test_a_spool_emptied_then_reopened_keeps_what_comes_after(tmp_path: Path) -> None:
+    """Every segment popped and deleted, ``head`` points past them: a restarted spool's new
+    segments must come after it, or the next restart would take them for popped ones."""
+    spool = Spool(tmp_path, 1 << 20)
+    spool.append([record(0), record(1)])
+    spool.pop(2)
+    spool.close()
+    for i in (2, 3):  # restarted, one record, killed; twice
+        spool = Spool(tmp_path, 1 << 20)
+        assert [r.value for r in spool.peek(10)] == [b"value-%d" % j for j in range(2, i)]
+        spool.append([record(i)])
+        spool.close()
+    spool = Spool(tmp_path, 1 << 20)
+    assert [r.value for r in spool.peek(10)] == [b"value-2", b"value-3"]
+    spool.pop(1)
+    spool.close()
+    assert [r.value for r in Spool(tmp_path, 1 << 20).peek(10)] == [b"value-3"]
