@@ -182,7 +182,8 @@ _BEACON_PROPERTIES: dict[str, Any] = {
     "referrer": {
         "type": ["string", "null"],
         "maxLength": MAX_URL,
-        "description": "absolute http(s) URL, as url; empty means none",
+        "description": "absolute URL with a host, of any scheme (a page's, or an app's "
+        "such as android-app://…), no white space; empty means none",
     },
     "title": {"type": ["string", "null"], "maxLength": MAX_TITLE},
     "member": {
