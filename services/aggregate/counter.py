@@ -369,9 +369,10 @@ class CounterService:
         # beacons (they wait in ingest's spool), and who is online would only wear away. The
         # last good numbers stay, with their as_of, marked stale (fresh ones, marked, for a
         # site that has none yet).
-        silent = self.silent() > SILENT_SECONDS
+        silence = self.silent()
+        silent = silence > SILENT_SECONDS
         if silent and not self._silent_logged:
-            log.warning("the broker has not answered for %.0f s: numbers are stale", self.silent())
+            log.warning("the broker has not answered for %.0f s: numbers are stale", silence)
         self._silent_logged = silent
         new_peaks = (
             [] if silent else [site for site in self.registry if self._peak(site, snap, now_ms)]

@@ -251,10 +251,10 @@ class KafkaSource:
                 out.append(InRecord(tp.partition, r.offset, r.value))
             if records:
                 fetched[tp.partition] = records[-1].offset + 1
-        self._update_lag(fetched)
+        self._note_fetched(fetched)
         return out
 
-    def _update_lag(self, fetched: dict[int, int]) -> None:
+    def _note_fetched(self, fetched: dict[int, int]) -> None:
         """Records behind the end of each owned partition, from the broker's high watermark
         and the next offset this process will read; and whether the broker answered a fetch
         since the last call (its answers stamp each partition, records or not)."""

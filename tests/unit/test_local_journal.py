@@ -17,10 +17,6 @@ def record(i: int) -> OutRecord:
     return OutRecord(b"k", b"value-%d" % i, 0)
 
 
-def values(log_records: list[object]) -> list[bytes]:
-    return [r.value for r in log_records]  # type: ignore[attr-defined]
-
-
 async def test_what_was_not_stored_is_read_back_by_the_next_process(tmp_path: Path) -> None:
     journal = Spool.claim(tmp_path, 1 << 20, metered=False)
     log = LocalLog(journal)
@@ -39,7 +35,7 @@ async def test_what_was_not_stored_is_read_back_by_the_next_process(tmp_path: Pa
     assert [(r.offset, r.value) for r in back] == [(3, b"value-3"), (4, b"value-4")]
     again.append(record(5))
     await again.commit({0: 5})
-    assert values(await again.fetch(0.1, 10)) == [b"value-5"]
+    assert [r.value for r in await again.fetch(0.1, 10)] == [b"value-5"]
     assert len(journal) == 1
     await again.commit({0: 6})
     assert len(journal) == 0
