@@ -59,8 +59,7 @@ from itertools import groupby
 from operator import attrgetter
 from typing import Any
 
-from services import metrics
-from services.aggregate import gcpause
+from services import gcpause, metrics
 from services.aggregate.counting import PartitionState, Row
 from services.aggregate.sources import InRecord, Source
 from services.aggregate.store import Store, online_rows

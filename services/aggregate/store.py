@@ -25,8 +25,7 @@ from typing import Any, TypeVar
 import clickhouse_connect
 import orjson
 
-from services import metrics
-from services.aggregate import gcpause
+from services import gcpause, metrics
 from services.aggregate.counting import Row
 from services.aggregate.migrate import migrations, render, schema_migrations_ddl
 from services.record import Event

@@ -8,7 +8,7 @@ import asyncio
 import gc
 from typing import Any
 
-from services.aggregate import gcpause
+from services import gcpause
 
 
 async def test_full_collections_come_from_the_timer_and_the_thresholds_come_back() -> None:

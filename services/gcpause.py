@@ -8,6 +8,10 @@ counting themselves (``bench/inproc.py aggregate``, main-thread CPU per event). 
 step, the collector runs once after it instead, over what the step left. Full collections,
 which walk the whole heap, run on a timer instead of every few batches
 (``full_collections_every``).
+
+Every server process does the same from its start (``services.http.serve``): under load, the
+ingest's caches (visitor keys, addresses, memos) reach the oldest generation and full
+collections walked them every few seconds, 5-20 ms each, with nothing to collect.
 """
 
 from __future__ import annotations
