@@ -117,6 +117,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--subscribers", type=int)
     parser.add_argument("--workers", type=int, default=2, help="ingest (and baseline) processes")
     parser.add_argument("--profile", action="store_true", help="py-spy the measured processes")
+    parser.add_argument(
+        "--publish-ack",
+        choices=("broker", "spool"),
+        default="broker",
+        help="ingest's VISITORSTATS_PUBLISH_ACK (default: broker, the product's default)",
+    )
     parser.add_argument("--out", type=Path, default=ROOT / "bench-results")
     parser.add_argument(
         "--keep", action="store_true", help="keep the processes' logs: copied to OUT/logs"
@@ -136,6 +142,7 @@ def main(argv: list[str] | None = None) -> int:
     rep.machine = report.machine()
     rep.machine["open_files"] = open_files
     rep.machine["cores_busy_before_start"] = machine_busy()
+    rep.machine["publish_ack"] = args.publish_ack
     profiles: list[tuple[str, Path]] = []
     workers = args.workers
 
@@ -154,7 +161,11 @@ def main(argv: list[str] | None = None) -> int:
         truth["human_pageviews_accepted"] += result["pageviews"] - result["bot_pageviews"]
 
     needs_deployment = only & {"ingest", "latency", "counter", "freshness", "subscribers"}
-    dep = Deployment(work / "deployment", workers=workers) if needs_deployment else None
+    dep = (
+        Deployment(work / "deployment", workers=workers, publish_ack=args.publish_ack)
+        if needs_deployment
+        else None
+    )
     try:
 
         def server_pids() -> dict[str, list[int]]:

@@ -184,9 +184,10 @@ def children_or_self(pid: int) -> list[int]:
 class Deployment:
     """Tansu + ``visitorstats ingest`` (``workers`` processes) + ``visitorstats aggregate``."""
 
-    def __init__(self, workdir: Path, workers: int = 2) -> None:
+    def __init__(self, workdir: Path, workers: int = 2, publish_ack: str = "broker") -> None:
         self.workdir = workdir
         self.workers = workers
+        self.publish_ack = publish_ack  # ingest's VISITORSTATS_PUBLISH_ACK
         workdir.mkdir(parents=True, exist_ok=True)
         write_sites(workdir, sites_toml())
         self.broker = Tansu(log_path=workdir / "tansu.log")
@@ -210,7 +211,11 @@ class Deployment:
         self.broker.create_topic(TOPIC, PARTITIONS)
 
     def start_ingest(self) -> Service:
-        env = {**self._env("ingest-data"), "VISITORSTATS_WORKERS": str(self.workers)}
+        env = {
+            **self._env("ingest-data"),
+            "VISITORSTATS_WORKERS": str(self.workers),
+            "VISITORSTATS_PUBLISH_ACK": self.publish_ack,
+        }
         self.ingest = Service("ingest", self.workdir, env).start()
         return self.ingest
 

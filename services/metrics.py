@@ -53,13 +53,18 @@ PUBLISH_ERRORS = Counter(
 )
 SPOOL_DEPTH = Gauge(
     "visitorstats_spool_depth",
-    "Records waiting in the on-disk spool for the broker.",
+    "Records in the on-disk spool that the broker has not acknowledged yet.",
     multiprocess_mode="livesum",
 )
 SPOOL_BYTES = Gauge(
     "visitorstats_spool_bytes",
     "Bytes used by the on-disk spool.",
     multiprocess_mode="livesum",
+)
+SPOOL_OLDEST = Gauge(
+    "visitorstats_spool_oldest_seconds",
+    "Age of the oldest record in the spool that the broker has not acknowledged (0: none).",
+    multiprocess_mode="livemax",
 )
 
 # --- HTTP (both services) -------------------------------------------------------------------

@@ -36,6 +36,22 @@ def _float(env: Mapping[str, str], name: str, default: float) -> float:
         raise SystemExit(f"{name} must be a number, got {raw!r}") from None
 
 
+def _float_or_none(env: Mapping[str, str], name: str) -> float | None:
+    if env.get(name) in (None, ""):
+        return None
+    return _float(env, name, 0.0)
+
+
+def _choice(env: Mapping[str, str], name: str, choices: tuple[str, ...]) -> str:
+    """One of ``choices`` (the first when unset)."""
+    raw = env.get(name)
+    if raw is None or raw == "":
+        return choices[0]
+    if raw.strip().lower() not in choices:
+        raise SystemExit(f"{name} must be one of {', '.join(choices)}, got {raw!r}")
+    return raw.strip().lower()
+
+
 def _bool(env: Mapping[str, str], name: str, default: bool) -> bool:
     raw = env.get(name)
     if raw is None or raw == "":
@@ -77,8 +93,11 @@ class Settings:
     # After a rotation, beacons also carry the previous period's key for this long, so that the
     # aggregate service can link a visitor who is active across the rotation (and no longer).
     salt_link_seconds: int = 3600
-    # ingest -> broker batching
-    publish_linger_seconds: float = 0.002
+    # ingest -> broker: a beacon is answered once the broker acknowledged its record
+    # ("broker") or once it is in the on-disk spool ("spool", see SpoolFirstPublisher)
+    publish_ack: str = "broker"
+    # ingest -> broker batching (None: 0.002 s with publish_ack "broker", 0.02 s with "spool")
+    publish_linger_seconds: float | None = None
     publish_batch_bytes: int = 512 * 1024
     spool_dir: Path = Path("data/spool")
     spool_max_bytes: int = 256 * 1024 * 1024
@@ -129,7 +148,8 @@ class Settings:
             access_log=_bool(e, "VISITORSTATS_ACCESS_LOG", False),
             salt_period_seconds=_int(e, "VISITORSTATS_SALT_PERIOD_SECONDS", 86400),
             salt_link_seconds=_int(e, "VISITORSTATS_SALT_LINK_SECONDS", 3600),
-            publish_linger_seconds=_float(e, "VISITORSTATS_PUBLISH_LINGER_SECONDS", 0.002),
+            publish_ack=_choice(e, "VISITORSTATS_PUBLISH_ACK", ("broker", "spool")),
+            publish_linger_seconds=_float_or_none(e, "VISITORSTATS_PUBLISH_LINGER_SECONDS"),
             spool_dir=Path(e.get("VISITORSTATS_SPOOL_DIR", str(data_dir / "spool"))),
             spool_max_bytes=_int(e, "VISITORSTATS_SPOOL_MAX_BYTES", 256 * 1024 * 1024),
             flush_max_events=_int(e, "VISITORSTATS_FLUSH_MAX_EVENTS", 50_000),

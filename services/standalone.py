@@ -13,8 +13,8 @@ from services.aggregate import render
 from services.aggregate.service import add_aggregate
 from services.aggregate.sources import KafkaSource, LocalLog, Source
 from services.ingest import app as ingest_routes
-from services.ingest.publish import KafkaPublisher, LocalPublisher, Publisher
-from services.ingest.service import add_publisher, make_pipeline
+from services.ingest.publish import LocalPublisher, Publisher
+from services.ingest.service import add_publisher, kafka_publisher, make_pipeline
 from services.ingest.spool import Spool
 from services.settings import Settings
 from services.sites import Registry
@@ -31,12 +31,7 @@ def create_standalone_app(settings: Settings, registry: Registry) -> web.Applica
             settings.kafka_group,
             settings.kafka_dead_letter_topic,
         )
-        publisher = KafkaPublisher(
-            settings.kafka_bootstrap,
-            settings.kafka_topic,
-            Spool.claim(settings.spool_dir, settings.spool_max_bytes),
-            linger_seconds=settings.publish_linger_seconds,
-        )
+        publisher = kafka_publisher(settings)
         add_aggregate(app, settings, registry, source)
     else:
         journal = Spool.claim(settings.data_dir / "journal", settings.spool_max_bytes, False)

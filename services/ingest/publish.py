@@ -293,6 +293,7 @@ class KafkaPublisher:
         go back to direct sends only once it is empty."""
         backoff = 0.2
         while True:
+            metrics.SPOOL_OLDEST.set(self._spool.oldest_age())
             if self._spool.empty() and self._broker_ok:
                 await asyncio.sleep(0.2)
                 continue
@@ -306,6 +307,126 @@ class KafkaPublisher:
                 log.info("broker still unreachable (%r); retrying in %.1fs", e, backoff)
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, 5.0)
+
+
+class SpoolFirstPublisher(KafkaPublisher):
+    """``VISITORSTATS_PUBLISH_ACK=spool``: a request is answered once its record is in the
+    on-disk spool, and the spool is shipped to Kafka behind the answers.
+
+    * **write-ahead**: the records submitted while the event loop handles one round of I/O are
+      appended to the spool with one ``write()``, and their requests answered. The spool
+      survives a crash of the process (the next one claims it and ships it first), not a power
+      loss of the machine: for the ~``linger_seconds`` until the broker has a record, it is on
+      one disk only (no fsync), where ``acks="all"`` before the answer would have it on the
+      broker's replicas.
+    * **ship**: one task sends the spool oldest first, in batches per partition, at most every
+      ``linger_seconds`` (records gather meanwhile: fewer, larger batches for the broker), waits
+      for every acknowledgement and only then forgets them. While the broker is away it retries
+      with backoff and the spool grows, up to its size; then beacons are refused (``503``).
+
+    Order per visitor holds within one process. Across processes it does not: a reader's next
+    beacon, answered by another process, may reach the broker first. The aggregate service
+    orders a visitor's events by their time for who is online, but a visit is decided as its
+    page view arrives (see README "Publishing").
+    """
+
+    def __init__(
+        self,
+        bootstrap: str,
+        topic: str,
+        spool: Spool,
+        linger_seconds: float = 0.02,
+        max_pending: int = 20_000,
+        ack_timeout_seconds: float = 10.0,
+        ship_max_records: int = 10_000,
+    ) -> None:
+        super().__init__(bootstrap, topic, spool, linger_seconds, max_pending, ack_timeout_seconds)
+        self._ship_max = ship_max_records
+        self._shippable = asyncio.Event()  # set once the spool holds records
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    async def start(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        try:
+            await self._connect(15)
+            self._broker_ok = True
+        except Exception as e:  # broker unreachable at start: accept into the spool
+            log.warning("Kafka not reachable at start (%s); spooling", e)
+        if not self._spool.empty():
+            self._shippable.set()  # what a previous process left: shipped first
+        self._drainer = asyncio.create_task(self._ship_loop(), name="spool-ship")
+
+    async def stop(self) -> None:
+        self._closing = True
+        self._write_ahead()
+        await super().stop()  # stops the ship loop, ships the rest while the broker answers
+
+    def submit(self, record: OutRecord, done: Done) -> None:
+        """Queue ``record`` for the spool; ``done`` is called once it is there (or with
+        ``Unavailable``), after the event loop's current round of I/O."""
+        if self._closing:
+            raise Unavailable("shutting down")
+        if self._loop is None:
+            raise Unavailable("not started")
+        if len(self._pending) >= self._max_pending:
+            raise Unavailable("too many beacons in flight")
+        self._pending.append((record, done))
+        if len(self._pending) == 1:
+            self._loop.call_soon(self._write_ahead)
+
+    def _write_ahead(self) -> None:
+        """Append everything pending to the spool with one write, and answer it."""
+        pending, self._pending = self._pending, []
+        if not pending:
+            return
+        records = [r for r, _ in pending]
+        try:
+            self._spool.append(records)
+        except SpoolFullError:
+            _tell(pending, Unavailable("broker unreachable and spool full"))
+            return
+        except OSError as e:  # the disk refused the write: nothing was made safe
+            log.error("writing %d records to the spool failed (%r)", len(records), e)
+            _tell(pending, Unavailable("the spool cannot be written"))
+            return
+        metrics.count_safe([r.counters for r in records])
+        _tell(pending, None)
+        self._shippable.set()
+
+    async def _ship_loop(self) -> None:
+        """Ship the spool for as long as the process lives: a batch at most every
+        ``linger_seconds`` while it holds records; with backoff while the broker is away."""
+        loop = asyncio.get_running_loop()
+        backoff = 0.2
+        while True:
+            metrics.SPOOL_OLDEST.set(self._spool.oldest_age())
+            if self._spool.empty():
+                self._shippable.clear()
+                await self._shippable.wait()
+            started = loop.time()
+            try:
+                await self._connect(10)
+                records = self._spool.peek(self._ship_max)
+                await self._send(records)
+                self._spool.pop(len(records))
+                now = time.monotonic()
+                metrics.observe_many(
+                    metrics.PUBLISH_LATENCY, [now - r.accepted_at for r in records]
+                )
+                self._broker_ok = True
+                backoff = 0.2
+            except Exception as e:
+                metrics.PUBLISH_ERRORS.inc()
+                if self._broker_ok:
+                    log.warning("publish failed (%r); spooling", e)
+                else:
+                    log.info("broker still unreachable (%r); retrying in %.1fs", e, backoff)
+                self._broker_ok = False
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, 5.0)
+                continue
+            # records that came meanwhile gather until the next batch is due
+            await asyncio.sleep(max(0.0, started + self._linger - loop.time()))
 
 
 async def _close(producer: AIOKafkaProducer) -> None:

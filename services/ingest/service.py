@@ -9,7 +9,7 @@ from aiohttp import web
 from services import http
 from services.ingest import app as ingest_routes
 from services.ingest.pipeline import Pipeline
-from services.ingest.publish import KafkaPublisher, Publisher
+from services.ingest.publish import KafkaPublisher, Publisher, SpoolFirstPublisher
 from services.ingest.ratelimit import RateLimiter
 from services.ingest.spool import Spool
 from services.ingest.visitor import VisitorHasher
@@ -27,6 +27,27 @@ def make_pipeline(settings: Settings, registry: Registry, publisher: Publisher) 
             settings.rate_limit_burst,
             settings.rate_limit_max_clients,
         ),
+    )
+
+
+def kafka_publisher(settings: Settings) -> KafkaPublisher:
+    """The publisher to Kafka that ``VISITORSTATS_PUBLISH_ACK`` asks for, with its spool."""
+    if not settings.kafka_bootstrap:
+        raise SystemExit("VISITORSTATS_KAFKA_BOOTSTRAP is required to publish to Kafka")
+    spool = Spool.claim(settings.spool_dir, settings.spool_max_bytes)
+    linger = settings.publish_linger_seconds
+    if settings.publish_ack == "spool":
+        return SpoolFirstPublisher(
+            settings.kafka_bootstrap,
+            settings.kafka_topic,
+            spool,
+            linger_seconds=0.02 if linger is None else linger,
+        )
+    return KafkaPublisher(
+        settings.kafka_bootstrap,
+        settings.kafka_topic,
+        spool,
+        linger_seconds=0.002 if linger is None else linger,
     )
 
 
@@ -51,12 +72,7 @@ def create_ingest_app(
     if publisher is None:
         if not settings.kafka_bootstrap:
             raise SystemExit("visitorstats ingest needs VISITORSTATS_KAFKA_BOOTSTRAP")
-        publisher = KafkaPublisher(
-            settings.kafka_bootstrap,
-            settings.kafka_topic,
-            Spool.claim(settings.spool_dir, settings.spool_max_bytes),
-            linger_seconds=settings.publish_linger_seconds,
-        )
+        publisher = kafka_publisher(settings)
     app = http.new_app(settings)
     add_publisher(app, publisher)
     ingest_routes.add_routes(app, make_pipeline(settings, registry, publisher), settings)

@@ -1,4 +1,5 @@
-"""A bounded on-disk spool for records the broker could not take.
+"""A bounded on-disk spool for records the broker has not acknowledged: those it could not take
+(broker away), or, with ``VISITORSTATS_PUBLISH_ACK=spool``, every record on its way to it.
 
 Segments are append-only files ``NNNNNNNNNN.spool`` of length-prefixed records; the oldest is
 drained first, so order per visitor is kept. A segment is deleted once every record in it was
@@ -16,6 +17,7 @@ import fcntl
 import itertools
 import os
 import struct
+import time
 from collections import deque
 from pathlib import Path
 
@@ -126,6 +128,12 @@ class Spool:
     @property
     def bytes(self) -> int:
         return self._bytes
+
+    def oldest_age(self) -> float:
+        """Seconds since the oldest record held was accepted (or loaded from disk); 0 if none."""
+        if not self._records:
+            return 0.0
+        return max(0.0, time.monotonic() - self._records[0][1].accepted_at)
 
     def append(self, records: list[OutRecord]) -> None:
         """Write records durably to the tail segment; all or none."""

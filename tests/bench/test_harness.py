@@ -76,6 +76,29 @@ def test_beacons_sent_equal_records_in_kafka_equal_pageviews_counted(
 
 
 @pytest.mark.timeout(900)
+def test_ground_truth_holds_with_spool_first_publishing(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> None:
+    """``--publish-ack spool``: the answers no longer wait for the broker, but every beacon
+    answered 202 still reaches Kafka and is counted."""
+    out = tmp_path_factory.mktemp("bench-spool")
+    args = ["--quick", "--only", "ingest,freshness", "--publish-ack", "spool", "--out", str(out)]
+    proc = subprocess.run(
+        [sys.executable, "-m", "bench", *args],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    assert "`VISITORSTATS_PUBLISH_ACK=spool`" in proc.stdout
+    truth = json.loads((out / "latest.json").read_text(encoding="utf-8"))["truth"]
+    assert truth["beacons_refused_or_failed"] == 0
+    assert truth["kafka"]["records"] == truth["kafka"]["beacons_accepted"] > 0
+    assert truth["pageviews_counted"] == truth["human_pageviews_accepted"] > 0
+
+
+@pytest.mark.timeout(900)
 def test_the_in_process_figures_count_what_they_were_fed(quick_run: dict[str, Any]) -> None:
     agg = quick_run["truth"]["aggregate_inproc"]
     assert agg["rows_stored"] == agg["events"] > 0

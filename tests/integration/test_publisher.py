@@ -1,18 +1,20 @@
-"""KafkaPublisher and its on-disk spool against the real broker (Tansu): the broker frozen and
-back, down when ingest starts, and the spool full. Every acknowledged record arrives, in order
-per key (a duplicate of one may follow it: the aggregate service counts an event_id once)."""
+"""KafkaPublisher (answers after the broker's acknowledgement) and SpoolFirstPublisher (answers
+once the record is in the spool) with their on-disk spool against the real broker (Tansu): the
+broker frozen and back, down when ingest starts, and the spool full. Every acknowledged record
+arrives, in order per key (a duplicate of one may follow it: the aggregate service counts an
+event_id once)."""
 
 from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 import pytest
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
-from services.ingest.publish import KafkaPublisher, Unavailable, publish
+from services.ingest.publish import KafkaPublisher, SpoolFirstPublisher, Unavailable, publish
 from services.ingest.publish_types import OutRecord
 from services.ingest.spool import Spool
 from tests.support.tansu import Tansu, create_topic, free_port
@@ -76,6 +78,22 @@ async def publish_keys(publisher: KafkaPublisher, seqs: range) -> None:
     await asyncio.gather(*(one_key(k) for k in range(KEYS)))
 
 
+@pytest.fixture(params=[KafkaPublisher, SpoolFirstPublisher], ids=["broker", "spool"])
+def publisher_class(request: pytest.FixtureRequest) -> type[KafkaPublisher]:
+    """Both publishing modes (``VISITORSTATS_PUBLISH_ACK``)."""
+    cls: type[KafkaPublisher] = request.param
+    return cls
+
+
+async def until(condition: Callable[[], bool], seconds: float = 30) -> None:
+    """Wait for ``condition`` (checked every 0.1 s); fail after ``seconds``."""
+    for _ in range(int(seconds * 10)):
+        if condition():
+            return
+        await asyncio.sleep(0.1)
+    raise AssertionError(f"not reached in {seconds} s: {condition}")
+
+
 async def test_broker_frozen_then_back_delivers_all_in_order(topic: Tansu, tmp_path: Path) -> None:
     spool = Spool(tmp_path / "spool", 64 * 1024 * 1024)
     publisher = KafkaPublisher(topic.bootstrap, TOPIC, spool, ack_timeout_seconds=2)
@@ -101,10 +119,50 @@ async def test_broker_frozen_then_back_delivers_all_in_order(topic: Tansu, tmp_p
     assert not list((tmp_path / "spool").glob("*.spool"))
 
 
-async def test_broker_down_when_ingest_starts(tmp_path: Path) -> None:
+async def test_spool_first_answers_while_the_broker_is_frozen(topic: Tansu, tmp_path: Path) -> None:
+    spool = Spool(tmp_path / "spool", 64 * 1024 * 1024)
+    publisher = SpoolFirstPublisher(topic.bootstrap, TOPIC, spool, ack_timeout_seconds=2)
+    await publisher.start()
+    try:
+        await publish_keys(publisher, range(0, 20))
+        topic.pause()
+        # answered once in the spool: the answers do not wait for the broker
+        async with asyncio.timeout(5):
+            await publish_keys(publisher, range(20, 60))
+        assert len(spool) >= KEYS * 40
+        await until(lambda: publisher.ready() == (True, "broker unreachable; spooling"))
+        topic.resume()
+        await publish_keys(publisher, range(60, 80))
+        await until(spool.empty)
+        await until(lambda: publisher.ready() == (True, "ok"))
+    finally:
+        await publisher.stop()
+    check_order(await read_all(topic.bootstrap, KEYS * 80), 80)
+    assert not list((tmp_path / "spool").glob("*.spool"))
+
+
+async def test_spool_first_ships_soon_after_the_answers(topic: Tansu, tmp_path: Path) -> None:
+    """In normal operation the spool only passes records on: each is acknowledged by the
+    broker and forgotten within a few ship rounds, and its segment files are deleted."""
+    spool = Spool(tmp_path / "spool", 64 * 1024 * 1024)
+    publisher = SpoolFirstPublisher(topic.bootstrap, TOPIC, spool, linger_seconds=0.01)
+    await publisher.start()
+    try:
+        await publish_keys(publisher, range(0, 30))
+        await until(spool.empty, seconds=10)
+        assert publisher.ready() == (True, "ok")
+        assert not list((tmp_path / "spool").glob("*.spool"))
+    finally:
+        await publisher.stop()
+    check_order(await read_all(topic.bootstrap, KEYS * 30), 30)
+
+
+async def test_broker_down_when_ingest_starts(
+    tmp_path: Path, publisher_class: type[KafkaPublisher]
+) -> None:
     port = free_port()
     spool = Spool(tmp_path / "spool", 64 * 1024 * 1024)
-    publisher = KafkaPublisher(f"127.0.0.1:{port}", TOPIC, spool, ack_timeout_seconds=2)
+    publisher = publisher_class(f"127.0.0.1:{port}", TOPIC, spool, ack_timeout_seconds=2)
     await publisher.start()  # nothing listens: it starts anyway, spooling
     broker = None
     try:
@@ -127,9 +185,11 @@ async def test_broker_down_when_ingest_starts(tmp_path: Path) -> None:
             broker.stop()
 
 
-async def test_a_full_spool_refuses_and_stop_drains_it(topic: Tansu, tmp_path: Path) -> None:
+async def test_a_full_spool_refuses_and_stop_drains_it(
+    topic: Tansu, tmp_path: Path, publisher_class: type[KafkaPublisher]
+) -> None:
     directory = tmp_path / "spool"
-    publisher = KafkaPublisher(
+    publisher = publisher_class(
         topic.bootstrap, TOPIC, Spool.claim(directory, 4096), ack_timeout_seconds=2
     )
     await publisher.start()
@@ -150,13 +210,13 @@ async def test_a_full_spool_refuses_and_stop_drains_it(topic: Tansu, tmp_path: P
 
 
 async def test_a_spool_left_behind_is_sent_by_the_next_process(
-    topic: Tansu, tmp_path: Path
+    topic: Tansu, tmp_path: Path, publisher_class: type[KafkaPublisher]
 ) -> None:
     directory = tmp_path / "spool"
     left = Spool.claim(directory, 1024 * 1024)  # what a process killed during an outage leaves
     left.append([record(k, seq) for seq in range(5) for k in range(KEYS)])
     left.close()
-    successor = KafkaPublisher(topic.bootstrap, TOPIC, Spool.claim(directory, 1024 * 1024))
+    successor = publisher_class(topic.bootstrap, TOPIC, Spool.claim(directory, 1024 * 1024))
     await successor.start()
     try:
         await publish_keys(successor, range(5, 10))  # new records queue behind the old ones

@@ -147,6 +147,7 @@ def test_alerts_cover_the_issue() -> None:
         "visitorstats_freshness_seconds_bucket",
         "visitorstats_ingest_requests_total",
         "visitorstats_spool_bytes",
+        "visitorstats_spool_oldest_seconds",
         "visitorstats_clickhouse_errors_total",
         "up",
     ]:
