@@ -145,6 +145,7 @@ class PartitionState:
         "_max_visitors",
         "_names",
         "_now",
+        "_runs",
         "_seen",
         "_sites",
         "_slots",
@@ -173,6 +174,11 @@ class PartitionState:
         # (humans only), least recently updated first
         self._visitors: dict[Key, int] = {}
         self._aliases: dict[Key, Key] = {}  # key under a later salt -> canonical key
+        # visitor key -> the earliest ts of their current run of events while that run has no
+        # visit (it began with a heartbeat or a leave): a page view that comes late but is
+        # earlier still begins it (see ``_note_run``); rare, so a dict of its own rather than
+        # a bit of every visitor's value
+        self._runs: dict[Key, int] = {}
         # (site, event_id) -> ts << _SHIFT (the visitor's very value when it is their latest),
         # in arrival order
         self._seen: dict[Key, int] = {}
@@ -304,15 +310,20 @@ class PartitionState:
         # _MEMBER = 2, _LEAVE = 1.
         if old is None:
             starts_visit = pageview
+            opens = True
             kept = 0
+            last = ts
         else:
             last = old >> 5
-            starts_visit = pageview and ts - last >= self._timeout_ms
+            opens = ts - last >= self._timeout_ms
+            starts_visit = pageview and opens
             kept = old & 28  # _WHEEL | _KIND
-            if ts < last:  # a late row: the latest row stays what it was
-                visitors[key] = old
-                seen[seen_key] = ts << 5
-                kept = -1
+        if self._runs or (opens and not pageview):  # (``_note_run``'s usual answers inlined)
+            starts_visit = self._note_run(key, ts, pageview, opens)
+        if old is not None and ts < last:  # a late row: the latest row stays what it was
+            visitors[key] = old
+            seen[seen_key] = ts << 5
+            kept = -1
         if kept >= 0:
             flags = (1 if kind_of_event == "leave" else 0) | (2 if event.member else 0)
             bots = self._bots
@@ -337,7 +348,33 @@ class PartitionState:
             visitor = _visitor_of(key)
         return _new_row(Row, (event, visitor, starts_visit, pageview, day, partition, offset))
 
-    def replay(self, event: Event, visitor: str) -> None:
+    def _note_run(self, key: Key, ts: int, pageview: bool, opens: bool) -> bool:
+        """Keep ``_runs`` for a human event of ``key``; whether it starts a visit.
+
+        ``opens``: no event of the visitor within the visit timeout before this one, as far as
+        the events seen so far go (their first, or ``ts`` at least the timeout after the
+        latest). Events of one visitor can arrive out of time order (two ingest processes, a
+        spool drained after an outage): a page view that arrives after a heartbeat of a run
+        that has no visit yet, but is earlier than every event of that run, begins the visit
+        it would have begun had it come first."""
+        runs = self._runs
+        if opens:
+            if pageview:
+                runs.pop(key, None)
+                return True
+            runs[key] = ts
+            return False
+        start = runs.get(key)
+        if start is None:
+            return False
+        if pageview and ts <= start:
+            del runs[key]
+            return True
+        if ts < start:
+            runs[key] = ts
+        return False
+
+    def replay(self, event: Event, visitor: str, starts_visit: bool = False) -> None:
         """Re-apply a stored row's effect on the state (no decision is made again)."""
         site = event.site
         bits = self._site(site)
@@ -355,6 +392,16 @@ class PartitionState:
             self._aliases[self._visitor_key(bits, site, event.visitor)] = key
         visitors = self._visitors
         old = visitors.pop(key, None)
+        # the run the row belongs to, as ``_note_run`` saw it (a page view that opened a run
+        # began a visit: one that did not is a row whose run began before the rows replayed)
+        runs = self._runs
+        if starts_visit:
+            runs.pop(key, None)
+        elif old is None or ts - (old >> _SHIFT) >= self._timeout_ms:
+            if event.type != "pageview":
+                runs[key] = ts
+        elif key in runs and ts < runs[key]:
+            runs[key] = ts
         if old is None or ts >= old >> _SHIFT:
             value = self._fold_human(key, old, site, ts, flags | event.member << 1)
             self._seen[seen_key] = value
@@ -523,6 +570,8 @@ class PartitionState:
     def _drop_visitor(self, key: Key) -> None:
         """Forget a visitor: out of the tally too."""
         value = self._visitors.pop(key)
+        if self._runs:
+            self._runs.pop(key, None)
         kind = (value & _KIND) >> _KIND_SHIFT
         if kind or self._bots:
             site = self._site_of(key)

@@ -516,18 +516,18 @@ class Store:
 
     async def recent_rows(
         self, topic: str, partition: int, horizon_ms: int, since_ms: int | None = None
-    ) -> list[tuple[Event, str]]:
+    ) -> list[tuple[Event, str, bool]]:
         """The rows of one partition within ``horizon_ms`` of its latest, and those from
-        ``since_ms`` on, in log order."""
+        ``since_ms`` on, in log order: (event, canonical visitor, whether it began a visit)."""
 
         # without ``since_ms``: the latest minus the horizon (a far future bound)
         since = max(0, since_ms) if since_ms is not None else 9_000_000_000_000
 
-        def query(c: Any) -> list[tuple[Event, str]]:
+        def query(c: Any) -> list[tuple[Event, str, bool]]:
             rows = c.query(
                 """
                 SELECT event_id, site, type, toUnixTimestamp64Milli(ts), visitor_key, member, bot,
-                       visitor
+                       visitor, starts_visit
                 FROM events
                 WHERE topic = {topic:String} AND kafka_partition = {p:UInt32}
                   AND ts >= least(
@@ -545,8 +545,9 @@ class Store:
                 (
                     Event(str(eid), site, typ, int(ts), vkey, None, bool(m), bool(b), "", "", ""),
                     visitor,
+                    bool(starts),
                 )
-                for eid, site, typ, ts, vkey, m, b, visitor in rows
+                for eid, site, typ, ts, vkey, m, b, visitor, starts in rows
             ]
 
         return await self.run(query)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 import uuid
 from datetime import date
+from typing import Any
 from zoneinfo import ZoneInfo
 
 from hypothesis import given, settings
@@ -159,3 +160,56 @@ def test_apply_keys_events_as_replay_does() -> None:
         replayed.replay(r.event, r.visitor)
     assert [replayed.apply(e, UTC, 0, i) for i, e in enumerate(events)] == [None] * 3
     assert len(replayed) == len(s) == 3
+
+
+def visits(state: PartitionState, events: list[Event], first_offset: int = 0) -> list[bool]:
+    rows = [state.apply(e, UTC, 0, first_offset + i) for i, e in enumerate(events)]
+    return [r is not None and r.starts_visit for r in rows]
+
+
+def test_a_page_view_that_arrives_late_still_begins_its_visit() -> None:
+    """Two ingest processes, or a spool drained after an outage: the reader's first page view
+    reaches the partition after their heartbeat."""
+    s = PartitionState(0)
+    assert visits(s, [ev("a", 10_000, "heartbeat"), ev("a", 5_000), ev("a", 3_000)]) == [
+        False,
+        True,  # earlier than every event of the run: the visit begins here
+        False,  # the run has its visit
+    ]
+
+
+def test_a_late_page_view_after_an_earlier_event_begins_nothing() -> None:
+    s = PartitionState(0)
+    # by time: heartbeat at 0, page view at 5 s (an event 5 s before it), heartbeat at 10 s
+    assert visits(s, [ev("a", 0, "heartbeat"), ev("a", 10_000, "heartbeat"), ev("a", 5_000)]) == [
+        False,
+        False,
+        False,
+    ]
+    t = PartitionState(0)
+    late_heartbeat = [ev("b", 10_000, "heartbeat"), ev("b", 2_000, "heartbeat"), ev("b", 5_000)]
+    assert visits(t, late_heartbeat) == [False, False, False]
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    kinds=st.lists(st.sampled_from(["pageview", "heartbeat", "leave"]), min_size=1, max_size=6),
+    order=st.randoms(use_true_random=False),
+    cut=st.integers(min_value=0, max_value=7),
+)
+def test_a_run_that_begins_with_a_page_view_is_one_visit_in_any_arrival_order(
+    kinds: list[str], order: Any, cut: int
+) -> None:
+    """Events of one visitor within the visit timeout, the earliest a page view, arrive in any
+    order; the partition changes owner after ``cut`` of them (the new owner rebuilds from the
+    rows): exactly one visit."""
+    events = [ev("a", 0)] + [ev("a", (i + 1) * MIN, k) for i, k in enumerate(kinds)]
+    order.shuffle(events)
+    live = PartitionState(0)
+    rows = [live.apply(e, UTC, 0, i) for i, e in enumerate(events[:cut])]
+    rebuilt = PartitionState(0)
+    for r in rows:
+        assert r is not None
+        rebuilt.replay(r.event, r.visitor, r.starts_visit)
+    later = [rebuilt.apply(e, UTC, 0, cut + i) for i, e in enumerate(events[cut:])]
+    assert sum(r is not None and r.starts_visit for r in rows + later) == 1
