@@ -56,6 +56,7 @@ class Spool:
 
     def __init__(self, directory: Path, max_bytes: int, metered: bool = True) -> None:
         self._lock_fd: int | None = None
+        self._head_fd: int | None = None
         self._metered = metered
         self._dir = directory
         self._max = max_bytes
@@ -90,9 +91,11 @@ class Spool:
             return 0, 0
 
     def _write_head(self) -> None:
-        tmp = self._dir / "head.tmp"
-        tmp.write_text(f"{self._head_segment} {self._head_popped}")
-        os.replace(tmp, self._dir / "head")
+        """One ``pwrite`` of a fixed-width line over the last: a crash of the process cannot
+        tear it (a torn or unreadable head only makes a restart send some records twice)."""
+        if self._head_fd is None:
+            self._head_fd = os.open(self._dir / "head", os.O_RDWR | os.O_CREAT, 0o600)
+        os.pwrite(self._head_fd, b"%020d %020d\n" % (self._head_segment, self._head_popped), 0)
 
     def _load(self, path: Path, skip: int) -> None:
         """The records of one segment, but its first ``skip`` (popped before a restart)."""
@@ -197,6 +200,9 @@ class Spool:
         if self._tail_file is not None:
             os.close(self._tail_file)
             self._tail_file = None
+        if self._head_fd is not None:
+            os.close(self._head_fd)
+            self._head_fd = None
         if self._lock_fd is not None:
             os.close(self._lock_fd)
             self._lock_fd = None
