@@ -40,7 +40,7 @@ FULL_COLLECTION_SECONDS = 60.0
 _NEVER = 1 << 30  # young collections before an automatic full one: never in practice
 
 
-_users: list[Callable[[], None]] = []  # (one per running consumer) the timers' cancels
+_users: list[Callable[[], None]] = []  # the timers' cancels: one per server process, per consumer
 _saved: list[int] = []  # the threshold of full collections before the first user
 
 

@@ -2,7 +2,8 @@
 without a broker, to the in-process aggregate service.
 
 A request is answered ``202`` only once its record is safe: acknowledged by the broker, written
-to the on-disk spool (broker unreachable), or handed to the in-process aggregate service.
+to the on-disk spool (broker unreachable; or always, with ``VISITORSTATS_PUBLISH_ACK=spool``:
+``SpoolFirstPublisher``), or handed to the in-process aggregate service.
 """
 
 from __future__ import annotations
@@ -326,8 +327,9 @@ class SpoolFirstPublisher(KafkaPublisher):
 
     Order per visitor holds within one process. Across processes it does not: a reader's next
     beacon, answered by another process, may reach the broker first. The aggregate service
-    orders a visitor's events by their time for who is online, but a visit is decided as its
-    page view arrives (see README "Publishing").
+    takes a visitor's events by their time (who is online; a late first page view still begins
+    its visit), but two events of one visitor in the same millisecond may be taken in either
+    order (README "Guarantees").
     """
 
     def __init__(
