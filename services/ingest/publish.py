@@ -24,6 +24,8 @@ from services.ingest.spool import Spool, SpoolFullError
 
 log = logging.getLogger(__name__)
 
+ORPHAN_SCAN_SECONDS = 10.0  # how often a publisher looks for spools nobody claimed
+
 
 class Unavailable(Exception):
     """The record could not be made safe (broker down and spool full, or shutting down)."""
@@ -125,6 +127,7 @@ class KafkaPublisher:
         self._wakeup = asyncio.Event()
         self._flusher: asyncio.Task[None] | None = None
         self._drainer: asyncio.Task[None] | None = None
+        self._adopter: asyncio.Task[None] | None = None
         self._partitions: list[int] = []
         self._broker_ok = False
         self._closing = False
@@ -137,6 +140,7 @@ class KafkaPublisher:
         self._broker_ok = self._producer is not None and self._spool.empty()
         self._flusher = asyncio.create_task(self._flush_loop(), name="publish-flush")
         self._drainer = asyncio.create_task(self._drain_loop(), name="spool-drain")
+        self._adopter = asyncio.create_task(self._adopt_loop(), name="spool-adopt")
 
     async def _connect(self, timeout: float) -> AIOKafkaProducer:
         if self._producer is not None:
@@ -171,9 +175,10 @@ class KafkaPublisher:
         self._wakeup.set()
         if self._flusher:
             await self._flusher
-        if self._drainer:
-            self._drainer.cancel()
-            await asyncio.gather(self._drainer, return_exceptions=True)
+        for task in (self._drainer, self._adopter):
+            if task:
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
         if not self._spool.empty():
             try:
                 # while the broker answers, drain it all; if it is away, do not hold the stop
@@ -283,6 +288,25 @@ class KafkaPublisher:
             f.result()
         metrics.BEACONS_PUBLISHED.inc(len(records))
 
+    async def _adopt_loop(self) -> None:
+        """Every ``ORPHAN_SCAN_SECONDS``, ship the spools that no living process claimed (their
+        process is gone and was not replaced), then let them go. One the broker does not take
+        now is let go too, and taken again at a later scan."""
+        while True:
+            for orphan in Spool.orphans(self._spool.root):
+                try:
+                    log.warning("shipping %d records left by a process that is gone", len(orphan))
+                    while not orphan.empty():
+                        await self._connect(10)
+                        records = orphan.peek(5000)
+                        await self._send(records)
+                        orphan.pop(len(records))
+                except Exception as e:
+                    log.info("a spool left behind waits for the broker (%r)", e)
+                finally:
+                    orphan.close()
+            await asyncio.sleep(ORPHAN_SCAN_SECONDS)
+
     async def _drain_once(self) -> None:
         while not self._spool.empty():
             records = self._spool.peek(5000)
@@ -357,6 +381,7 @@ class SpoolFirstPublisher(KafkaPublisher):
         if not self._spool.empty():
             self._shippable.set()  # what a previous process left: shipped first
         self._drainer = asyncio.create_task(self._ship_loop(), name="spool-ship")
+        self._adopter = asyncio.create_task(self._adopt_loop(), name="spool-adopt")
 
     async def stop(self) -> None:
         self._closing = True

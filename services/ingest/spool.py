@@ -54,6 +54,34 @@ class Spool:
             spool._lock_fd = fd
             return spool
 
+    @classmethod
+    def orphans(cls, root: Path) -> list[Spool]:
+        """The spools under ``root`` that hold records and that no living process has claimed:
+        left by processes that are gone and not replaced (fewer workers after a restart).
+        Each is locked (``close`` lets it go) and not metered."""
+        found = []
+        for directory in sorted(root.glob("worker-*")):
+            if not directory.is_dir() or not any(directory.glob("*.spool")):
+                continue
+            fd = os.open(directory / "lock", os.O_RDWR | os.O_CREAT, 0o600)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                os.close(fd)
+                continue
+            spool = cls(directory, 1 << 62, metered=False)
+            spool._lock_fd = fd
+            if spool.empty():
+                spool.close()
+                continue
+            found.append(spool)
+        return found
+
+    @property
+    def root(self) -> Path:
+        """Where the spools of the service's processes are (``claim``'s ``root``)."""
+        return self._dir.parent
+
     def __init__(self, directory: Path, max_bytes: int, metered: bool = True) -> None:
         self._lock_fd: int | None = None
         self._head_fd: int | None = None

@@ -227,3 +227,29 @@ async def test_a_spool_left_behind_is_sent_by_the_next_process(
     finally:
         await successor.stop()
     check_order(await read_all(topic.bootstrap, KEYS * 10), 10)
+
+
+async def test_spools_of_processes_that_are_gone_are_shipped(
+    topic: Tansu, tmp_path: Path, publisher_class: type[KafkaPublisher]
+) -> None:
+    """Two processes killed during an outage, one restarted: it ships its own spool and the
+    other's, which no process claimed, and lets it go."""
+    directory = tmp_path / "spool"
+    left = [Spool.claim(directory, 1024 * 1024) for _ in range(2)]
+    for n, spool in enumerate(left):
+        spool.append([record(k, seq) for seq in range(5) for k in range(n, KEYS, 2)])
+        spool.close()
+    survivor = publisher_class(topic.bootstrap, TOPIC, Spool.claim(directory, 1024 * 1024))
+    await survivor.start()
+    try:
+        await until(lambda: not list(directory.glob("*/*.spool")))
+        assert Spool.orphans(directory) == []
+    finally:
+        await survivor.stop()
+    check_order(await read_all(topic.bootstrap, KEYS * 5), 5)
+    # the other process's directory is free again: a process started now claims it
+    claimed = [Spool.claim(directory, 1024) for _ in range(2)]
+    assert [s.root for s in claimed] == [directory, directory]
+    assert (directory / "worker-2").exists() is False
+    for s in claimed:
+        s.close()
