@@ -137,10 +137,14 @@ class KafkaPublisher:
             await self._connect(15)
         except Exception as e:  # broker unreachable at start: accept into the spool
             log.warning("Kafka not reachable at start (%s); spooling", e)
+        self._start_tasks()
+        self._adopter = asyncio.create_task(self._adopt_loop(), name="spool-adopt")
+
+    def _start_tasks(self) -> None:
+        """Once the first connection was tried: the tasks that publish."""
         self._broker_ok = self._producer is not None and self._spool.empty()
         self._flusher = asyncio.create_task(self._flush_loop(), name="publish-flush")
         self._drainer = asyncio.create_task(self._drain_loop(), name="spool-drain")
-        self._adopter = asyncio.create_task(self._adopt_loop(), name="spool-adopt")
 
     async def _connect(self, timeout: float) -> AIOKafkaProducer:
         if self._producer is not None:
@@ -185,7 +189,7 @@ class KafkaPublisher:
                 # up for long: the spool waits on disk for the next process
                 async with asyncio.timeout(None if self._broker_ok else 5):
                     await self._connect(5)
-                    await self._drain_once()
+                    await self._drain(self._spool)
             except Exception as e:
                 log.warning("stopping with %d records left in the spool (%r)", len(self._spool), e)
         if self._producer is not None:
@@ -296,22 +300,20 @@ class KafkaPublisher:
             for orphan in Spool.orphans(self._spool.root):
                 try:
                     log.warning("shipping %d records left by a process that is gone", len(orphan))
-                    while not orphan.empty():
-                        await self._connect(10)
-                        records = orphan.peek(5000)
-                        await self._send(records)
-                        orphan.pop(len(records))
+                    await self._connect(10)
+                    await self._drain(orphan)
                 except Exception as e:
                     log.info("a spool left behind waits for the broker (%r)", e)
                 finally:
                     orphan.close()
             await asyncio.sleep(ORPHAN_SCAN_SECONDS)
 
-    async def _drain_once(self) -> None:
-        while not self._spool.empty():
-            records = self._spool.peek(5000)
+    async def _drain(self, spool: Spool) -> None:
+        """Send everything ``spool`` holds, oldest first, forgetting it as it is acknowledged."""
+        while not spool.empty():
+            records = spool.peek(5000)
             await self._send(records)
-            self._spool.pop(len(records))
+            spool.pop(len(records))
 
     async def _drain_loop(self) -> None:
         """While the spool holds records, retry the broker with backoff and drain in order;
@@ -324,7 +326,7 @@ class KafkaPublisher:
                 continue
             try:
                 await self._connect(10)
-                await self._drain_once()
+                await self._drain(self._spool)
                 self._broker_ok = True
                 backoff = 0.2
             except Exception as e:
@@ -371,17 +373,12 @@ class SpoolFirstPublisher(KafkaPublisher):
         self._shippable = asyncio.Event()  # set once the spool holds records
         self._loop: asyncio.AbstractEventLoop | None = None
 
-    async def start(self) -> None:
+    def _start_tasks(self) -> None:
         self._loop = asyncio.get_running_loop()
-        try:
-            await self._connect(15)
-            self._broker_ok = True
-        except Exception as e:  # broker unreachable at start: accept into the spool
-            log.warning("Kafka not reachable at start (%s); spooling", e)
+        self._broker_ok = self._producer is not None
         if not self._spool.empty():
             self._shippable.set()  # what a previous process left: shipped first
         self._drainer = asyncio.create_task(self._ship_loop(), name="spool-ship")
-        self._adopter = asyncio.create_task(self._adopt_loop(), name="spool-adopt")
 
     async def stop(self) -> None:
         self._closing = True

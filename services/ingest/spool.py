@@ -32,6 +32,18 @@ class SpoolFullError(Exception):
     pass
 
 
+def _lock(directory: Path) -> int | None:
+    """The exclusive lock of a spool directory (held while its file descriptor is open), or
+    ``None`` when a living process holds it."""
+    fd = os.open(directory / "lock", os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        return None
+    return fd
+
+
 class Spool:
     @classmethod
     def claim(cls, root: Path, max_bytes: int, metered: bool = True) -> Spool:
@@ -43,11 +55,8 @@ class Spool:
         while True:
             directory = root / f"worker-{n}"
             directory.mkdir(exist_ok=True)
-            fd = os.open(directory / "lock", os.O_RDWR | os.O_CREAT, 0o600)
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                os.close(fd)
+            fd = _lock(directory)
+            if fd is None:
                 n += 1
                 continue
             spool = cls(directory, max_bytes, metered)
@@ -63,11 +72,8 @@ class Spool:
         for directory in sorted(root.glob("worker-*")):
             if not directory.is_dir() or not any(directory.glob("*.spool")):
                 continue
-            fd = os.open(directory / "lock", os.O_RDWR | os.O_CREAT, 0o600)
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                os.close(fd)
+            fd = _lock(directory)
+            if fd is None:
                 continue
             spool = cls(directory, 1 << 62, metered=False)
             spool._lock_fd = fd
