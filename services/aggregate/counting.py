@@ -10,14 +10,17 @@ It decides, for each event of one partition taken in log order, what the event c
 * a **page view** is every accepted ``pageview``;
 * the **day** of a visit or page view is the date of its ``ts`` in the site's time zone.
 
+"Latest" and "earlier" below compare ``(ts, micros)``: the time of acceptance to the
+microsecond (ingest stamps both), then the log order.
+
 Who is *online* is answered here too, per partition, from the same state: ingest keys a
 visitor to one partition across salt rotations, and the partition's events come in log order,
 so the state already sees, per canonical visitor, every row that decides it. The rules are
 those of ``ONLINE_BY_QUERY`` (the oracle of the tests): over the rows of the last ``L`` seconds
 (``L`` = the longest window of all sites), per (site, visitor), the latest row by
-``(ts, offset)``; online when it is within the site's window (``last >= now - window``) and not
-a ``leave``; a bot when any of those rows is a bot, else a member when the latest row says so,
-else a guest. ``now`` is given (``advance``); a timing wheel of seconds brings each visitor
+``(ts, micros, offset)``; online when it is within the site's window (``last >= now - window``)
+and not a ``leave``; a bot when any of those rows is a bot, else a member when the latest row
+says so, else a guest. ``now`` is given (``advance``); a timing wheel of seconds brings each visitor
 back when its window ends, so a tick costs what changed, not the number of visitors. The
 per-site tallies (``tallies``) are kept as visitors change.
 
@@ -28,11 +31,12 @@ numbers).
 Memory per online visitor is what limits a partition, so the state is compact: a visitor key
 (32 hex characters, as ingest makes them) and an event id (a UUID) are each kept as one
 integer with the site folded into its high bits, in plain insertion-ordered dicts (an update
-moves a visitor to the end); a visitor's value is ONE integer, ``ts << 5`` with its online
-flags in the low bits (see ``_SHIFT``), the very object the event id of its latest event maps
-to. About 220 bytes per online visitor with one recent event id, the timing wheel included
-(``python -m bench.inproc memory`` measures it). Bots are few: their state is a small dict
-of its own. Keys of any other shape (tests, foreign producers) are kept as strings: same decisions.
+moves a visitor to the end); a visitor's value is ONE integer, its latest time stamp (to the
+microsecond: see ``_SHIFT``) with its online flags in the low bits, the very object the event id
+of its latest event maps to. About 220 bytes per online visitor with one recent event id, the
+timing wheel included (``python -m bench.inproc memory`` measures it). Bots are few: their state
+is a small dict of its own. Keys of any other shape (tests, foreign producers) are kept as
+strings: same decisions.
 """
 
 from __future__ import annotations
@@ -106,13 +110,17 @@ def _visitor_of(key: Key) -> str:
     return key.partition(":")[2]
 
 
-# A visitor's value, one int: ``ts << _SHIFT | flags``. ``ts`` is the ms of their latest row (the
-# max); the flags are those of the latest row by (ts, offset) — rows come in offset order, so a row
-# with ``ts >= `` the stored one replaces them — and what the visitor is counted as now:
-_SHIFT = 5
+# A visitor's value, one int: ``stamp << _FLAG_BITS | flags``. The stamp is the time of their
+# latest row (the max) in ms and the microseconds past it, ``ts << _MICRO_BITS | micros``, so
+# ``value >> _SHIFT`` is its ms; the flags are those of the latest row by (stamp, offset) — rows
+# come in offset order, so a row with a stamp ``>=`` the stored one replaces them — and what the
+# visitor is counted as now. (Below 2**60, such a value is an int of two digits, as ``ts << 5``.)
+_FLAG_BITS = 5
+_MICRO_BITS = 10
+_SHIFT = _FLAG_BITS + _MICRO_BITS
 _LEAVE = 1  # the latest row is a ``leave``
 _MEMBER = 2  # the latest row says ``member`` (for a bot entry: _NEWER)
-_NEWER = 2  # bot entry: its latest row comes after the human latest row of the same ts
+_NEWER = 2  # bot entry: its latest row comes after the human latest row of the same stamp
 _KIND = 12  # two bits: NONE, GUEST, MEMBER or BOT (what the tally counts this visitor as)
 _WHEEL = 16  # the timing wheel holds an entry for this visitor
 _KIND_SHIFT = 2
@@ -170,16 +178,18 @@ class PartitionState:
         self._timeout_ms = visit_timeout_s * 1000
         self._dedup_ms = dedup_horizon_s * 1000
         self._max_visitors = max_visitors
-        # visitor key (site + canonical visitor) -> ts << _SHIFT | flags of their latest event
+        # visitor key (site + canonical visitor) -> stamp << _FLAG_BITS | flags of their latest
+        # event
         # (humans only), least recently updated first
         self._visitors: dict[Key, int] = {}
         self._aliases: dict[Key, Key] = {}  # key under a later salt -> canonical key
-        # visitor key -> the earliest ts of their current run of events while that run has no
+        # visitor key -> the earliest stamp of their current run of events while that run has no
         # visit (it began with a heartbeat or a leave): a page view that comes late but is
         # earlier still begins it (see ``_note_run``); rare, so a dict of its own rather than
         # a bit of every visitor's value
         self._runs: dict[Key, int] = {}
-        # (site, event_id) -> ts << _SHIFT (the visitor's very value when it is their latest),
+        # (site, event_id) -> stamp << _FLAG_BITS (the visitor's very value when it is their
+        # latest),
         # in arrival order
         self._seen: dict[Key, int] = {}
         self._sites: dict[str, int] = {}  # site id -> its number, shifted past the 128 bits
@@ -189,7 +199,7 @@ class PartitionState:
         self._windows: dict[str, int] = {s: w * 1000 for s, w in (windows or {}).items()}
         self._default_window: int | None = DEFAULT_WINDOW_S * 1000 if windows is None else None
         self._longest = max(self._windows.values(), default=self._default_window or 0)
-        # (site, visitor) of a bot row (the visitor as stored: not linked) -> ts << _SHIFT |
+        # (site, visitor) of a bot row (the visitor as stored: not linked) -> stamp << _FLAG_BITS |
         # flags of their latest bot row; while an entry is here it holds the visitor's count
         self._bots: dict[Key, int] = {}
         self._tally: dict[str, list[int]] = {s: [0, 0, 0, 0] for s in self._windows}
@@ -281,6 +291,7 @@ class PartitionState:
         if seen_key in seen:
             return None
         ts = event.ts
+        stamp = ts << 10 | event.micros  # (ts << _MICRO_BITS | micros)
         if ts > self.high_ts:
             self.high_ts = ts
         day = local_day(ts, tz)
@@ -292,8 +303,8 @@ class PartitionState:
         kind_of_event = event.type
         pageview = kind_of_event == "pageview"
         if event.bot:
-            seen[seen_key] = ts << _SHIFT
-            self._fold_bot(own, site, ts, _LEAVE if kind_of_event == "leave" else 0)
+            seen[seen_key] = stamp << _FLAG_BITS
+            self._fold_bot(own, site, stamp, _LEAVE if kind_of_event == "leave" else 0)
             return _new_row(Row, (event, visitor, False, False, day, partition, offset))
         visitors = self._visitors
         aliases = self._aliases
@@ -306,29 +317,27 @@ class PartitionState:
             key = self._canonical(event, bits, own)
         old = visitors.pop(key, None)
         # The value's bits written as literals here (this runs once per event; a module
-        # global costs a lookup each): _SHIFT = 5, _WHEEL = 16, _KIND = 12 (kind << 2),
-        # _MEMBER = 2, _LEAVE = 1.
+        # global costs a lookup each): _FLAG_BITS = 5, _SHIFT = 15, _WHEEL = 16,
+        # _KIND = 12 (kind << 2), _MEMBER = 2, _LEAVE = 1.
         if old is None:
             starts_visit = pageview
             opens = True
             kept = 0
-            last = ts
         else:
-            last = old >> 5
-            opens = ts - last >= self._timeout_ms
+            opens = ts - (old >> 15) >= self._timeout_ms
             starts_visit = pageview and opens
             kept = old & 28  # _WHEEL | _KIND
         if self._runs or (opens and not pageview):  # (``_note_run``'s usual answers inlined)
-            starts_visit = self._note_run(key, ts, pageview, opens)
-        if old is not None and ts < last:  # a late row: the latest row stays what it was
+            starts_visit = self._note_run(key, stamp, pageview, opens)
+        if old is not None and stamp < old >> 5:  # a late row: the latest stays what it was
             visitors[key] = old
-            seen[seen_key] = ts << 5
+            seen[seen_key] = stamp << 5
             kept = -1
         if kept >= 0:
             flags = (1 if kind_of_event == "leave" else 0) | (2 if event.member else 0)
             bots = self._bots
             if bots and key in bots:
-                value = self._fold_human(key, old, site, ts, flags)
+                value = self._fold_human(key, old, site, stamp, flags)
             else:
                 # ``_judge_human`` inlined
                 cutoff = self._cutoffs.get(site)  # now - the site's window
@@ -336,7 +345,7 @@ class PartitionState:
                 kind = 0 if flags & 1 or cutoff is None or ts < cutoff else 2 if flags & 2 else 1
                 if kind != kept >> 2 & 3:
                     self._count(site, kept >> 2 & 3, kind)
-                value = ts << 5 | kept & 16 | kind << 2 | flags
+                value = stamp << 5 | kept & 16 | kind << 2 | flags
                 if kind and not kept & 16:
                     self._schedule(key, ts - cutoff + self._now + 1)  # type: ignore[operator]
                     value |= 16
@@ -348,11 +357,12 @@ class PartitionState:
             visitor = _visitor_of(key)
         return _new_row(Row, (event, visitor, starts_visit, pageview, day, partition, offset))
 
-    def _note_run(self, key: Key, ts: int, pageview: bool, opens: bool) -> bool:
-        """Keep ``_runs`` for a human event of ``key``; whether it starts a visit.
+    def _note_run(self, key: Key, stamp: int, pageview: bool, opens: bool) -> bool:
+        """Keep ``_runs`` for a human event of ``key`` (its time: ``stamp``); whether it starts
+        a visit.
 
         ``opens``: no event of the visitor within the visit timeout before this one, as far as
-        the events seen so far go (their first, or ``ts`` at least the timeout after the
+        the events seen so far go (their first, or its ``ts`` at least the timeout after the
         latest). Events of one visitor can arrive out of time order (two ingest processes, a
         spool drained after an outage): a page view that arrives after a heartbeat of a run
         that has no visit yet, but is earlier than every event of that run, begins the visit
@@ -362,16 +372,16 @@ class PartitionState:
             if pageview:
                 runs.pop(key, None)
                 return True
-            runs[key] = ts
+            runs[key] = stamp
             return False
         start = runs.get(key)
         if start is None:
             return False
-        if pageview and ts <= start:
+        if pageview and stamp <= start:
             del runs[key]
             return True
-        if ts < start:
-            runs[key] = ts
+        if stamp < start:
+            runs[key] = stamp
         return False
 
     def replay(self, event: Event, visitor: str, starts_visit: bool = False) -> None:
@@ -379,13 +389,14 @@ class PartitionState:
         site = event.site
         bits = self._site(site)
         ts = event.ts
+        stamp = ts << _MICRO_BITS | event.micros
         seen_key = self._event_key(bits, site, event.event_id)
         if ts > self.high_ts:
             self.high_ts = ts
         flags = _LEAVE if event.type == "leave" else 0
         if event.bot:
-            self._seen[seen_key] = ts << _SHIFT
-            self._fold_bot(self._visitor_key(bits, site, visitor), site, ts, flags)
+            self._seen[seen_key] = stamp << _FLAG_BITS
+            self._fold_bot(self._visitor_key(bits, site, visitor), site, stamp, flags)
             return
         key = self._visitor_key(bits, site, visitor)
         if visitor != event.visitor:
@@ -399,15 +410,15 @@ class PartitionState:
             runs.pop(key, None)
         elif old is None or ts - (old >> _SHIFT) >= self._timeout_ms:
             if event.type != "pageview":
-                runs[key] = ts
-        elif key in runs and ts < runs[key]:
-            runs[key] = ts
-        if old is None or ts >= old >> _SHIFT:
-            value = self._fold_human(key, old, site, ts, flags | event.member << 1)
+                runs[key] = stamp
+        elif key in runs and stamp < runs[key]:
+            runs[key] = stamp
+        if old is None or stamp >= old >> _FLAG_BITS:
+            value = self._fold_human(key, old, site, stamp, flags | event.member << 1)
             self._seen[seen_key] = value
         else:
             visitors[key] = old
-            self._seen[seen_key] = ts << _SHIFT
+            self._seen[seen_key] = stamp << _FLAG_BITS
 
     # -- online --------------------------------------------------------------------------------
     @property
@@ -464,21 +475,21 @@ class PartitionState:
     def _window(self, site: str) -> int | None:
         return self._windows.get(site, self._default_window)
 
-    def _fold_human(self, key: Key, old: int | None, site: str, ts: int, flags: int) -> int:
-        """Store a visitor's new latest row (ts >= the stored one); return their value."""
+    def _fold_human(self, key: Key, old: int | None, site: str, stamp: int, flags: int) -> int:
+        """Store a visitor's new latest row (``stamp`` >= the stored one); return their value."""
         bots = self._bots
         if bots and key in bots:
             # the bot entry holds the count: the visitor's own value counts nothing
-            value = ts << _SHIFT | flags
+            value = stamp << _FLAG_BITS | flags
             self._visitors[key] = value
             b = bots[key]
-            if b & _NEWER and ts >= b >> _SHIFT:
+            if b & _NEWER and stamp >= b >> _FLAG_BITS:
                 b ^= _NEWER
             self._judge_bot(key, site, b)
             return value
         if old is not None:
             flags |= old & (_WHEEL | _KIND)
-        return self._judge_human(key, site, ts << _SHIFT | flags)
+        return self._judge_human(key, site, stamp << _FLAG_BITS | flags)
 
     def _judge_human(self, key: Key, site: str, value: int) -> int:
         """Count a visitor without a bot entry for what ``value`` says at ``now``; store it (and
@@ -500,8 +511,8 @@ class PartitionState:
         self._visitors[key] = value
         return value
 
-    def _fold_bot(self, key: Key, site: str, ts: int, flags: int) -> None:
-        """A bot row of ``key`` (its visitor as stored, not linked)."""
+    def _fold_bot(self, key: Key, site: str, stamp: int, flags: int) -> None:
+        """A bot row of ``key`` (its visitor as stored, not linked) of time ``stamp``."""
         bots = self._bots
         b = bots.get(key)
         h = self._visitors.get(key)
@@ -513,11 +524,11 @@ class PartitionState:
                 if was:
                     self._count(site, was, NONE)
                 self._visitors[key] = h & ~(_KIND | _WHEEL)
-        elif ts < b >> _SHIFT:
+        elif stamp < b >> _FLAG_BITS:
             return  # an earlier bot row changes nothing
-        if h is None or ts >= h >> _SHIFT:
+        if h is None or stamp >= h >> _FLAG_BITS:
             flags |= _NEWER
-        self._judge_bot(key, site, ts << _SHIFT | b & (_KIND | _WHEEL) | flags)
+        self._judge_bot(key, site, stamp << _FLAG_BITS | b & (_KIND | _WHEEL) | flags)
 
     def _judge_bot(self, key: Key, site: str, b: int) -> None:
         """Count ``key`` of a bot entry ``b`` for what it is at ``now``: a bot while any bot row
@@ -534,7 +545,8 @@ class PartitionState:
             if h is not None:
                 self._judge_human(key, site, h)
             return
-        if h is None or bts > h >> _SHIFT or (bts == h >> _SHIFT and b & _NEWER):
+        bstamp = b >> _FLAG_BITS
+        if h is None or bstamp > h >> _FLAG_BITS or (bstamp == h >> _FLAG_BITS and b & _NEWER):
             latest, leave = bts, b & _LEAVE
         else:
             latest, leave = h >> _SHIFT, h & _LEAVE

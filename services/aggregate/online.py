@@ -1,9 +1,9 @@
 """Who is online, as one query over the stored rows: the rules the consumers' per-partition
 tallies follow (``counting.PartitionState``, written to ``online_now``), kept as the oracle of
 the tests and the bench. Over the rows of the last ``L`` seconds (``L`` = the longest window of
-all sites), per (site, visitor), the latest row by ``(ts, kafka_offset)``; online when that row
-is within the site's window and not a ``leave``; a bot when any of those rows is a bot, else a
-member when the latest row says so, else a guest.
+all sites), per (site, visitor), the latest row by ``(ts, micros, kafka_offset)``; online when
+that row is within the site's window and not a ``leave``; a bot when any of those rows is a bot,
+else a member when the latest row says so, else a guest.
 
 The service never runs it: its cost follows the rows of the window, where the tallies cost the
 changes."""
@@ -18,8 +18,8 @@ SELECT site,
        countIf(bot AND latest != 'leave')
 FROM (
     SELECT site, visitor,
-           argMax(type, (ts, kafka_offset)) AS latest,
-           argMax(member, (ts, kafka_offset)) AS member,
+           argMax(type, (ts, micros, kafka_offset)) AS latest,
+           argMax(member, (ts, micros, kafka_offset)) AS member,
            max(bot) AS bot,
            max(ts) AS last_ts
     FROM events

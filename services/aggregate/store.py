@@ -40,6 +40,7 @@ EVENT_COLUMNS = (
     "event_id",
     "type",
     "ts",
+    "micros",
     "day",
     "visitor",
     "visitor_key",
@@ -106,6 +107,7 @@ def event_rows_json(rows: Sequence[Row], topic: str) -> bytes | None:
                 e.event_id,
                 e.type,
                 e.ts / 1000,
+                e.micros,
                 r.day,  # orjson writes a date as YYYY-MM-DD
                 r.visitor,
                 e.visitor,
@@ -134,6 +136,7 @@ def event_columns(rows: Sequence[Row], topic: str) -> list[list[Any]]:
         [e.event_id for e in events],
         [e.type for e in events],
         [e.ts for e in events],
+        [e.micros for e in events],
         [r.day for r in rows],
         [r.visitor for r in rows],
         [e.visitor for e in events],
@@ -526,8 +529,8 @@ class Store:
         def query(c: Any) -> list[tuple[Event, str, bool]]:
             rows = c.query(
                 """
-                SELECT event_id, site, type, toUnixTimestamp64Milli(ts), visitor_key, member, bot,
-                       visitor, starts_visit
+                SELECT event_id, site, type, toUnixTimestamp64Milli(ts), micros, visitor_key,
+                       member, bot, visitor, starts_visit
                 FROM events
                 WHERE topic = {topic:String} AND kafka_partition = {p:UInt32}
                   AND ts >= least(
@@ -543,11 +546,24 @@ class Store:
             ).result_rows
             return [
                 (
-                    Event(str(eid), site, typ, int(ts), vkey, None, bool(m), bool(b), "", "", ""),
+                    Event(
+                        str(eid),
+                        site,
+                        typ,
+                        int(ts),
+                        vkey,
+                        None,
+                        bool(m),
+                        bool(b),
+                        "",
+                        "",
+                        "",
+                        int(micros),
+                    ),
                     visitor,
                     bool(starts),
                 )
-                for eid, site, typ, ts, vkey, m, b, visitor, starts in rows
+                for eid, site, typ, ts, micros, vkey, m, b, visitor, starts in rows
             ]
 
         return await self.run(query)

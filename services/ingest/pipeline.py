@@ -239,7 +239,8 @@ class Pipeline:
             member = bool(beacon.member_token) and verify_member_token(
                 beacon.member_token or "", site.id, site.member_token_secret, now
             )
-        now_ms = int(now * 1000)
+        now_us = int(now * 1_000_000)
+        now_ms = now_us // 1000
         if beacon.visitor:
             key = self.hasher.portal_key(site.id, beacon.visitor)
         else:
@@ -256,6 +257,7 @@ class Pipeline:
             url=beacon.url,
             referrer=beacon.referrer,
             title=beacon.title,
+            micros=now_us - now_ms * 1000,
         )
         counters = self._counters.get((site.id, endpoint))
         if counters is None:

@@ -76,6 +76,7 @@ def rows(count: int = 60) -> list[Row]:
             s,
             STRINGS[(i + 3) % len(STRINGS)],
             STRINGS[(i + 5) % len(STRINGS)][:1024],
+            (0, 1, 999, 500)[i % 4],
         )
         out.append(
             Row(
@@ -152,6 +153,7 @@ async def test_json_insert_stores_what_the_native_insert_stores(store: Store) ->
             uuid.UUID(e.event_id),
             e.type,
             e.ts,
+            e.micros,
             r.day,
             r.visitor,
             e.visitor,

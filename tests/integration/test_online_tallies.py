@@ -24,7 +24,14 @@ from services.aggregate.counting import PartitionState
 from services.aggregate.migrate import migrations, render, schema_migrations_ddl
 from services.aggregate.online import ONLINE_BY_QUERY
 from services.aggregate.sources import InRecord, LocalLog
-from services.aggregate.store import ONLINE_GRACE_MS, Online, Store, online_rows
+from services.aggregate.store import (
+    EVENT_COLUMNS,
+    ONLINE_GRACE_MS,
+    Online,
+    Store,
+    event_columns,
+    online_rows,
+)
 from services.ingest.publish_types import OutRecord
 from services.record import Event, decode, encode
 from services.settings import Settings
@@ -104,6 +111,7 @@ class Stream:
             event = Event(
                 event_id, person["site"], kind, ts, keys[-1], prev,
                 rnd.random() < 0.3, rnd.random() < 0.08, "https://x.example.vn/", "", "",
+                rnd.choice((0, 0, 1, 999)),  # equal ms: ordered by these, or equal too
             )  # fmt: skip
             p = person["p"]
             out.append(InRecord(p, self.offsets[p], encode(event)))
@@ -324,8 +332,9 @@ async def test_totals_and_days_read_the_daily_projection(store: Store) -> None:
 
 
 async def test_an_upgraded_database_gets_the_table_and_the_numbers(tmp_path: Path) -> None:
-    """A database of the previous version (0001-0003 applied, rows stored) gets ``online_now``;
-    the consumer, rebuilding, writes the numbers of the rows it has."""
+    """A database of an earlier version (0001-0003 applied, rows stored without ``micros``) gets
+    ``online_now`` and ``micros``; the consumer, rebuilding, writes the numbers of the rows it
+    has."""
     url = f"chdb://{tmp_path}/clickhouse"
     old = Store(url)
 
@@ -353,15 +362,24 @@ async def test_an_upgraded_database_gets_the_table_and_the_numbers(tmp_path: Pat
                     if row is not None
                 ]
                 if rows:
-                    await old.insert_events(rows, TOPIC, str(uuid.uuid4()))
-        want = await by_query(old, clock.ms)
+                    columns = event_columns(rows, TOPIC)
+                    del columns[EVENT_COLUMNS.index("micros")]
+                    await old.run(
+                        lambda c, columns=columns: c.insert(
+                            "events",
+                            columns,
+                            column_names=[n for n in EVENT_COLUMNS if n != "micros"],
+                            column_oriented=True,
+                        )
+                    )
     finally:
         old.close()
 
     new = Store(url)
     try:
-        assert await new.migrate() == ["0004_online_now", "0005_drop_buckets"]
+        assert await new.migrate() == ["0004_online_now", "0005_drop_buckets", "0006_micros"]
         assert await new.migrate() == []
+        want = await by_query(new, clock.ms)
         projections = await new.run(
             lambda c: (
                 c.query("SELECT name FROM system.projections WHERE table = 'events'").result_rows

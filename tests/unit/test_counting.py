@@ -22,8 +22,10 @@ MIN = 60_000
 
 def ev(visitor: str, ts: int, kind: str = "pageview", eid: str = "", **kw: object) -> Event:
     return Event(
-        eid or f"{visitor}-{ts}-{kind}", kw.get("site", "s"), kind, ts, visitor,  # type: ignore[arg-type]
+        eid or f"{visitor}-{ts}.{kw.get('micros', 0)}-{kind}",
+        kw.get("site", "s"), kind, ts, visitor,  # type: ignore[arg-type]
         kw.get("prev"), False, bool(kw.get("bot", False)), "", "", "",  # type: ignore[arg-type]
+        kw.get("micros", 0),  # type: ignore[arg-type]
     )  # fmt: skip
 
 
@@ -196,14 +198,19 @@ def test_a_late_page_view_after_an_earlier_event_begins_nothing() -> None:
     kinds=st.lists(st.sampled_from(["pageview", "heartbeat", "leave"]), min_size=1, max_size=6),
     order=st.randoms(use_true_random=False),
     cut=st.integers(min_value=0, max_value=7),
+    one_ms=st.booleans(),
 )
 def test_a_run_that_begins_with_a_page_view_is_one_visit_in_any_arrival_order(
-    kinds: list[str], order: Any, cut: int
+    kinds: list[str], order: Any, cut: int, one_ms: bool
 ) -> None:
-    """Events of one visitor within the visit timeout, the earliest a page view, arrive in any
-    order; the partition changes owner after ``cut`` of them (the new owner rebuilds from the
-    rows): exactly one visit."""
-    events = [ev("a", 0)] + [ev("a", (i + 1) * MIN, k) for i, k in enumerate(kinds)]
+    """Events of one visitor within the visit timeout (minutes apart, or all in one millisecond
+    and ordered by their microseconds), the earliest a page view, arrive in any order; the
+    partition changes owner after ``cut`` of them (the new owner rebuilds from the rows):
+    exactly one visit."""
+    events = [ev("a", 0)] + [
+        ev("a", 0, k, micros=i + 1) if one_ms else ev("a", (i + 1) * MIN, k)
+        for i, k in enumerate(kinds)
+    ]
     order.shuffle(events)
     live = PartitionState(0)
     rows = [live.apply(e, UTC, 0, i) for i, e in enumerate(events[:cut])]

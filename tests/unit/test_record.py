@@ -18,6 +18,7 @@ GOOD: dict[str, Any] = {
     "site": "bench-a",
     "type": "heartbeat",
     "ts": 1_780_000_000_000,
+    "ts_us": 1_780_000_000_000_123,
     "visitor": "b56bc3eca7e008c9266649b5a3734fc6",
     "member": False,
     "bot": False,
@@ -41,6 +42,8 @@ CHOICES: dict[str, list[Any]] = {
     "site": ["s", "x" * 64, "x" * 65],
     "type": ["pageview", "heartbeat", "leave", "PAGEVIEW", "click"],
     "ts": [1, 1_780_000_000_000, 0],
+    # (with ts 1: 1000 and 1999 are right; with the usual ts: its first and last microsecond)
+    "ts_us": [1000, 1999, 1_780_000_000_000_000, 1_780_000_000_000_999, 1_780_000_000_001_000, 999],
     "visitor": ["v", "x" * 64, "x" * 65],
     "visitor_prev": ["p", "x" * 64, "x" * 65],
     "member": [],
@@ -100,8 +103,9 @@ def test_decode_matches_the_field_by_field_checks(
 def test_round_trip_of_what_ingest_publishes() -> None:
     event = Event(
         str(uuid.uuid4()), "hcm", "pageview", 1_790_000_000_000, "a" * 32, "b" * 32, True,
-        False, "https://x.vn/", "", "Tiêu đề",
+        False, "https://x.vn/", "", "Tiêu đề", 417,
     )  # fmt: skip
+    assert orjson.loads(encode(event))["ts_us"] == 1_790_000_000_000_417
     assert decode(encode(event)) == event
     assert decode(encode(event._replace(visitor_prev=None))) == event._replace(visitor_prev=None)
 
@@ -112,3 +116,15 @@ def test_round_trip_of_what_ingest_publishes() -> None:
 def test_malformed_records_raise(raw: bytes | None) -> None:
     with pytest.raises(RecordError):
         decode(raw)
+
+
+def test_a_record_without_microseconds_has_none_and_a_wrong_one_is_named() -> None:
+    """``ts_us`` is optional (a record of an older ingest: its order is the log's), and must be
+    the time of ``ts``."""
+    without = dict(GOOD)
+    del without["ts_us"]
+    assert decode(orjson.dumps(without)).micros == 0
+    assert decode(orjson.dumps(GOOD)).micros == 123
+    for wrong in (GOOD["ts"] * 1000 - 1, GOOD["ts"] * 1000 + 1000, "1", 1.5, None):
+        with pytest.raises(RecordError, match="ts_us"):
+            decode(orjson.dumps({**GOOD, "ts_us": wrong}))
