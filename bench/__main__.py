@@ -119,9 +119,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--profile", action="store_true", help="py-spy the measured processes")
     parser.add_argument(
         "--publish-ack",
-        choices=("broker", "spool"),
-        default="broker",
-        help="ingest's VISITORSTATS_PUBLISH_ACK (default: broker, the product's default)",
+        choices=("spool", "broker"),
+        default="spool",
+        help="ingest's VISITORSTATS_PUBLISH_ACK (default: spool, the product's default)",
     )
     parser.add_argument("--out", type=Path, default=ROOT / "bench-results")
     parser.add_argument(

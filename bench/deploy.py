@@ -184,7 +184,7 @@ def children_or_self(pid: int) -> list[int]:
 class Deployment:
     """Tansu + ``visitorstats ingest`` (``workers`` processes) + ``visitorstats aggregate``."""
 
-    def __init__(self, workdir: Path, workers: int = 2, publish_ack: str = "broker") -> None:
+    def __init__(self, workdir: Path, workers: int = 2, publish_ack: str = "spool") -> None:
         self.workdir = workdir
         self.workers = workers
         self.publish_ack = publish_ack  # ingest's VISITORSTATS_PUBLISH_ACK

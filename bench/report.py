@@ -92,7 +92,7 @@ def markdown(report: Report) -> str:
         f"{report.machine.get('cores_busy_before_start')} cores busy just before the run.",
         "",
         f"Ingest answers once its record is safe: `VISITORSTATS_PUBLISH_ACK="
-        f"{report.machine.get('publish_ack', 'broker')}`.",
+        f"{report.machine.get('publish_ack', 'spool')}`.",
         "",
         "| figure | visitorstats | baseline (same run) | ratio | target | met |",
         "| --- | --- | --- | --- | --- | --- |",

@@ -68,17 +68,6 @@ def _run_can_fork(settings: Settings) -> bool:
     return False
 
 
-def publish_ack_warning(settings: Settings) -> str | None:
-    """What an operator should know before several processes answer beacons once they are in
-    their own spools (``VISITORSTATS_PUBLISH_ACK=spool``)."""
-    if settings.publish_ack != "spool" or settings.workers <= 1 or not settings.kafka_bootstrap:
-        return None
-    return (
-        f"VISITORSTATS_PUBLISH_ACK=spool with {settings.workers} processes: a reader's beacons "
-        "answered by two of them may reach Kafka out of order (see README, Guarantees)"
-    )
-
-
 def main(argv: list[str] | None = None) -> None:
     args = _parser().parse_args(argv)
     env = dict(os.environ)
@@ -135,9 +124,6 @@ def main(argv: list[str] | None = None) -> None:
     if args.command == "run" and settings.workers > 1 and not _run_can_fork(settings):
         settings = dataclasses.replace(settings, workers=1)
     metrics_dir = _multiprocess_metrics(settings) if args.command in ("ingest", "run") else None
-    warning = publish_ack_warning(settings) if args.command in ("ingest", "run") else None
-    if warning:
-        print(f"visitorstats {args.command}: {warning}", file=sys.stderr)
 
     from services import http
 

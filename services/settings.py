@@ -93,10 +93,10 @@ class Settings:
     # After a rotation, beacons also carry the previous period's key for this long, so that the
     # aggregate service can link a visitor who is active across the rotation (and no longer).
     salt_link_seconds: int = 3600
-    # ingest -> broker: a beacon is answered once the broker acknowledged its record
-    # ("broker") or once it is in the on-disk spool ("spool", see SpoolFirstPublisher)
-    publish_ack: str = "broker"
-    # ingest -> broker batching (None: 0.002 s with publish_ack "broker", 0.02 s with "spool")
+    # ingest -> broker: a beacon is answered once it is in the on-disk spool ("spool", see
+    # SpoolFirstPublisher) or once the broker acknowledged its record ("broker")
+    publish_ack: str = "spool"
+    # ingest -> broker batching (None: 0.02 s with publish_ack "spool", 0.002 s with "broker")
     publish_linger_seconds: float | None = None
     publish_batch_bytes: int = 512 * 1024
     spool_dir: Path = Path("data/spool")
@@ -148,7 +148,7 @@ class Settings:
             access_log=_bool(e, "VISITORSTATS_ACCESS_LOG", False),
             salt_period_seconds=_int(e, "VISITORSTATS_SALT_PERIOD_SECONDS", 86400),
             salt_link_seconds=_int(e, "VISITORSTATS_SALT_LINK_SECONDS", 3600),
-            publish_ack=_choice(e, "VISITORSTATS_PUBLISH_ACK", ("broker", "spool")),
+            publish_ack=_choice(e, "VISITORSTATS_PUBLISH_ACK", ("spool", "broker")),
             publish_linger_seconds=_float_or_none(e, "VISITORSTATS_PUBLISH_LINGER_SECONDS"),
             spool_dir=Path(e.get("VISITORSTATS_SPOOL_DIR", str(data_dir / "spool"))),
             spool_max_bytes=_int(e, "VISITORSTATS_SPOOL_MAX_BYTES", 256 * 1024 * 1024),

@@ -76,13 +76,13 @@ def test_beacons_sent_equal_records_in_kafka_equal_pageviews_counted(
 
 
 @pytest.mark.timeout(900)
-def test_ground_truth_holds_with_spool_first_publishing(
+def test_ground_truth_holds_with_answers_after_the_broker(
     tmp_path_factory: pytest.TempPathFactory,
 ) -> None:
-    """``--publish-ack spool``: the answers no longer wait for the broker, but every beacon
-    answered 202 still reaches Kafka and is counted."""
-    out = tmp_path_factory.mktemp("bench-spool")
-    args = ["--quick", "--only", "ingest,freshness", "--publish-ack", "spool", "--out", str(out)]
+    """``--publish-ack broker``: the answers wait for the broker's acknowledgement, and every
+    beacon answered 202 reaches Kafka and is counted."""
+    out = tmp_path_factory.mktemp("bench-broker")
+    args = ["--quick", "--only", "ingest,freshness", "--publish-ack", "broker", "--out", str(out)]
     proc = subprocess.run(
         [sys.executable, "-m", "bench", *args],
         cwd=ROOT,
@@ -91,7 +91,7 @@ def test_ground_truth_holds_with_spool_first_publishing(
         timeout=900,
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
-    assert "`VISITORSTATS_PUBLISH_ACK=spool`" in proc.stdout
+    assert "`VISITORSTATS_PUBLISH_ACK=broker`" in proc.stdout
     truth = json.loads((out / "latest.json").read_text(encoding="utf-8"))["truth"]
     assert truth["beacons_refused_or_failed"] == 0
     assert truth["kafka"]["records"] == truth["kafka"]["beacons_accepted"] > 0

@@ -52,10 +52,12 @@ def all_counted_once(d: Deployment, aggregate: Service, ingest: Service, plan: P
     wait_for(lambda: spooled(d) == 0, what="the spool shipped and forgotten")
 
 
-def test_ingest_killed_hard_loses_nothing(deployment: Deployment) -> None:
+def test_ingest_answering_after_the_broker_killed_hard_loses_nothing(
+    deployment: Deployment,
+) -> None:
     d = deployment
     aggregate = d.aggregate()
-    ingest = d.ingest()
+    ingest = d.ingest(VISITORSTATS_PUBLISH_ACK="broker")
     # one page view per visitor (at most one request in flight)
     plan = Plan.generate(3_000, seed=23, per_visitor=(1, 1), bots=0, leaves=0)
     accepted = kill_under_load(ingest, plan, random.uniform(0, 1))
