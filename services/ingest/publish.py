@@ -1,9 +1,10 @@
 """Handing accepted beacons on: to Kafka (batched, ``acks="all"``) or, in ``visitorstats run``
 without a broker, to the in-process aggregate service.
 
-A request is answered ``202`` only once its record is safe: acknowledged by the broker, written
-to the on-disk spool (broker unreachable; or always, with ``VISITORSTATS_PUBLISH_ACK=spool``:
-``SpoolFirstPublisher``), or handed to the in-process aggregate service.
+A request is answered ``202`` only once its record is safe: written to the on-disk spool (by
+default, ``VISITORSTATS_PUBLISH_ACK=spool``: ``SpoolFirstPublisher``), acknowledged by the
+broker (``VISITORSTATS_PUBLISH_ACK=broker``: ``KafkaPublisher``, which spools while the broker
+is unreachable), or handed to the in-process aggregate service.
 """
 
 from __future__ import annotations
@@ -89,7 +90,8 @@ class LocalPublisher:
 
 
 class KafkaPublisher:
-    """Collects records for ``linger_seconds`` and sends one batch per partition.
+    """``VISITORSTATS_PUBLISH_ACK=broker``: collects records for ``linger_seconds`` and sends
+    one batch per partition.
 
     Two paths, never both at once for the same records, so that order per visitor holds (a
     visitor's records go to one partition, in the order of acceptance):
@@ -337,8 +339,8 @@ class KafkaPublisher:
 
 
 class SpoolFirstPublisher(KafkaPublisher):
-    """``VISITORSTATS_PUBLISH_ACK=spool``: a request is answered once its record is in the
-    on-disk spool, and the spool is shipped to Kafka behind the answers.
+    """``VISITORSTATS_PUBLISH_ACK=spool`` (the default): a request is answered once its record
+    is in the on-disk spool, and the spool is shipped to Kafka behind the answers.
 
     * **write-ahead**: the records submitted while the event loop handles one round of I/O are
       appended to the spool with one ``write()``, and their requests answered. The spool
@@ -353,9 +355,9 @@ class SpoolFirstPublisher(KafkaPublisher):
 
     Order per visitor holds within one process. Across processes it does not: a reader's next
     beacon, answered by another process, may reach the broker first. The aggregate service
-    takes a visitor's events by their time (who is online; a late first page view still begins
-    its visit), but two events of one visitor in the same millisecond may be taken in either
-    order (README "Guarantees").
+    takes a visitor's events by their time of acceptance, to the microsecond (the record's
+    ``ts_us``): who is online follows the latest, and a late first page view still begins its
+    visit (README "Guarantees").
     """
 
     def __init__(
