@@ -45,6 +45,13 @@ _TRUE = ("1", "true")
 _BOOL_STRINGS = ("1", "true", "0", "false", "")
 _URL_SCHEMES = ("http", "https")
 _SCHEME = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*").fullmatch  # RFC 3986
+# The usual URL: scheme://host[/?#rest], a host of letters, digits, dots and hyphens (no user,
+# port or brackets), visible ASCII after it. ``urlsplit`` finds nothing wrong with one (the
+# scheme aside): it is known good at a tenth of the cost (``_problem``'s memo misses when the
+# readers are spread over many pages).
+_PLAIN_URL = re.compile(
+    r"([A-Za-z][A-Za-z0-9+.-]*)://[A-Za-z0-9.-]+(?:[/?#][\x21-\x7e]*)?"
+).fullmatch
 
 
 class BeaconError(ValueError):
@@ -122,6 +129,9 @@ def _referrer_problem(value: str) -> str | None:
 
 
 def _problem(value: str, *, web: bool) -> str | None:
+    plain = _PLAIN_URL(value)
+    if plain is not None and (not web or plain[1].lower() in _URL_SCHEMES):
+        return None
     if " " in value:  # clean() made every white space a space; a URL has none
         return "must not contain white space"
     try:
