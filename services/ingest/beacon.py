@@ -25,7 +25,7 @@ import unicodedata
 import uuid
 from collections.abc import Mapping
 from typing import Any, NamedTuple
-from urllib.parse import unquote_plus, urlsplit
+from urllib.parse import unquote_plus, unquote_to_bytes, urlsplit
 
 from services.memo import memo
 from services.record import _CANONICAL_UUID, EVENT_TYPES
@@ -160,11 +160,19 @@ def query_fields(query: str) -> list[tuple[str, str]]:
             continue
         name, _, value = part.partition("=")
         if "%" in name or "+" in name:
-            name = unquote_plus(name)
+            name = _unquote_plus(name)
         if "%" in value or "+" in value:
-            value = unquote_plus(value)
+            value = _unquote_plus(value)
         fields.append((name, value))
     return fields
+
+
+def _unquote_plus(text: str) -> str:
+    """``unquote_plus(text)``: of ASCII text (a query as it arrives) what ``unquote`` makes of
+    its one ASCII run, without looking for the runs (two thirds of the cost)."""
+    if text.isascii():
+        return unquote_to_bytes(text.replace("+", " ")).decode("utf-8", "replace")
+    return unquote_plus(text)
 
 
 def _bool(raw: Mapping[str, Any], name: str) -> bool:
