@@ -227,14 +227,14 @@ def parse_beacon(raw: Mapping[str, Any]) -> Beacon:
         except ValueError:
             raise BeaconError("event_id", "event_id must be a UUID") from None
     visitor = _string(raw, "visitor", MAX_VISITOR)
-    return Beacon(
-        site=site,
-        type=kind,
-        url=_url(raw, "url", required=kind == "pageview"),
-        referrer=_url(raw, "referrer", required=False, web=False),
-        title=_string(raw, "title", MAX_TITLE) or "",
-        member=_bool(raw, "member"),
-        event_id=event_id or None,
-        visitor=visitor or None,
-        member_token=_string(raw, "member_token", MAX_TOKEN) or None,
+    return Beacon(  # (by position: half the cost of by keyword)
+        site,
+        kind,
+        _url(raw, "url", required=kind == "pageview"),
+        _url(raw, "referrer", required=False, web=False),
+        _string(raw, "title", MAX_TITLE) or "",
+        _bool(raw, "member"),
+        event_id or None,
+        visitor or None,
+        _string(raw, "member_token", MAX_TOKEN) or None,
     )
