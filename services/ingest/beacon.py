@@ -25,7 +25,7 @@ import unicodedata
 import uuid
 from collections.abc import Mapping
 from typing import Any, NamedTuple
-from urllib.parse import unquote_plus, urlsplit
+from urllib.parse import unquote_plus, unquote_to_bytes, urlsplit
 
 from services.memo import memo
 from services.record import _CANONICAL_UUID, EVENT_TYPES
@@ -45,6 +45,13 @@ _TRUE = ("1", "true")
 _BOOL_STRINGS = ("1", "true", "0", "false", "")
 _URL_SCHEMES = ("http", "https")
 _SCHEME = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*").fullmatch  # RFC 3986
+# The usual URL: scheme://host[/?#rest], a host of letters, digits, dots and hyphens (no user,
+# port or brackets), visible ASCII after it. ``urlsplit`` finds nothing wrong with one (the
+# scheme aside): it is known good at a tenth of the cost (``_problem``'s memo misses when the
+# readers are spread over many pages).
+_PLAIN_URL = re.compile(
+    r"([A-Za-z][A-Za-z0-9+.-]*)://[A-Za-z0-9.-]+(?:[/?#][\x21-\x7e]*)?"
+).fullmatch
 
 
 class BeaconError(ValueError):
@@ -122,6 +129,9 @@ def _referrer_problem(value: str) -> str | None:
 
 
 def _problem(value: str, *, web: bool) -> str | None:
+    plain = _PLAIN_URL(value)
+    if plain is not None and (not web or plain[1].lower() in _URL_SCHEMES):
+        return None
     if " " in value:  # clean() made every white space a space; a URL has none
         return "must not contain white space"
     try:
@@ -150,11 +160,19 @@ def query_fields(query: str) -> list[tuple[str, str]]:
             continue
         name, _, value = part.partition("=")
         if "%" in name or "+" in name:
-            name = unquote_plus(name)
+            name = _unquote_plus(name)
         if "%" in value or "+" in value:
-            value = unquote_plus(value)
+            value = _unquote_plus(value)
         fields.append((name, value))
     return fields
+
+
+def _unquote_plus(text: str) -> str:
+    """``unquote_plus(text)``: of ASCII text (a query as it arrives) what ``unquote`` makes of
+    its one ASCII run, without looking for the runs (two thirds of the cost)."""
+    if text.isascii():
+        return unquote_to_bytes(text.replace("+", " ")).decode("utf-8", "replace")
+    return unquote_plus(text)
 
 
 def _bool(raw: Mapping[str, Any], name: str) -> bool:
@@ -209,14 +227,14 @@ def parse_beacon(raw: Mapping[str, Any]) -> Beacon:
         except ValueError:
             raise BeaconError("event_id", "event_id must be a UUID") from None
     visitor = _string(raw, "visitor", MAX_VISITOR)
-    return Beacon(
-        site=site,
-        type=kind,
-        url=_url(raw, "url", required=kind == "pageview"),
-        referrer=_url(raw, "referrer", required=False, web=False),
-        title=_string(raw, "title", MAX_TITLE) or "",
-        member=_bool(raw, "member"),
-        event_id=event_id or None,
-        visitor=visitor or None,
-        member_token=_string(raw, "member_token", MAX_TOKEN) or None,
+    return Beacon(  # (by position: half the cost of by keyword)
+        site,
+        kind,
+        _url(raw, "url", required=kind == "pageview"),
+        _url(raw, "referrer", required=False, web=False),
+        _string(raw, "title", MAX_TITLE) or "",
+        _bool(raw, "member"),
+        event_id or None,
+        visitor or None,
+        _string(raw, "member_token", MAX_TOKEN) or None,
     )

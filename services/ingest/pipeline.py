@@ -26,7 +26,7 @@ from services.ingest.publish_types import OutRecord
 from services.ingest.ratelimit import RateLimiter
 from services.ingest.visitor import VisitorHasher, verify_member_token
 from services.memo import memo
-from services.record import Event, encode, record_key
+from services.record import encode_fields, record_key
 from services.sites import Registry
 
 DropReason = Literal["unknown_site", "origin", "rate_limit", "dnt", "gpc", "unavailable"]
@@ -245,7 +245,7 @@ class Pipeline:
             key = self.hasher.portal_key(site.id, beacon.visitor)
         else:
             key = self.hasher.key(site.id, client.address, client.user_agent, now_ms)
-        event = Event(
+        value = encode_fields(
             event_id=beacon.event_id or new_event_id(),
             site=site.id,
             type=beacon.type,
@@ -265,7 +265,7 @@ class Pipeline:
                 metrics.BEACONS_ACCEPTED.labels(site.id),
                 metrics.INGEST_REQUESTS.labels(endpoint, "accepted"),
             )
-        return OutRecord(record_key(site.id, key.visitor), encode(event), key.shard, counters)
+        return OutRecord(record_key(site.id, key.visitor), value, key.shard, counters)
 
     def settle(self, exc: BaseException | None) -> Outcome:
         """The outcome of a publication: done (counted by the publisher), or refused."""

@@ -3,6 +3,7 @@ naming a field comes out; what comes out is clean and within its limits."""
 
 from __future__ import annotations
 
+import re
 import unicodedata
 import uuid
 from typing import Any
@@ -20,6 +21,7 @@ from services.ingest.beacon import (
     MAX_VISITOR,
     Beacon,
     BeaconError,
+    _problem,
     clean,
     parse_beacon,
     query_fields,
@@ -241,3 +243,42 @@ def test_query_fields_refuse_too_many() -> None:
         query_fields("&".join(f"k{i}=1" for i in range(MAX_KEYS + 1)))
     assert err.value.field == "query"
     assert len(query_fields("&".join(f"k{i}=1" for i in range(MAX_KEYS)))) == MAX_KEYS
+
+
+def _urlsplit_problem(value: str, web: bool) -> str | None:
+    """What ``_problem`` finds, by ``urlsplit`` alone (what it did before its fast path)."""
+    if " " in value:
+        return "must not contain white space"
+    try:
+        parts = urlsplit(value)
+        parts.port  # noqa: B018
+        host = parts.hostname
+    except ValueError:
+        return "is not a valid URL"
+    if web and (parts.scheme.lower() not in ("http", "https") or not host):
+        return "must be an absolute http(s) URL"
+    if not web and not (re.fullmatch(r"[A-Za-z][A-Za-z0-9+.-]*", parts.scheme) and host):
+        return "must be an absolute URL"
+    return None
+
+
+url_pieces = st.sampled_from(
+    [
+        *("http", "HTTPS", "hTtP", "ftp", "a+b", "1x", "://", ":", "/", "//", "?", "#", "[", "]"),
+        *("@", ".", "-", "%", "+", "a", "Z", "9", "\u00e9", "\t", " ", "\x00", "ex.com", ":80"),
+        *(":99999", "[::1]", "\u2100", "\uff41"),
+    ]
+)
+
+
+@settings(max_examples=1000)
+@given(
+    st.sampled_from(["", "http://", "https://", "HTTP://", "android-app://", "ftp://"]),
+    st.lists(url_pieces, max_size=8).map("".join),
+    st.booleans(),
+)
+@example("https://", "a.vn:99999/", True)
+@example("http://", "[::1]/", False)
+def test_url_checks_agree_with_urlsplit(prefix: str, rest: str, web: bool) -> None:
+    value = prefix + rest
+    assert _problem(value, web=web) == _urlsplit_problem(value, web)
