@@ -133,7 +133,7 @@ def decode(raw: bytes | None) -> Event:
         type(ts) is int
         and 0 < ts < _TS_LIMIT
         and type(ts_us) is int
-        and 0 <= ts_us - ts * 1000 < 1000
+        and 0 <= (micros := ts_us - ts * 1000) < 1000
         and (kind == "pageview" or kind == "heartbeat" or kind == "leave")
         and type(event_id) is str
         and _CANONICAL_UUID(event_id)
@@ -165,7 +165,7 @@ def decode(raw: bytes | None) -> Event:
                 url,
                 referrer,
                 title,
-                ts_us - ts * 1000,
+                micros,
             ),
         )
     return _decode_checked(value)
