@@ -13,7 +13,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from functools import partial
 from typing import Any, Protocol
 
@@ -326,16 +326,25 @@ class KafkaPublisher:
             if self._spool.empty() and self._broker_ok:
                 await asyncio.sleep(0.2)
                 continue
-            try:
-                await self._connect(10)
-                await self._drain(self._spool)
-                self._broker_ok = True
-                backoff = 0.2
-            except Exception as e:
-                metrics.PUBLISH_ERRORS.inc()
+            backoff = await self._attempt(lambda: self._drain(self._spool), backoff)
+
+    async def _attempt(self, step: Callable[[], Awaitable[None]], backoff: float) -> float:
+        """Run ``step`` against the broker once (connecting first); the backoff for the next
+        attempt: 0.2 s after a success, doubled up to 5 s after a failure (waited here)."""
+        try:
+            await self._connect(10)
+            await step()
+        except Exception as e:
+            metrics.PUBLISH_ERRORS.inc()
+            if self._broker_ok:
+                log.warning("publish failed (%r); spooling", e)
+            else:
                 log.info("broker still unreachable (%r); retrying in %.1fs", e, backoff)
-                await asyncio.sleep(backoff)
-                backoff = min(backoff * 2, 5.0)
+            self._broker_ok = False
+            await asyncio.sleep(backoff)
+            return min(backoff * 2, 5.0)
+        self._broker_ok = True
+        return 0.2
 
 
 class SpoolFirstPublisher(KafkaPublisher):
@@ -430,29 +439,18 @@ class SpoolFirstPublisher(KafkaPublisher):
                 self._shippable.clear()
                 await self._shippable.wait()
             started = loop.time()
-            try:
-                await self._connect(10)
-                records = self._spool.peek(self._ship_max)
-                await self._send(records)
-                self._spool.pop(len(records))
-                now = time.monotonic()
-                metrics.observe_many(
-                    metrics.PUBLISH_LATENCY, [now - r.accepted_at for r in records]
-                )
-                self._broker_ok = True
-                backoff = 0.2
-            except Exception as e:
-                metrics.PUBLISH_ERRORS.inc()
-                if self._broker_ok:
-                    log.warning("publish failed (%r); spooling", e)
-                else:
-                    log.info("broker still unreachable (%r); retrying in %.1fs", e, backoff)
-                self._broker_ok = False
-                await asyncio.sleep(backoff)
-                backoff = min(backoff * 2, 5.0)
-                continue
-            # records that came meanwhile gather until the next batch is due
-            await asyncio.sleep(max(0.0, started + self._linger - loop.time()))
+            backoff = await self._attempt(self._ship_batch, backoff)
+            if self._broker_ok:
+                # records that came meanwhile gather until the next batch is due
+                await asyncio.sleep(max(0.0, started + self._linger - loop.time()))
+
+    async def _ship_batch(self) -> None:
+        """Send the oldest records of the spool, then forget them."""
+        records = self._spool.peek(self._ship_max)
+        await self._send(records)
+        self._spool.pop(len(records))
+        now = time.monotonic()
+        metrics.observe_many(metrics.PUBLISH_LATENCY, [now - r.accepted_at for r in records])
 
 
 async def _close(producer: AIOKafkaProducer) -> None:
