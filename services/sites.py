@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import re
 import tomllib
 from collections.abc import Iterator, Mapping
@@ -31,9 +32,11 @@ class Site:
     # When set, `member: true` counts only with a valid signed member token (HMAC-SHA256).
     member_token_secret: bytes | None = None
 
-    @property
-    def tz(self) -> ZoneInfo:
-        return ZoneInfo(self.timezone)
+    # The zone of ``timezone``, made once (the aggregate asks for it once per event).
+    tz: ZoneInfo = dataclasses.field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "tz", ZoneInfo(self.timezone))
 
     def origin_allowed(self, origin: str) -> bool:
         return not self.origins or origin in self.origins

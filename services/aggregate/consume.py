@@ -637,13 +637,15 @@ class Consumer:
     # -- the loop -------------------------------------------------------------------------------
     async def run(self, drained: Callable[[], bool] = lambda: True) -> None:
         """Run until ``stopping`` is set and ``drained()`` says nothing more will arrive; the last
-        batch is written before returning. Full garbage collections run on a timer meanwhile
-        (see gcpause)."""
-        undo = gcpause.full_collections_every()
+        batch is written before returning. Garbage collections run on timers meanwhile, not
+        as objects are made (see gcpause)."""
+        undo_full = gcpause.full_collections_every()
+        undo_young = gcpause.young_collections_every()
         try:
             await self._run(drained)
         finally:
-            undo()
+            undo_young()
+            undo_full()
 
     async def _run(self, drained: Callable[[], bool]) -> None:
         agg, source, settings, stopping = (
