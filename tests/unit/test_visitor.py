@@ -1,8 +1,17 @@
 from __future__ import annotations
 
-import pytest
+import hmac
 
-from services.ingest.visitor import VisitorHasher, make_member_token, verify_member_token
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from services.ingest.visitor import (
+    KeyedSha256,
+    VisitorHasher,
+    make_member_token,
+    verify_member_token,
+)
 from services.settings import Settings
 from services.sites import Registry, RegistryError
 
@@ -68,3 +77,24 @@ def test_settings_from_the_environment() -> None:
     assert Settings.from_env({}).clickhouse_url == "chdb://./data/clickhouse"
     with pytest.raises(SystemExit, match="VISITORSTATS_PORT"):
         Settings.from_env({"VISITORSTATS_PORT": "eighty"})
+
+
+@given(key=st.binary(max_size=200), message=st.binary(max_size=300))
+def test_keyed_sha256_is_hmac_sha256(key: bytes, message: bytes) -> None:
+    assert KeyedSha256(key)(message) == hmac.digest(key, message, "sha256")
+
+
+def test_visitor_keys_are_the_documented_hmacs() -> None:
+    """Keys made before the hashing got cheaper stay the same: the README's recipe, by hand."""
+    secret, now_ms = b"a secret longer than one sha-256 block" * 2, 6 * DAY_MS + 600_000
+    material = b"s\x001.2.3.4\x00UA"
+
+    def mac(key: bytes, message: bytes) -> bytes:
+        return hmac.digest(key, message, "sha256")
+
+    key = VisitorHasher(secret, 86400, 3600).key("s", "1.2.3.4", "UA", now_ms)
+    assert key.visitor == mac(mac(secret, b"salt:6"), material)[:16].hex()
+    assert key.visitor_prev == mac(mac(secret, b"salt:5"), material)[:16].hex()
+    assert key.shard == int.from_bytes(mac(secret, b"shard\0" + material)[:4], "big")
+    portal = VisitorHasher(secret, 86400, 3600).portal_key("s", "user-42")
+    assert portal.visitor == mac(secret, b"s\0portal\0user-42")[:16].hex()
