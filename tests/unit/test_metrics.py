@@ -3,11 +3,15 @@ gives: the publisher counts a batch at once."""
 
 from __future__ import annotations
 
+import asyncio
+
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 
 from services import metrics
+from services.ingest.publish import LocalPublisher
+from services.ingest.publish_types import OutRecord
 
 BUCKETS = (0.001, 0.01, 0.1, 1.0)
 
@@ -38,3 +42,24 @@ def _samples(registry: CollectorRegistry) -> list[str]:
     # the exposition without the creation time stamps
     text = generate_latest(registry).decode()
     return [line for line in text.splitlines() if "_created" not in line]
+
+
+async def test_the_standalone_publisher_counts_what_it_handed_on_once_the_loop_turns() -> None:
+    registry = CollectorRegistry()
+    c = Counter("c", "c", ["site"], registry=registry)
+    a, b = c.labels("a"), c.labels("b")
+    published = metrics.BEACONS_PUBLISHED._value.get()
+    handed: list[OutRecord] = []
+    done: list[Exception | None] = []
+    publisher = LocalPublisher(handed.append)
+    await publisher.start()
+    for counters in ((a,), (a, b), ()):
+        publisher.submit(OutRecord(b"k", b"v", 0, counters), done.append)
+    assert len(handed) == len(done) == 3  # handed on and done at once
+    await asyncio.sleep(0)  # counted after the loop's turn
+    assert (a._value.get(), b._value.get()) == (2, 1)
+    assert metrics.BEACONS_PUBLISHED._value.get() == published + 3
+    publisher.submit(OutRecord(b"k", b"v", 0, (b,)), done.append)
+    await publisher.stop()  # what stop finds uncounted is counted
+    assert b._value.get() == 2
+    assert metrics.BEACONS_PUBLISHED._value.get() == published + 4
