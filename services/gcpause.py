@@ -108,8 +108,13 @@ def young_collections_every(seconds: float = YOUNG_COLLECTION_SECONDS) -> Callab
     ``python -m bench.inproc aggregate`` (timed with ``gc.callbacks``). On a one-second timer,
     the batches written meanwhile have died before it runs: 0.20-0.23 s, three collections of
     what is alive at the moment (up to ~70 ms each at 100,000 events/s, a pause the counter's
-    one-second tick absorbs). Cyclic garbage waits at most ``seconds`` (plus the loop's
-    current step) for its collection."""
+    one-second tick absorbs; in ``visitorstats run`` the beacons' answers wait through it too,
+    for less at lower rates: it walks what is alive, the batches not yet written). Cyclic
+    garbage waits at most ``seconds`` (plus the loop's current step) for its collection.
+
+    Not for the ingest's server processes: their young collections find nothing to collect, but
+    a once-a-second pause of a few milliseconds took the p99 at 20,000 beacons/s past 5 ms
+    (BENCHMARKS.md, round 10)."""
     loop = asyncio.get_running_loop()
     if not _young_users:
         _was_enabled[:] = [gc.isenabled()]
