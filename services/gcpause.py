@@ -59,35 +59,17 @@ def full_collections_every(seconds: float = FULL_COLLECTION_SECONDS) -> Callable
     counting state of every visitor included), ~100 ms at 1,000,000 online, and together they
     cost ~15 % of the consumer's time (``bench/inproc.py aggregate``, with ``gc.callbacks``).
     Cyclic garbage waits at most ``seconds`` for its collection."""
-    loop = asyncio.get_running_loop()
-    young, middle, old = gc.get_threshold()
-    if not _users:
+
+    def first() -> None:
+        young, middle, old = gc.get_threshold()
         _saved[:] = [old]
         gc.set_threshold(young, middle, _NEVER)
-    handle: asyncio.TimerHandle | None = None
 
-    def collect() -> None:
-        nonlocal handle
-        gc.collect()
-        handle = loop.call_later(seconds, collect)
+    def last() -> None:
+        young, middle, _ = gc.get_threshold()
+        gc.set_threshold(young, middle, _saved[0])
 
-    def cancel() -> None:
-        if handle is not None:
-            handle.cancel()
-
-    handle = loop.call_later(seconds, collect)
-    _users.append(cancel)
-
-    def undo() -> None:
-        if cancel not in _users:
-            return  # undone already
-        cancel()
-        _users.remove(cancel)
-        if not _users:
-            y, m, _ = gc.get_threshold()
-            gc.set_threshold(y, m, _saved[0])
-
-    return undo
+    return _on_a_timer(seconds, 2, _users, first, last)
 
 
 YOUNG_COLLECTION_SECONDS = 1.0
@@ -115,15 +97,36 @@ def young_collections_every(seconds: float = YOUNG_COLLECTION_SECONDS) -> Callab
     Not for the ingest's server processes: their young collections find nothing to collect, but
     a once-a-second pause of a few milliseconds took the p99 at 20,000 beacons/s past 5 ms
     (BENCHMARKS.md, round 10)."""
-    loop = asyncio.get_running_loop()
-    if not _young_users:
+
+    def first() -> None:
         _was_enabled[:] = [gc.isenabled()]
         gc.disable()
+
+    def last() -> None:
+        if _was_enabled[0]:
+            gc.enable()
+
+    return _on_a_timer(seconds, 1, _young_users, first, last)
+
+
+def _on_a_timer(
+    seconds: float,
+    generation: int,
+    users: list[Callable[[], None]],
+    first: Callable[[], None],
+    last: Callable[[], None],
+) -> Callable[[], None]:
+    """Collect ``generation`` (and the younger ones) every ``seconds`` from the running loop,
+    as one of ``users``: ``first`` runs before the first user's timer starts, ``last`` once the
+    last user has undone theirs. Returns the undo (undoing twice changes nothing)."""
+    loop = asyncio.get_running_loop()
+    if not users:
+        first()
     handle: asyncio.TimerHandle | None = None
 
     def collect() -> None:
         nonlocal handle
-        gc.collect(1)
+        gc.collect(generation)
         handle = loop.call_later(seconds, collect)
 
     def cancel() -> None:
@@ -131,14 +134,14 @@ def young_collections_every(seconds: float = YOUNG_COLLECTION_SECONDS) -> Callab
             handle.cancel()
 
     handle = loop.call_later(seconds, collect)
-    _young_users.append(cancel)
+    users.append(cancel)
 
     def undo() -> None:
-        if cancel not in _young_users:
+        if cancel not in users:
             return  # undone already
         cancel()
-        _young_users.remove(cancel)
-        if not _young_users and _was_enabled[0]:
-            gc.enable()
+        users.remove(cancel)
+        if not users:
+            last()
 
     return undo
