@@ -25,7 +25,7 @@ from typing import Any, TypeVar
 import clickhouse_connect
 import orjson
 
-from services import gcpause, metrics
+from services import metrics
 from services.aggregate.counting import Row
 from services.aggregate.migrate import migrations, render, schema_migrations_ddl
 from services.record import Event
@@ -92,40 +92,54 @@ def online_rows(
 _TS_JSON_LIMIT = 253_402_300_800_000
 
 
-def event_rows_json(rows: Sequence[Row], topic: str) -> bytes | None:
-    """The rows as ``JSONCompactEachRow`` (one array per row, comma-separated), in the order of
-    ``EVENT_COLUMNS``; None when a time stamp cannot go as text exactly (see above)."""
+def event_columns_json(rows: Sequence[Row], topic: str) -> bytes | None:
+    """The rows as ``JSONCompactColumns`` (one array per column, in the order of
+    ``EVENT_COLUMNS``); None when a time stamp cannot go as text exactly (see above).
+
+    Columns, not rows: ``zip`` turns the rows and their events into columns in C, and orjson
+    writes those tuples as they are. 0.35 µs a row, against 0.85 µs for a tuple per row in
+    ``JSONCompactEachRow`` (50,000 rows, ``time.process_time``), on the consumer's thread."""
     if not rows:
         return b""
-    stamps = [r.event.ts for r in rows]
+    events, visitors, starts_visit, pageviews, days, partitions, offsets = zip(*rows, strict=True)
+    (
+        event_ids,
+        sites,
+        types,
+        stamps,
+        visitor_keys,
+        _visitor_prevs,
+        members,
+        bots,
+        urls,
+        referrers,
+        titles,
+        micros,
+    ) = zip(*events, strict=True)
     if min(stamps) < 0 or max(stamps) >= _TS_JSON_LIMIT:
         return None
     return orjson.dumps(
-        [
-            (
-                e.site,
-                e.event_id,
-                e.type,
-                e.ts / 1000,
-                e.micros,
-                r.day,  # orjson writes a date as YYYY-MM-DD
-                r.visitor,
-                e.visitor,
-                e.member,
-                e.bot,
-                r.starts_visit,
-                r.pageview,
-                e.url,
-                e.referrer,
-                e.title,
-                topic,
-                r.partition,
-                r.offset,
-            )
-            for r in rows
-            for e in (r.event,)
-        ]
-    )[1:-1]
+        (
+            sites,
+            event_ids,
+            types,
+            [ts / 1000 for ts in stamps],
+            micros,
+            days,  # orjson writes a date as YYYY-MM-DD
+            visitors,
+            visitor_keys,
+            members,
+            bots,
+            starts_visit,
+            pageviews,
+            urls,
+            referrers,
+            titles,
+            (topic,) * len(rows),
+            partitions,
+            offsets,
+        )
+    )
 
 
 def event_columns(rows: Sequence[Row], topic: str) -> list[list[Any]]:
@@ -151,11 +165,6 @@ def event_columns(rows: Sequence[Row], topic: str) -> list[list[Any]]:
         [r.partition for r in rows],
         [r.offset for r in rows],
     ]
-
-
-def _event_block(rows: Sequence[Row], topic: str) -> bytes | None:
-    with gcpause.paused():  # 50,000 tuples that form no cycle (see gcpause)
-        return event_rows_json(rows, topic)
 
 
 def _next_offsets(c: Any, topic: str, partitions: list[int] | None) -> dict[int, int]:
@@ -360,10 +369,10 @@ class Store:
         """One INSERT: one part, atomic. ``token`` makes another insert with the same token a
         no-op (ClickHouse insert deduplication); see consume.py for how tokens are chosen.
 
-        The rows go as ``JSONCompactEachRow`` bytes built by orjson (``event_rows_json``):
+        The rows go as ``JSONCompactColumns`` bytes built by orjson (``event_columns_json``):
         ClickHouse parses them in C++ (chDB without holding the GIL), where clickhouse-connect's
-        own Native serialisation is Python, row by row."""
-        block = _event_block(rows, topic)
+        own Native serialisation is Python, value by value."""
+        block = event_columns_json(rows, topic)
         await self.run(lambda c: self._insert(c, rows, topic, token, block))
 
     def write_events(
@@ -381,7 +390,7 @@ class Store:
         caller first awaits), whose steps follow each other there without waiting for the
         event loop (busy counting the next batch meanwhile). ``done`` receives the index of
         each insert as it succeeds (for a retry after a failure)."""
-        blocks = [_event_block(rows, topic) for rows, _ in inserts]
+        blocks = [event_columns_json(rows, topic) for rows, _ in inserts]
 
         def job(c: Any) -> dict[int, int]:
             # one insert per partition: independent of each other, so side by side (the first
@@ -443,7 +452,8 @@ class Store:
 
     @staticmethod
     def _insert(c: Any, rows: Sequence[Row], topic: str, token: str, block: bytes | None) -> None:
-        """On the store's thread: the INSERT of ``insert_events`` (``block``: ``_event_block``)."""
+        """On the store's thread: the INSERT of ``insert_events`` (``block``:
+        ``event_columns_json``)."""
         started = time.monotonic()
         # through a cluster's Distributed table: written to the shard before the answer, so
         # that the check that follows (consume.py) reads it
@@ -455,7 +465,7 @@ class Store:
                     EVENT_COLUMNS,
                     insert_block=block,
                     settings=settings,
-                    fmt="JSONCompactEachRow",
+                    fmt="JSONCompactColumns",
                 )
             else:
                 c.insert(

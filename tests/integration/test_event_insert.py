@@ -1,4 +1,4 @@
-"""``Store.insert_events`` sends the rows as JSONCompactEachRow text (``event_rows_json``): the
+"""``Store.insert_events`` sends the rows as JSONCompactColumns text (``event_columns_json``): the
 rows stored must be exactly those of clickhouse-connect's Native insert of the same columns
 (``event_columns``), on chDB and over HTTP, whatever the strings hold."""
 
@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 
 from services.aggregate.counting import Row
-from services.aggregate.store import EVENT_COLUMNS, Store, event_columns, event_rows_json
+from services.aggregate.store import EVENT_COLUMNS, Store, event_columns, event_columns_json
 from services.record import Event
 from tests.support.chdb_http import ChdbHttpServer
 
@@ -138,7 +138,7 @@ async def native_insert(store: Store, batch: list[Row], topic: str) -> None:
 
 async def test_json_insert_stores_what_the_native_insert_stores(store: Store) -> None:
     batch = rows()
-    assert event_rows_json(batch, "json") is not None
+    assert event_columns_json(batch, "json") is not None
     await store.insert_events(batch, "json", "json;0;0")
     await native_insert(store, batch, "native")
     got = await stored(store, "json")
@@ -183,7 +183,7 @@ async def test_a_time_stamp_text_cannot_carry_goes_as_native_columns(store: Stor
     batch = rows(6)
     batch[2] = batch[2]._replace(event=batch[2].event._replace(ts=ts))
     topic = f"far-{ts}"
-    assert event_rows_json(batch, topic) is None
+    assert event_columns_json(batch, topic) is None
     await store.insert_events(batch, topic, f"{topic};0;0")
     await native_insert(store, batch, f"{topic}-native")
     got = await stored(store, topic)
