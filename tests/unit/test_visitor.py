@@ -7,6 +7,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from services.ingest.visitor import (
+    KEY_CACHE_SIZE,
     KeyedSha256,
     VisitorHasher,
     make_member_token,
@@ -98,3 +99,21 @@ def test_visitor_keys_are_the_documented_hmacs() -> None:
     assert key.shard == int.from_bytes(mac(secret, b"shard\0" + material)[:4], "big")
     portal = VisitorHasher(secret, 86400, 3600).portal_key("s", "user-42")
     assert portal.visitor == mac(secret, b"s\0portal\0user-42")[:16].hex()
+
+
+def test_a_full_key_cache_forgets_its_oldest_sixteenth_and_keys_stay_the_same() -> None:
+    h = VisitorHasher(b"secret", 86400, 3600)
+    now = 5 * DAY_MS + 20 * 3_600_000
+    first = h.key("s", "10.0.0.0", "UA", now)
+    for i in range(1, KEY_CACHE_SIZE):
+        h.key("s", f"10.0.{i // 256}.{i % 256}", "UA", now)
+    assert len(h._keys) == KEY_CACHE_SIZE  # full, nothing dropped yet
+    newest = h.key("s", "10.1.0.0", "UA", now)  # one more: the oldest sixteenth goes
+    assert len(h._keys) == KEY_CACHE_SIZE - KEY_CACHE_SIZE // 16 + 1
+    cached = {key[1] for key in h._keys}
+    assert "10.0.0.0" not in cached and "10.0.15.255" not in cached  # the 4,096 oldest
+    assert "10.0.16.0" in cached and "10.1.0.0" in cached
+    assert h.key("s", "10.0.0.0", "UA", now) == first  # made again, the same
+    assert h.key("s", "10.1.0.0", "UA", now) == newest
+    h.key("s", "10.0.0.0", "UA", now + DAY_MS)  # a new salt period empties it
+    assert len(h._keys) == 1
