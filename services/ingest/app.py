@@ -41,6 +41,7 @@ from services.ingest.pipeline import (
 )
 from services.ingest.publish import Unavailable
 from services.ingest.publish_types import OutRecord
+from services.memo import forget_oldest
 from services.settings import Settings
 
 PIPELINE = web.AppKey("pipeline", Pipeline)
@@ -199,7 +200,7 @@ class _Ingest:
             # every reader behind it would share one budget, so it is not rate-limited.
             limited = fwd is not None or not is_trusted(peer, self.trusted)
             if len(self._addresses) >= _ADDRESS_CACHE_SIZE:
-                self._addresses.clear()
+                forget_oldest(self._addresses)
             known = self._addresses[key] = (address, limited)
         address, limited = known
         return ClientContext(  # (by position: half the cost of by keyword)

@@ -20,11 +20,11 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-from itertools import islice
 from typing import NamedTuple
 
+from services.memo import forget_oldest
+
 KEY_CACHE_SIZE = 65_536
-_EVICTED = KEY_CACHE_SIZE // 16  # entries dropped at once from a full cache, oldest first
 _BLOCK = 64  # SHA-256's block size in bytes
 _IPAD = bytes(x ^ 0x36 for x in range(256))
 _OPAD = bytes(x ^ 0x5C for x in range(256))
@@ -96,11 +96,7 @@ class VisitorHasher:
             self._keys.clear()
             self._keys_period = period
         elif len(self._keys) >= KEY_CACHE_SIZE:
-            # The oldest sixteenth goes, not all: emptying 65,536 entries took ~5 ms, a pause
-            # every few seconds for the beacons waiting on this process at full load.
-            keys = self._keys
-            for stale in list(islice(keys, _EVICTED)):
-                del keys[stale]
+            forget_oldest(self._keys)
         material = f"{site}\0{address}\0{user_agent}".encode()
         visitor = self._salt(period)(material)[:16].hex()
         prev = None

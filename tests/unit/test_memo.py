@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import gc
 
-from services.memo import memo
+from services.memo import forget_oldest, memo
 
 
 def test_memo_answers_as_the_function_and_stays_bounded() -> None:
@@ -18,8 +18,9 @@ def test_memo_answers_as_the_function_and_stays_bounded() -> None:
 
     assert [square(n) for n in (1, 2, 1, 3, 2)] == [1, 4, 1, 9, 4]
     assert calls == [1, 2, 3]  # answered from the memo the second time
-    assert square(4) == 16  # full: emptied, then kept
-    assert square(1) == 1
+    assert square(4) == 16  # full: the oldest (1) forgotten, then kept
+    assert square(3) == 9  # still kept
+    assert square(1) == 1  # made again
     assert calls == [1, 2, 3, 4, 1]
 
 
@@ -35,3 +36,12 @@ def test_memo_of_atomic_values_is_invisible_to_the_collector() -> None:
     cells = [c.cell_contents for c in text.__closure__ or () if isinstance(c.cell_contents, dict)]
     assert cache is not None and len(cells) == 1 and len(cells[0]) == 500
     assert not gc.is_tracked(cells[0])
+
+
+def test_a_full_cache_forgets_its_oldest_sixteenth() -> None:
+    cache = {n: str(n) for n in range(1000)}
+    forget_oldest(cache)
+    assert list(cache) == list(range(62, 1000))  # 1000 // 16 = 62 oldest gone, order kept
+    small = {"a": 1, "b": 2}
+    forget_oldest(small)
+    assert small == {"b": 2}  # at least one
