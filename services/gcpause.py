@@ -1,17 +1,15 @@
-"""Pausing Python's cyclic garbage collector over the allocation-heavy steps of a batch.
+"""Python's cyclic garbage collector on timers instead of on allocation counts.
 
-Counting a batch makes four objects per record that live until the batch is written (the event,
-its row, their strings) and frees the rest by reference counting; none of it forms a cycle.
-With the collector on, every 700 of those allocations trigger a collection, and the survivors
-soon make it walk the whole heap again and again: measured, that cost more than decoding and
-counting themselves (``bench/inproc.py aggregate``, main-thread CPU per event). Paused over the
-step, the collector runs once after it instead, over what the step left. Full collections,
-which walk the whole heap, run on a timer instead of every few batches
-(``full_collections_every``).
-
-A consumer goes further (``young_collections_every``): no automatic collection at all while it
-runs, the young generations collected on a timer too. Its batches' objects live a fraction of
-a second, so by the timer's turn most have died by reference counting and are never walked.
+Counting a batch makes three objects per record that live until the batch is written (the
+fetched record, its event, its row) and frees the rest by reference counting; none of it forms
+a cycle. With the collector on, every 700 of those allocations trigger a young collection, and
+the survivors soon make it walk the whole heap again and again: measured, that cost more than
+decoding and counting themselves (``bench/inproc.py aggregate``, main-thread CPU per event).
+So while a consumer runs there is no automatic collection at all: the young generations are
+collected once a second (``young_collections_every``), when most of the batches' objects have
+died by reference counting and are never walked, and full collections, which walk the whole
+heap, once a minute (``full_collections_every``). (Until the eighth session the collector was
+paused over each batch's counting instead; that only moved the walks to just after it.)
 
 Every server process does the same for full collections from its start
 (``services.http.serve``): under load, the ingest's caches (visitor keys, addresses, memos)
@@ -22,24 +20,8 @@ with nothing to collect.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import gc
-from collections.abc import Callable, Iterator
-
-
-@contextlib.contextmanager
-def paused() -> Iterator[None]:
-    """No cyclic collection inside the block (reference counting still frees everything);
-    the collector's previous state is restored after it, whatever happens."""
-    if not gc.isenabled():
-        yield
-        return
-    gc.disable()
-    try:
-        yield
-    finally:
-        gc.enable()
-
+from collections.abc import Callable
 
 FULL_COLLECTION_SECONDS = 60.0
 _NEVER = 1 << 30  # young collections before an automatic full one: never in practice

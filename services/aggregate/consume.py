@@ -269,8 +269,7 @@ class Aggregator:
         bad: list[tuple[InRecord, str]] = []
         if batch.empty():
             batch.started = time.monotonic()
-        with gcpause.paused():
-            duplicates = self._count(records, bad)
+        duplicates = self._count(records, bad)
         if duplicates:
             metrics.EVENTS_COUNTED.labels("duplicate").inc(duplicates)
         metrics.EVENTS_CONSUMED.inc(len(records))
