@@ -235,6 +235,9 @@ FROM peaks GROUP BY site
 # could be taken for a gone owner's.
 ONLINE_GRACE_MS = 5_000
 
+# The longest a counter refresh waits for a write of events to land its online tallies too.
+LANDING_WAIT_SECONDS = 1.0
+
 
 class Store:
     def __init__(self, url: str) -> None:
@@ -252,6 +255,12 @@ class Store:
         self._idle_insert_clients: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self._insert_clients: list[Any] = []
         self._insert_clients_lock = threading.Lock()
+        # Held by a write of events from its first insert to its online tallies, and by the
+        # counter's read: a refresh sees a batch's page views and who they made online together
+        # (an instant between the two inserts would show the page views without the visitors).
+        # Across processes (several consumers of one topic) the tallies of another's batch may
+        # follow its page views by a refresh.
+        self._landing = threading.Lock()
 
     # -- plumbing -------------------------------------------------------------------------------
     def _new_client(self) -> Any:
@@ -381,6 +390,10 @@ class Store:
         blocks = [event_columns_json(rows, topic) for rows, _ in inserts]
 
         def job(c: Any) -> dict[int, int]:
+            with self._landing:
+                return land(c)
+
+        def land(c: Any) -> dict[int, int]:
             # one insert per partition: independent of each other, so side by side (the first
             # on this thread's client); the check reads them all once every one is done
             others = [
@@ -584,15 +597,16 @@ class Store:
             days: dict[str, dict[date, tuple[int, int]]] = {}
             totals: dict[str, tuple[int, int]] = {}
             peaks: dict[str, tuple[int, int]] = {}
-            for kind, site, day, a, b, n in c.query(
-                NUMBERS_QUERY,
-                parameters={
-                    "since": since_day,
-                    "topic": topic,
-                    "sites": sites,
-                    "cutoffs": cutoffs,
-                },
-            ).result_rows:
+            parameters = {"since": since_day, "topic": topic, "sites": sites, "cutoffs": cutoffs}
+            # not between a write's page views and its tallies; a write that takes longer
+            # (ClickHouse slow to answer) does not hold the counter back
+            landed = self._landing.acquire(timeout=LANDING_WAIT_SECONDS)
+            try:
+                result = c.query(NUMBERS_QUERY, parameters=parameters).result_rows
+            finally:
+                if landed:
+                    self._landing.release()
+            for kind, site, day, a, b, n in result:
                 if kind == "online":
                     online[site] = Online(a, b, n)
                 elif kind == "day":

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import random
+import threading
 import uuid
 from datetime import date
 from pathlib import Path
@@ -19,6 +20,7 @@ from zoneinfo import ZoneInfo
 
 import pytest
 
+from services.aggregate import store as store_module
 from services.aggregate.consume import TALLY_REFRESH_MS, Aggregator, Consumer
 from services.aggregate.counting import PartitionState
 from services.aggregate.migrate import migrations, render, schema_migrations_ddl
@@ -435,3 +437,65 @@ async def test_the_consume_loop_ticks_visitors_out_when_their_window_ends(store:
     finally:
         stopping.set()
         await task
+
+
+def pageviews_of_new_visitors(first: int, n: int) -> list[InRecord]:
+    """The first page views on ``long`` of guests ``first`` to ``first + n - 1``, one per
+    partition in turn."""
+    out = []
+    for i in range(first, first + n):
+        event = Event(
+            str(uuid.uuid4()), "long", "pageview", T0 + i, f"{i + 1:032x}", None, False, False,
+            "https://x.example.vn/", "", "",
+        )  # fmt: skip
+        out.append(InRecord(i % PARTITIONS, i // PARTITIONS, encode(event)))
+    return sorted(out, key=lambda r: r.partition)
+
+
+async def test_a_refresh_sees_a_writes_page_views_and_their_visitors_together(
+    store: Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The events of a flush land before its tallies (two inserts): a counter refresh in
+    between would show the page views without the visitors. It waits for the tallies; for at
+    most ``LANDING_WAIT_SECONDS`` when the write is stuck."""
+    tallying, go_on = threading.Event(), threading.Event()
+    insert_online = Store._insert_online
+
+    def held_back(c: Any, rows: list[list[Any]]) -> None:  # the real insert, once let go
+        tallying.set()
+        go_on.wait(30)
+        insert_online(c, rows)
+
+    monkeypatch.setattr(Store, "_insert_online", staticmethod(held_back))
+    monkeypatch.setattr(store_module, "LANDING_WAIT_SECONDS", 30.0)
+    clock = Clock(T0 + 1_000)
+    agg = aggregator(store, clock)
+    await agg.assign(list(range(PARTITIONS)))
+    agg.process(pageviews_of_new_visitors(0, 6))
+    flushing = asyncio.ensure_future(agg.flush())
+    assert await asyncio.to_thread(tallying.wait, 30)  # the page views are stored now
+    stored = await store.run_read(lambda c: c.query("SELECT count() FROM events").result_rows)
+    assert stored == [(6,)]
+
+    reading = asyncio.ensure_future(store.snapshot(dict(WINDOWS), date(2026, 1, 1), clock.ms))
+    await asyncio.sleep(0.3)  # the read's turn comes while the tallies are held back
+    go_on.set()
+    snap = await reading
+    await flushing
+    assert snap.totals["long"] == (6, 6)
+    assert snap.online.get("long") == Online(6, 0, 0)
+
+    # a write that does not land its tallies holds the counter back no longer than the bound
+    go_on.clear()
+    tallying.clear()
+    monkeypatch.setattr(store_module, "LANDING_WAIT_SECONDS", 0.1)
+    agg.process(pageviews_of_new_visitors(6, 3))  # three more, each partition's next offset
+    flushing = asyncio.ensure_future(agg.flush())
+    assert await asyncio.to_thread(tallying.wait, 30)
+    snap = await asyncio.wait_for(
+        store.snapshot(dict(WINDOWS), date(2026, 1, 1), clock.ms), timeout=20
+    )
+    assert not flushing.done()
+    assert snap.totals["long"] == (9, 9)  # read while the write was still held
+    go_on.set()
+    await flushing
