@@ -26,8 +26,8 @@ from services.memo import forget_oldest
 
 KEY_CACHE_SIZE = 65_536
 _BLOCK = 64  # SHA-256's block size in bytes
-_IPAD = bytes(x ^ 0x36 for x in range(256))
-_OPAD = bytes(x ^ 0x5C for x in range(256))
+_IPAD = bytes([x ^ 0x36 for x in range(256)])
+_OPAD = bytes([x ^ 0x5C for x in range(256)])
 
 
 class KeyedSha256:
