@@ -324,11 +324,16 @@ def main() -> None:
     parser.add_argument("kind", choices=("aggregate", "memory"))
     parser.add_argument("--events", type=int, default=200_000)
     parser.add_argument("--visitors", type=int, default=1_000_000)
-    parser.add_argument("--workdir", type=Path, help="where chDB keeps its data (aggregate)")
+    parser.add_argument(
+        "--workdir", type=Path, help="where chDB keeps its data (aggregate; a new directory)"
+    )
     args = parser.parse_args()
     if args.kind == "aggregate":
         if args.workdir is None:
             parser.error("aggregate needs --workdir")
+        if (args.workdir / "clickhouse").exists():
+            # the same events again: their stored progress makes the consumer skip them all
+            parser.error(f"{args.workdir} was used by an earlier run: give a new --workdir")
         result = asyncio.run(aggregate(args.events, args.workdir))
     else:
         result = memory(args.visitors)
