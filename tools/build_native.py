@@ -10,7 +10,6 @@ wherever the package is). ``make pure`` removes every built file."""
 from __future__ import annotations
 
 import os
-import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -47,7 +46,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    if sys.argv[1:] == ["--list"]:  # for the Makefile
-        print(" ".join(MODULES))
-    else:
-        main()
+    main()

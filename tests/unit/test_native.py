@@ -4,6 +4,7 @@ product run, and never a build older than the sources."""
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import os
 import shutil
 import subprocess
@@ -13,13 +14,15 @@ from pathlib import Path
 import services
 from services import stale_native
 
-ROOT = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(ROOT / "tools"))
-from build_native import MODULES  # noqa: E402
+BUILD = Path(__file__).resolve().parents[2] / "tools" / "build_native.py"
 
 
 def test_the_beacons_hot_path_runs_compiled() -> None:
-    for path in MODULES:
+    spec = importlib.util.spec_from_file_location("build_native", BUILD)
+    assert spec is not None and spec.loader is not None
+    build = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(build)
+    for path in build.MODULES:
         name = path.removesuffix(".py").replace("/", ".")
         module = importlib.import_module(name)
         assert module.__file__ is not None and module.__file__.endswith(".so"), (
@@ -49,7 +52,7 @@ def test_a_build_is_stale_once_any_source_of_the_package_is_newer(tmp_path: Path
     assert stale_native(package) == [
         "services/ingest/app.cpython-311-x86_64-linux-gnu.so is older than services/sites.py"
     ]
-    (package / "ingest" / "app.cpython-311-x86_64-linux-gnu.so").unlink()
+    built.unlink()
     assert stale_native(package) == []  # the sources alone (make pure)
 
 
