@@ -5,7 +5,8 @@ leaves, POST /collect and GET /collect.gif, 20,480 client addresses, 3 browsers)
 request bytes to the server's fast lane (``LaneProtocol``) of a real ingest app whose publisher
 is the standalone ``LocalPublisher``; the answers go to a transport that only counts them. What
 is measured is the process's CPU time per beacon over the second pass (the first warms the
-memos), so it does not depend on what else the machine runs. ``--noop`` answers every lane
+memos), so it does not depend on what else the machine runs; full collections are on a timer,
+as in a server process (``services.gcpause``). ``--noop`` answers every lane
 request at once with a ready reply: the lane's own parsing. Prints one ``BENCH {...}`` line;
 checked: every beacon answered, every accepted one handed on.
 """
@@ -24,6 +25,7 @@ from urllib.parse import quote
 import uvloop
 
 from bench.wrkrun import BENCH_SITES
+from services import gcpause
 from services.fastlane import LaneProtocol, RawRequest, Reply
 from services.http import LANE_ROUTES, _Gate
 from services.ingest import app as ingest_app
@@ -111,6 +113,7 @@ async def run(beacons: int, noop: bool) -> dict[str, Any]:
 
         routes = dict.fromkeys(routes, answer)
     data = requests(beacons)
+    undo_full_collections = gcpause.full_collections_every()  # as a server process does
     transport = _Transport()
     conn = LaneProtocol(routes, asyncio.Protocol, _Gate(10), 8190, 100)
     conn.connection_made(transport)  # type: ignore[arg-type]
@@ -123,6 +126,7 @@ async def run(beacons: int, noop: bool) -> dict[str, Any]:
     for chunk in data:
         feed(chunk)
     cpu = time.process_time() - started
+    undo_full_collections()
     return {
         "beacons": beacons,
         "answers": transport.answers,

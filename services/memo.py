@@ -6,14 +6,16 @@ collector tracks: 65,536 entries are 65,536 more objects that every full collect
 Here the entries live in a plain dict, which the collector does not track as long as keys and
 values are atomic (strings, numbers, ``None``, tuples of those); when it is full its oldest
 sixteenth is forgotten (``forget_oldest``: emptying all at once made a pause of its own).
+
+The memo is a class rather than a closure so that ``make native`` compiles its look-up: a
+call from compiled code then runs no interpreted frame (round 12 in BENCHMARKS.md).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from functools import wraps
 from itertools import islice
-from typing import Any, TypeVar
+from typing import Any, Generic, TypeVar
 
 K = TypeVar("K")
 V = TypeVar("V")
@@ -28,21 +30,26 @@ def forget_oldest(cache: dict[Any, Any], share: int = 16) -> None:
         del cache[stale]
 
 
-def memo(maxsize: int) -> Callable[[Callable[[K], V]], Callable[[K], V]]:
-    def decorate(fn: Callable[[K], V]) -> Callable[[K], V]:
-        cache: dict[K, V] = {}
-        get = cache.get
-        missing = object()
+class Memo(Generic[K, V]):
+    """``fn`` with its answers kept: at most ``maxsize``, in ``cache``."""
 
-        @wraps(fn)
-        def cached(arg: K) -> V:
-            value = get(arg, missing)
-            if value is missing:
-                if len(cache) >= maxsize:
-                    forget_oldest(cache)
-                value = cache[arg] = fn(arg)
-            return value  # type: ignore[return-value]
+    def __init__(self, fn: Callable[[K], V], maxsize: int) -> None:
+        self.fn = fn
+        self.maxsize = maxsize
+        self.cache: dict[K, V] = {}
 
-        return cached
+    def __call__(self, arg: K) -> V:
+        cache = self.cache
+        if arg in cache:
+            return cache[arg]
+        if len(cache) >= self.maxsize:
+            forget_oldest(cache)
+        value = cache[arg] = self.fn(arg)
+        return value
+
+
+def memo(maxsize: int) -> Callable[[Callable[[K], V]], Memo[K, V]]:
+    def decorate(fn: Callable[[K], V]) -> Memo[K, V]:
+        return Memo(fn, maxsize)
 
     return decorate

@@ -242,16 +242,18 @@ class Pipeline:
         now_us = int(now * 1_000_000)
         now_ms = now_us // 1000
         if beacon.visitor:
-            key = self.hasher.portal_key(site.id, beacon.visitor)
+            visitor, visitor_prev, shard = self.hasher.portal_key(site.id, beacon.visitor)
         else:
-            key = self.hasher.key(site.id, client.address, client.user_agent, now_ms)
+            visitor, visitor_prev, shard = self.hasher.key(
+                site.id, client.address, client.user_agent, now_ms
+            )
         value = encode_fields(
             event_id=beacon.event_id or new_event_id(),
             site=site.id,
             type=beacon.type,
             ts=now_ms,
-            visitor=key.visitor,
-            visitor_prev=key.visitor_prev,
+            visitor=visitor,
+            visitor_prev=visitor_prev,
             member=member and not bot,
             bot=bot,
             url=beacon.url,
@@ -265,7 +267,7 @@ class Pipeline:
                 metrics.BEACONS_ACCEPTED.labels(site.id),
                 metrics.INGEST_REQUESTS.labels(endpoint, "accepted"),
             )
-        return OutRecord(record_key(site.id, key.visitor), value, key.shard, counters)
+        return OutRecord(record_key(site.id, visitor), value, shard, counters)
 
     def settle(self, exc: BaseException | None) -> Outcome:
         """The outcome of a publication: done (counted by the publisher), or refused."""

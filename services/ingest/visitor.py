@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-from typing import NamedTuple
 
 from services.memo import forget_oldest
 
@@ -54,13 +53,12 @@ class KeyedSha256:
         return outer.digest()
 
 
-class VisitorKey(NamedTuple):
-    """(The key cache keeps plain tuples of its fields: a plain tuple of atomic values is not
-    tracked by the cyclic garbage collector, a named tuple always is.)"""
-
-    visitor: str
-    visitor_prev: str | None
-    shard: int
+# (visitor, visitor_prev, shard): the key under this period's salt, the key under the previous
+# one within ``salt_link_seconds`` of a rotation (else None), and the shard. A plain tuple: the
+# key cache keeps it as it is (a tuple of atomic values is not tracked by the cyclic garbage
+# collector, a named tuple always is), and compiled (``make native``) it is made and taken
+# apart without an interpreted frame (a named tuple's ``__new__`` is one).
+VisitorKey = tuple[str, str | None, int]
 
 
 class VisitorHasher:
@@ -72,7 +70,7 @@ class VisitorHasher:
         self._link_ms = salt_link_seconds * 1000
         self._salts: dict[int, KeyedSha256] = {}  # period -> HMAC under its salt
         # (site, address, user agent, period, within the link window) -> key
-        self._keys: dict[tuple[str, str, str, int, bool], tuple[str, str | None, int]] = {}
+        self._keys: dict[tuple[str, str, str, int, bool], VisitorKey] = {}
         self._keys_period = -1
 
     def _salt(self, period: int) -> KeyedSha256:
@@ -91,7 +89,7 @@ class VisitorHasher:
         cache_key = (site, address, user_agent, period, linked)
         known = self._keys.get(cache_key)
         if known is not None:
-            return VisitorKey(*known)
+            return known
         if period != self._keys_period:
             self._keys.clear()
             self._keys_period = period
@@ -103,13 +101,13 @@ class VisitorHasher:
         if linked:
             prev = self._salt(period - 1)(material)[:16].hex()
         key = self._keys[cache_key] = (visitor, prev, self._shard(material))
-        return VisitorKey(*key)
+        return key
 
     def portal_key(self, site: str, portal_visitor: str) -> VisitorKey:
         """The portal's own (stable, opaque) visitor id: hashed, never rotated."""
         material = f"{site}\0portal\0{portal_visitor}".encode()
         visitor = self._under_secret(material)[:16].hex()
-        return VisitorKey(visitor, None, self._shard(material))
+        return (visitor, None, self._shard(material))
 
     def _shard(self, material: bytes) -> int:
         digest = self._under_secret(b"shard\0" + material)

@@ -390,13 +390,25 @@ def test_dockerfile() -> None:
         if line.strip() and not line.lstrip().startswith("#"):
             keyword, _, rest = line.strip().partition(" ")
             instructions.append((keyword.upper(), rest.strip()))
-    assert instructions[0] == ("FROM", "python:3.11-slim")
-    assert any(k == "RUN" and "pip install ." in v for k, v in instructions)
-    (entrypoint,) = [json.loads(v) for k, v in instructions if k == "ENTRYPOINT"]
+    starts = [i for i, (k, _) in enumerate(instructions) if k == "FROM"]
+    stages = [instructions[i][1] for i in starts]
+    assert stages == ["python:3.11-slim AS native", "python:3.11-slim"]
+    native, image = instructions[starts[0] : starts[1]], instructions[starts[1] :]
+    # the first stage compiles the hot path as `make native` does; the image takes the result
+    assert ("COPY", "tools/build_native.py ./tools/") in native
+    assert any(k == "RUN" and "python tools/build_native.py" in v for k, v in native)
+    assert ("COPY", "--from=native /native /native") in image
+    (install,) = [v for k, v in image if k == "RUN" and "pip install ." in v]
+    assert "-exec touch" in install  # newer than the sources, or `import services` refuses them
+    assert 'm.__file__.endswith(".so")' in install  # the build fails if they do not load
+    (entrypoint,) = [json.loads(v) for k, v in image if k == "ENTRYPOINT"]
     assert entrypoint == ["visitorstats"]
-    (exposed,) = [v.split() for k, v in instructions if k == "EXPOSE"]
+    (exposed,) = [v.split() for k, v in image if k == "EXPOSE"]
     assert exposed == [str(INGEST_PORT), str(AGGREGATE_PORT)]
-    assert any(k == "USER" and v != "root" for k, v in instructions), "runs as root"
+    assert any(k == "USER" and v != "root" for k, v in image), "runs as root"
+    ignored = (DOCKERFILE.parent / "Dockerfile.dockerignore").read_text(encoding="utf-8")
+    assert "!tools/build_native.py" in ignored.splitlines()  # in the build context
+    assert "**/*.so" in ignored.splitlines()  # a local build never reaches the image
 
 
 def _check_sites_toml(text: str) -> None:

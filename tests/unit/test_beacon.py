@@ -7,7 +7,7 @@ import re
 import unicodedata
 import uuid
 from typing import Any
-from urllib.parse import parse_qsl, urlsplit
+from urllib.parse import parse_qsl, unquote_plus, urlsplit
 
 import pytest
 from hypothesis import HealthCheck, example, given, settings
@@ -22,6 +22,7 @@ from services.ingest.beacon import (
     Beacon,
     BeaconError,
     _problem,
+    _unquote_plus,
     clean,
     parse_beacon,
     query_fields,
@@ -236,6 +237,12 @@ def test_query_fields_read_as_parse_qsl(query: str) -> None:
         assert e.field == "query"
         got = "too many"
     assert got == expected
+
+
+@settings(max_examples=500)
+@given(st.text(alphabet="%+=&0123456789abcdefABCDEFgxyz ~é", max_size=40))
+def test_a_fields_escapes_decode_as_unquote_plus(text: str) -> None:
+    assert _unquote_plus(text) == unquote_plus(text)
 
 
 def test_query_fields_refuse_too_many() -> None:

@@ -21,22 +21,24 @@ DAY_MS = 86_400_000
 
 def test_visitor_key_rotates_daily_and_carries_the_previous_key_for_a_while() -> None:
     h = VisitorHasher(b"secret", 86400, 3600)
-    day1 = h.key("s", "1.2.3.4", "UA", 5 * DAY_MS + 20 * 3_600_000)
-    day2_early = h.key("s", "1.2.3.4", "UA", 6 * DAY_MS + 10 * 60_000)
-    day2_late = h.key("s", "1.2.3.4", "UA", 6 * DAY_MS + 2 * 3_600_000)
-    assert day1.visitor != day2_early.visitor
-    assert day2_early.visitor_prev == day1.visitor
-    assert day2_late.visitor == day2_early.visitor and day2_late.visitor_prev is None
-    assert day1.shard == day2_early.shard == day2_late.shard  # one partition across rotation
-    assert len(day1.visitor) == 32 and "1.2.3.4" not in day1.visitor
-    assert h.key("other", "1.2.3.4", "UA", 5 * DAY_MS).visitor != day1.visitor
-    assert h.key("s", "1.2.3.5", "UA", 5 * DAY_MS + 20 * 3_600_000).visitor != day1.visitor
+    # a key is (visitor, visitor_prev, shard)
+    day1, _, shard1 = h.key("s", "1.2.3.4", "UA", 5 * DAY_MS + 20 * 3_600_000)
+    day2_early, prev2_early, shard2_early = h.key("s", "1.2.3.4", "UA", 6 * DAY_MS + 10 * 60_000)
+    day2_late, prev2_late, shard2_late = h.key("s", "1.2.3.4", "UA", 6 * DAY_MS + 2 * 3_600_000)
+    assert day1 != day2_early
+    assert prev2_early == day1
+    assert day2_late == day2_early and prev2_late is None
+    assert shard1 == shard2_early == shard2_late  # one partition across rotation
+    assert len(day1) == 32 and "1.2.3.4" not in day1
+    assert h.key("other", "1.2.3.4", "UA", 5 * DAY_MS)[0] != day1
+    assert h.key("s", "1.2.3.5", "UA", 5 * DAY_MS + 20 * 3_600_000)[0] != day1
 
 
 def test_portal_visitor_ids_are_hashed_and_stable() -> None:
     h = VisitorHasher(b"secret", 86400, 3600)
     a, b = h.portal_key("s", "user-42"), h.portal_key("s", "user-42")
-    assert a == b and a.visitor_prev is None and "user-42" not in a.visitor
+    visitor, visitor_prev, _ = a
+    assert a == b and visitor_prev is None and "user-42" not in visitor
     assert VisitorHasher(b"other", 86400, 3600).portal_key("s", "user-42") != a
 
 
@@ -93,12 +95,14 @@ def test_visitor_keys_are_the_documented_hmacs() -> None:
     def mac(key: bytes, message: bytes) -> bytes:
         return hmac.digest(key, message, "sha256")
 
-    key = VisitorHasher(secret, 86400, 3600).key("s", "1.2.3.4", "UA", now_ms)
-    assert key.visitor == mac(mac(secret, b"salt:6"), material)[:16].hex()
-    assert key.visitor_prev == mac(mac(secret, b"salt:5"), material)[:16].hex()
-    assert key.shard == int.from_bytes(mac(secret, b"shard\0" + material)[:4], "big")
+    visitor, visitor_prev, shard = VisitorHasher(secret, 86400, 3600).key(
+        "s", "1.2.3.4", "UA", now_ms
+    )
+    assert visitor == mac(mac(secret, b"salt:6"), material)[:16].hex()
+    assert visitor_prev == mac(mac(secret, b"salt:5"), material)[:16].hex()
+    assert shard == int.from_bytes(mac(secret, b"shard\0" + material)[:4], "big")
     portal = VisitorHasher(secret, 86400, 3600).portal_key("s", "user-42")
-    assert portal.visitor == mac(secret, b"s\0portal\0user-42")[:16].hex()
+    assert portal[0] == mac(secret, b"s\0portal\0user-42")[:16].hex()
 
 
 def test_a_full_key_cache_forgets_its_oldest_sixteenth_and_keys_stay_the_same() -> None:
