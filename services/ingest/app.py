@@ -19,6 +19,8 @@ from __future__ import annotations
 import asyncio
 import base64
 import hashlib
+import json
+import re
 from importlib import resources
 from typing import Any, NamedTuple
 
@@ -133,6 +135,27 @@ class _Refused(Exception):
         self.status, self.message, self.field = status, message, field
 
 
+_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]").search
+
+
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")
+
+
+def _with_lone_surrogates(body: bytes) -> Any:
+    """A body orjson refused, read again when it holds a surrogate escape (``\\ud83d``).
+    JavaScript's ``JSON.stringify`` writes half of a character as one, for a string cut in the
+    middle of an emoji (a page title cut to its limit by another tracker, or by a portal's own
+    script), and orjson refuses a lone one; the standard library reads it, and ``clean`` then
+    drops it from the field. Anything else orjson refused stays refused."""
+    if _SURROGATE_ESCAPE(body) is not None:
+        try:
+            return json.loads(body.decode("utf-8"), parse_constant=_no_constant)
+        except (ValueError, RecursionError):
+            pass
+    raise _Refused(400, "the body is not valid JSON (UTF-8)", "body")
+
+
 def _outcome_label(status: int) -> str:
     return _OUTCOME_LABELS.get(status, "error")
 
@@ -241,7 +264,7 @@ class _Ingest:
             except orjson.JSONDecodeError as e:
                 if "depth" in str(e) or "recursion" in str(e):
                     raise _Refused(400, "the body is nested too deeply", "body") from None
-                raise _Refused(400, "the body is not valid JSON (UTF-8)", "body") from None
+                raw = _with_lone_surrogates(body)
             if type(raw) is not dict:
                 raise _Refused(400, "the body must be one JSON object", "body")
             return self._run("collect", raw, headers, peer)

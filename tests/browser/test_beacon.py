@@ -80,6 +80,23 @@ def test_a_page_view_shows_in_the_widget_with_the_reader_online(
     assert totals(service) == want
 
 
+def test_a_title_cut_at_its_limit_inside_an_emoji_is_still_a_page_view(
+    service: Service, portal: Portal, browsers: Browsers
+) -> None:
+    """The 512th UTF-16 unit of this title is the first half of an emoji: cut there, it would
+    be a lone surrogate, which JSON.stringify writes as an escape the service once refused (the
+    whole page view lost) and encodeURIComponent, the pixel's fallback, throws on. beacon.js
+    now cuts before the emoji, and the service drops such a half where another script sent
+    one (tests/integration/test_ingest_fuzz.py)."""
+    title = "Tin tức ".ljust(511, "x") + "\U0001f600 thêm"
+    page = portal.page("emoji", portal_page(service.url, title=title, heartbeat="3600"))
+    driver = browsers.open()
+    driver.get(page)
+    want = expect(guests=1, members=0, visits=1, pageviews=1)
+    assert wait_until(lambda: totals(service), lambda t: t == want) == want
+    assert metric(service.url, "visitorstats_ingest_requests_total", outcome="invalid") == 0
+
+
 def test_three_visitors_online_one_closes_a_tab_members_and_bots(
     service: Service, portal: Portal, browsers: Browsers
 ) -> None:

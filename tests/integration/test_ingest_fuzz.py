@@ -280,6 +280,34 @@ async def test_hostile_headers_are_text_not_a_crash(ingest: Ingest) -> None:
         await check(ingest, "/collect.gif", "get", sent, resp, await resp.read())
 
 
+async def test_a_lone_surrogate_escape_is_dropped_not_the_beacon(ingest: Ingest) -> None:
+    """JSON.stringify writes half of a character cut in two as an escape (``\\ud83d``), which
+    orjson refuses: the beacon is read again, and the half is dropped from its field."""
+    for title, kept in (
+        ("Tin t\\u1ee9c \\ud83d", "Tin tức"),
+        ("\\uDE00x", "x"),
+        ("\\ud83d\\ude00 ok", "\U0001f600 ok"),
+    ):
+        sent = len(ingest.records)
+        body = f'{{"site":"open","url":"https://a.vn/","title":"{title}"}}'.encode()
+        resp = await ingest.client.post(
+            "/collect", data=body, headers={"Content-Type": "text/plain", "User-Agent": UA}
+        )
+        assert await check(ingest, "/collect", "post", sent, resp, await resp.read()) == 202
+        assert json.loads(ingest.records[-1].value)["title"] == kept
+    for body in (
+        b'{"site":"op\\ud800en","url":"https://a.vn/"}',  # the site is not a site id
+        b'{"site":"open","url":"https://a.vn/","title":"\\ud83d","n":NaN}',  # still not JSON
+        b'{"site":"open","url":"https://a.vn/","title":"\\ud83d"',  # nor this
+        b"[" * 3000 + b'"\\ud83d"' + b"]" * 3000,  # nor this (too deep)
+    ):
+        sent = len(ingest.records)
+        resp = await ingest.client.post(
+            "/collect", data=body, headers={"Content-Type": "text/plain", "User-Agent": UA}
+        )
+        assert await check(ingest, "/collect", "post", sent, resp, await resp.read()) == 400
+
+
 async def test_a_head_request_is_not_a_page_view(ingest: Ingest) -> None:
     resp = await ingest.client.head("/collect.gif?site=open&url=https://a.vn/")
     assert resp.status == 405 and not ingest.records

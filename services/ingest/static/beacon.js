@@ -23,6 +23,14 @@
     return h;
   }
 
+  // At most max UTF-16 units, never half of a character: a lone surrogate is not text (JSON
+  // writes it as an escape, encodeURIComponent throws on it).
+  function cut(text, max) {
+    if (text.length <= max) return text;
+    var c = text.charCodeAt(max - 1);
+    return text.slice(0, c >= 0xd800 && c < 0xdc00 ? max - 1 : max);
+  }
+
   function beacon(body) {
     try {
       return n.sendBeacon(endpoint, new Blob([body], { type: "text/plain" }));
@@ -32,11 +40,11 @@
   }
 
   function send(type, referrer) {
-    var ev = { site: site, type: type, url: location.href.slice(0, 2048), member: member, event_id: uuid() };
+    var ev = { site: site, type: type, url: cut(location.href, 2048), member: member, event_id: uuid() };
     var q = [], k, body;
-    if (/^https?:/i.test(referrer)) ev.referrer = referrer.slice(0, 2048);
-    if (d.title) ev.title = d.title.slice(0, 512);
-    if (visitor) ev.visitor = visitor.slice(0, 128);
+    if (/^https?:/i.test(referrer)) ev.referrer = cut(referrer, 2048);
+    if (d.title) ev.title = cut(d.title, 512);
+    if (visitor) ev.visitor = cut(visitor, 128);
     body = JSON.stringify(ev);
     function fallback() {
       if (beacon(body)) return;
