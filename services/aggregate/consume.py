@@ -209,8 +209,8 @@ class Aggregator:
                     state = self._new_state(p, now)
                     # the rows that decide who is online now, too (even behind a future row)
                     rows = await self.store.recent_rows(self.topic, p, horizon_ms, now - longest_ms)
-                    for event, visitor, starts_visit in rows:
-                        state.replay(event, visitor, starts_visit)
+                    for event, visitor, starts_visit, in_visit in rows:
+                        state.replay(event, visitor, starts_visit, in_visit)
                     states[p] = state
                 break
             except Exception as e:

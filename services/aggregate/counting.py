@@ -6,7 +6,11 @@ It decides, for each event of one partition taken in log order, what the event c
 * a **duplicate** ``event_id`` (within ``dedup_horizon``) counts for nothing and is not stored;
 * a **bot** is stored for the ``online.bots`` tally and is never a visit or a page view;
 * a **visit** starts with a ``pageview`` after ``visit_timeout`` without any event from that
-  visitor (or their first ever); heartbeats and leaves keep a visit alive, never start one;
+  visitor (or their first ever); heartbeats and leaves keep a visit alive, never start one. A
+  run of events (no gap of ``visit_timeout``) that began with a heartbeat or a leave has no
+  visit to keep alive: its first page view begins one (a reader back at a tab hidden for an
+  hour, who then reads on; a visitor whose first beacon was a heartbeat). So every run with a
+  page view is one visit, whatever the order its events arrive in;
 * a **page view** is every accepted ``pageview``;
 * the **day** of a visit or page view is the date of its ``ts`` in the site's time zone.
 
@@ -62,6 +66,11 @@ class Row(NamedTuple):
     day: date
     partition: int
     offset: int
+    # whether the visitor's run of events (no gap of the visit timeout) has its visit, as of
+    # this row: False while a run that began with a heartbeat or a leave waits for its first
+    # page view. Stored, so that a rebuild knows it of a run that began before the rows it
+    # replays (``replay``).
+    in_visit: bool = True
 
 
 # tz -> (first ms, ms after the last, date) of the latest local day seen in that zone
@@ -183,11 +192,10 @@ class PartitionState:
         # (humans only), least recently updated first
         self._visitors: dict[Key, int] = {}
         self._aliases: dict[Key, Key] = {}  # key under a later salt -> canonical key
-        # visitor key -> the earliest stamp of their current run of events while that run has no
-        # visit (it began with a heartbeat or a leave): a page view that comes late but is
-        # earlier still begins it (see ``_note_run``); rare, so a dict of its own rather than
-        # a bit of every visitor's value
-        self._runs: dict[Key, int] = {}
+        # visitor keys whose current run of events has no visit yet (it began with a heartbeat
+        # or a leave): their next page view begins it (see ``_note_run``); rare, so a set of
+        # its own rather than a bit of every visitor's value
+        self._runs: set[Key] = set()
         # (site, event_id) -> stamp << _FLAG_BITS (the visitor's very value when it is their
         # latest),
         # in arrival order
@@ -305,7 +313,7 @@ class PartitionState:
         if event.bot:
             seen[seen_key] = stamp << _FLAG_BITS
             self._fold_bot(own, site, stamp, _LEAVE if kind_of_event == "leave" else 0)
-            return _new_row(Row, (event, visitor, False, False, day, partition, offset))
+            return _new_row(Row, (event, visitor, False, False, day, partition, offset, True))
         visitors = self._visitors
         aliases = self._aliases
         # (``_canonical``'s usual answers inlined: no alias, a known key or no previous key)
@@ -328,7 +336,7 @@ class PartitionState:
             starts_visit = pageview and opens
             kept = old & 28  # _WHEEL | _KIND
         if self._runs or (opens and not pageview):  # (``_note_run``'s usual answers inlined)
-            starts_visit = self._note_run(key, stamp, pageview, opens)
+            starts_visit = self._note_run(key, pageview, opens)
         if old is not None and stamp < old >> 5:  # a late row: the latest stays what it was
             visitors[key] = old
             seen[seen_key] = stamp << 5
@@ -355,36 +363,35 @@ class PartitionState:
             self._forget_visitors()
         if key != own:
             visitor = _visitor_of(key)
-        return _new_row(Row, (event, visitor, starts_visit, pageview, day, partition, offset))
+        in_visit = not (self._runs and key in self._runs)
+        return _new_row(
+            Row, (event, visitor, starts_visit, pageview, day, partition, offset, in_visit)
+        )
 
-    def _note_run(self, key: Key, stamp: int, pageview: bool, opens: bool) -> bool:
-        """Keep ``_runs`` for a human event of ``key`` (its time: ``stamp``); whether it starts
-        a visit.
+    def _note_run(self, key: Key, pageview: bool, opens: bool) -> bool:
+        """Keep ``_runs`` for a human event of ``key``; whether it starts a visit.
 
         ``opens``: no event of the visitor within the visit timeout before this one, as far as
         the events seen so far go (their first, or its ``ts`` at least the timeout after the
-        latest). Events of one visitor can arrive out of time order (two ingest processes, a
-        spool drained after an outage): a page view that arrives after a heartbeat of a run
-        that has no visit yet, but is earlier than every event of that run, begins the visit
-        it would have begun had it come first."""
+        latest): the event begins a run. A page view that begins a run begins its visit; a
+        heartbeat or a leave begins a run without one, and the run's first page view to arrive
+        begins it. (Events of one visitor can arrive out of time order: two ingest processes,
+        a spool drained after an outage. Either way the run has exactly one visit.)"""
         runs = self._runs
         if opens:
             if pageview:
-                runs.pop(key, None)
+                runs.discard(key)
                 return True
-            runs[key] = stamp
+            runs.add(key)
             return False
-        start = runs.get(key)
-        if start is None:
-            return False
-        if pageview and stamp <= start:
-            del runs[key]
+        if pageview and key in runs:
+            runs.remove(key)
             return True
-        if stamp < start:
-            runs[key] = stamp
         return False
 
-    def replay(self, event: Event, visitor: str, starts_visit: bool = False) -> None:
+    def replay(
+        self, event: Event, visitor: str, starts_visit: bool = False, in_visit: bool = True
+    ) -> None:
         """Re-apply a stored row's effect on the state (no decision is made again)."""
         site = event.site
         bits = self._site(site)
@@ -403,16 +410,12 @@ class PartitionState:
             self._aliases[self._visitor_key(bits, site, event.visitor)] = key
         visitors = self._visitors
         old = visitors.pop(key, None)
-        # the run the row belongs to, as ``_note_run`` saw it (a page view that opened a run
-        # began a visit: one that did not is a row whose run began before the rows replayed)
-        runs = self._runs
-        if starts_visit:
-            runs.pop(key, None)
-        elif old is None or ts - (old >> _SHIFT) >= self._timeout_ms:
-            if event.type != "pageview":
-                runs[key] = stamp
-        elif key in runs and stamp < runs[key]:
-            runs[key] = stamp
+        # the run the row belongs to, as ``_note_run`` left it (the row says: its run may have
+        # begun before the rows replayed)
+        if in_visit:
+            self._runs.discard(key)
+        else:
+            self._runs.add(key)
         if old is None or stamp >= old >> _FLAG_BITS:
             value = self._fold_human(key, old, site, stamp, flags | event.member << 1)
             self._seen[seen_key] = value
@@ -583,7 +586,7 @@ class PartitionState:
         """Forget a visitor: out of the tally too."""
         value = self._visitors.pop(key)
         if self._runs:
-            self._runs.pop(key, None)
+            self._runs.discard(key)
         kind = (value & _KIND) >> _KIND_SHIFT
         if kind or self._bots:
             site = self._site_of(key)

@@ -47,6 +47,7 @@ EVENT_COLUMNS = (
     "member",
     "bot",
     "starts_visit",
+    "in_visit",
     "pageview",
     "url",
     "referrer",
@@ -98,7 +99,9 @@ def event_columns(rows: Sequence[Row], topic: str) -> list[Sequence[Any]]:
     their events into columns in C."""
     if not rows:
         return [() for _ in EVENT_COLUMNS]
-    events, visitors, starts_visit, pageviews, days, partitions, offsets = zip(*rows, strict=True)
+    events, visitors, starts_visit, pageviews, days, partitions, offsets, in_visit = zip(
+        *rows, strict=True
+    )
     (
         event_ids,
         sites,
@@ -125,6 +128,7 @@ def event_columns(rows: Sequence[Row], topic: str) -> list[Sequence[Any]]:
         members,
         bots,
         starts_visit,
+        in_visit,
         pageviews,
         urls,
         referrers,
@@ -530,18 +534,19 @@ class Store:
 
     async def recent_rows(
         self, topic: str, partition: int, horizon_ms: int, since_ms: int | None = None
-    ) -> list[tuple[Event, str, bool]]:
+    ) -> list[tuple[Event, str, bool, bool]]:
         """The rows of one partition within ``horizon_ms`` of its latest, and those from
-        ``since_ms`` on, in log order: (event, canonical visitor, whether it began a visit)."""
+        ``since_ms`` on, in log order: (event, canonical visitor, whether it began a visit,
+        whether its run had one)."""
 
         # without ``since_ms``: the latest minus the horizon (a far future bound)
         since = max(0, since_ms) if since_ms is not None else 9_000_000_000_000
 
-        def query(c: Any) -> list[tuple[Event, str, bool]]:
+        def query(c: Any) -> list[tuple[Event, str, bool, bool]]:
             rows = c.query(
                 """
                 SELECT event_id, site, type, toUnixTimestamp64Milli(ts), micros, visitor_key,
-                       member, bot, visitor, starts_visit
+                       member, bot, visitor, starts_visit, in_visit
                 FROM events
                 WHERE topic = {topic:String} AND kafka_partition = {p:UInt32}
                   AND ts >= least(
@@ -573,8 +578,9 @@ class Store:
                     ),
                     visitor,
                     bool(starts),
+                    bool(in_visit),
                 )
-                for eid, site, typ, ts, micros, vkey, m, b, visitor, starts in rows
+                for eid, site, typ, ts, micros, vkey, m, b, visitor, starts, in_visit in rows
             ]
 
         return await self.run(query)

@@ -186,6 +186,27 @@ async def test_heartbeats_keep_a_visit_alive_but_never_start_one(rig: Rig) -> No
     assert c["online"]["total"] == 3
 
 
+async def test_a_run_that_began_with_a_heartbeat_has_its_visit_at_its_first_page_view(
+    rig: Rig,
+) -> None:
+    # a reader whose first beacon is a heartbeat (the page was open before), then reads on
+    await rig.send("hcm", "a", "heartbeat", t=T0)
+    await rig.send("hcm", "a", t=T0 + 1 * MIN)
+    await rig.send("hcm", "a", t=T0 + 2 * MIN)
+    c = await rig.counter("hcm", T0 + 2 * MIN)
+    assert (c["visits"]["today"], c["pageviews"]["today"]) == (1, 2)
+    # back at a tab hidden for 40 minutes: the heartbeat starts nothing, the page view read
+    # next begins the second visit
+    await rig.send("hcm", "a", "heartbeat", t=T0 + 42 * MIN)
+    c = await rig.counter("hcm", T0 + 42 * MIN)
+    assert (c["visits"]["today"], c["pageviews"]["today"]) == (1, 2)
+    await rig.send("hcm", "a", t=T0 + 43 * MIN)
+    await rig.send("hcm", "a", "heartbeat", t=T0 + 44 * MIN)
+    await rig.send("hcm", "a", t=T0 + 45 * MIN)
+    c = await rig.counter("hcm", T0 + 45 * MIN)
+    assert (c["visits"]["today"], c["pageviews"]["today"]) == (2, 4)
+
+
 async def test_midnight_in_ho_chi_minh_city(rig: Rig) -> None:
     before = at(HCM, 2026, 3, 4, 23, 50)
     after = at(HCM, 2026, 3, 5, 0, 10)

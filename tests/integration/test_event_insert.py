@@ -87,6 +87,7 @@ def rows(count: int = 60) -> list[Row]:
                 DAYS[i % len(DAYS)],
                 i % 3,
                 10 * i + 2**40 * (i % 2),
+                i % 5 != 0,
             )
         )
     return out
@@ -160,6 +161,7 @@ async def test_json_insert_stores_what_the_native_insert_stores(store: Store) ->
             int(e.member),
             int(e.bot),
             int(r.starts_visit),
+            int(r.in_visit),
             int(r.pageview),
             e.url,
             e.referrer,

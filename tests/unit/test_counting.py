@@ -39,16 +39,23 @@ def test_first_pageview_starts_a_visit_and_the_timeout_starts_another() -> None:
     assert all(r.pageview for r in (r1, r2, r3))
 
 
-def test_heartbeat_never_starts_a_visit_and_leave_keeps_it_alive() -> None:
+def test_heartbeats_never_start_a_visit_and_a_runs_first_page_view_does() -> None:
     s = PartitionState(0)
     hb = s.apply(ev("a", 0, "heartbeat"), UTC, 0, 0)
-    assert hb and not hb.starts_visit and not hb.pageview
+    assert hb and not hb.starts_visit and not hb.pageview and not hb.in_visit
     pv = s.apply(ev("a", 1 * MIN), UTC, 0, 1)
-    assert pv and not pv.starts_visit  # an event 1 minute earlier: no 30-minute silence
+    assert pv and pv.starts_visit and pv.in_visit  # the run had no visit: this begins it
     leave = s.apply(ev("a", 20 * MIN, "leave"), UTC, 0, 2)
-    assert leave and not leave.starts_visit
+    assert leave and not leave.starts_visit and leave.in_visit
     again = s.apply(ev("a", 45 * MIN), UTC, 0, 3)
-    assert again and not again.starts_visit  # 25 minutes after the leave
+    assert again and not again.starts_visit  # 25 minutes after the leave: the same visit
+    # back at a tab hidden for 45 minutes: the heartbeat begins a run but no visit, the first
+    # page view of that run begins one, the next ones do not
+    assert visits(s, [ev("a", k * MIN, t) for k, t in ((90, "heartbeat"), (91, "pageview"))]) == [
+        False,
+        True,
+    ]
+    assert visits(s, [ev("a", 95 * MIN, "heartbeat"), ev("a", 99 * MIN)], 6) == [False, False]
 
 
 def test_duplicates_are_dropped_and_bots_never_count() -> None:
@@ -180,17 +187,48 @@ def test_a_page_view_that_arrives_late_still_begins_its_visit() -> None:
     ]
 
 
-def test_a_late_page_view_after_an_earlier_event_begins_nothing() -> None:
+def test_a_late_page_view_of_a_run_without_a_visit_begins_it() -> None:
     s = PartitionState(0)
-    # by time: heartbeat at 0, page view at 5 s (an event 5 s before it), heartbeat at 10 s
+    # by time: heartbeat at 0, page view at 5 s, heartbeat at 10 s
     assert visits(s, [ev("a", 0, "heartbeat"), ev("a", 10_000, "heartbeat"), ev("a", 5_000)]) == [
         False,
         False,
-        False,
+        True,
     ]
     t = PartitionState(0)
     late_heartbeat = [ev("b", 10_000, "heartbeat"), ev("b", 2_000, "heartbeat"), ev("b", 5_000)]
-    assert visits(t, late_heartbeat) == [False, False, False]
+    assert visits(t, late_heartbeat) == [False, False, True]
+
+
+def rebuilt_from_the_last(rows: list[Any], horizon_ms: int) -> PartitionState:
+    """A new owner's state, from the stored rows within ``horizon_ms`` of the latest (as
+    ``Aggregator.rebuild`` reads them)."""
+    latest = max(r.event.ts for r in rows)
+    state = PartitionState(0)
+    for r in rows:
+        if r.event.ts >= latest - horizon_ms:
+            state.replay(r.event, r.visitor, r.starts_visit, r.in_visit)
+    return state
+
+
+def test_a_rebuild_knows_whether_a_run_begun_before_its_rows_has_its_visit() -> None:
+    """Runs of heartbeats longer than the rows a rebuild reads (an hour): one that began with
+    a page view has its visit, one that began with a heartbeat has none until a page view."""
+    live = PartitionState(0)
+    rows = [live.apply(ev("a", 0), UTC, 0, 0), live.apply(ev("b", 0, "heartbeat"), UTC, 0, 1)]
+    for k in range(1, 19):  # a heartbeat of each every 10 minutes, for three hours
+        rows += [live.apply(ev(v, k * 10 * MIN, "heartbeat"), UTC, 0, len(rows)) for v in "ab"]
+    rebuilt = rebuilt_from_the_last(rows, 60 * MIN)
+    after = [ev("a", 181 * MIN), ev("b", 181 * MIN), ev("b", 182 * MIN)]
+    assert (
+        visits(rebuilt, after, len(rows))
+        == visits(live, after, len(rows))
+        == [
+            False,  # a's visit began three hours ago, with its page view
+            True,  # b's run began with a heartbeat: its first page view begins the visit
+            False,
+        ]
+    )
 
 
 @settings(max_examples=200, deadline=None)
@@ -200,14 +238,14 @@ def test_a_late_page_view_after_an_earlier_event_begins_nothing() -> None:
     cut=st.integers(min_value=0, max_value=7),
     one_ms=st.booleans(),
 )
-def test_a_run_that_begins_with_a_page_view_is_one_visit_in_any_arrival_order(
+def test_a_run_with_a_page_view_is_one_visit_in_any_arrival_order(
     kinds: list[str], order: Any, cut: int, one_ms: bool
 ) -> None:
     """Events of one visitor within the visit timeout (minutes apart, or all in one millisecond
-    and ordered by their microseconds), the earliest a page view, arrive in any order; the
-    partition changes owner after ``cut`` of them (the new owner rebuilds from the rows):
-    exactly one visit."""
-    events = [ev("a", 0)] + [
+    and ordered by their microseconds) arrive in any order; the partition changes owner after
+    ``cut`` of them (the new owner rebuilds from the rows): exactly one visit when any of them
+    is a page view, none otherwise."""
+    events = [
         ev("a", 0, k, micros=i + 1) if one_ms else ev("a", (i + 1) * MIN, k)
         for i, k in enumerate(kinds)
     ]
@@ -217,6 +255,6 @@ def test_a_run_that_begins_with_a_page_view_is_one_visit_in_any_arrival_order(
     rebuilt = PartitionState(0)
     for r in rows:
         assert r is not None
-        rebuilt.replay(r.event, r.visitor, r.starts_visit)
+        rebuilt.replay(r.event, r.visitor, r.starts_visit, r.in_visit)
     later = [rebuilt.apply(e, UTC, 0, cut + i) for i, e in enumerate(events[cut:])]
-    assert sum(r is not None and r.starts_visit for r in rows + later) == 1
+    assert sum(r is not None and r.starts_visit for r in rows + later) == ("pageview" in kinds)

@@ -113,7 +113,7 @@ def run(steps: list[Step], expire_every: int) -> None:
     rebuilt = PartitionState(0, windows=WINDOWS)
     rebuilt.advance(now)
     for r in rows:
-        rebuilt.replay(r.event, r.visitor, r.starts_visit)
+        rebuilt.replay(r.event, r.visitor, r.starts_visit, r.in_visit)
     assert rebuilt.tallies() == oracle(rows, now, WINDOWS)
     for later in (1, 60_001, 300_001, 10**7):
         state.advance(now + later)
@@ -232,6 +232,6 @@ def test_rows_of_one_millisecond_go_by_their_microseconds_not_the_log() -> None:
         rebuilt.advance(T0)
         for r in rows:
             assert r is not None
-            rebuilt.replay(r.event, r.visitor, r.starts_visit)
+            rebuilt.replay(r.event, r.visitor, r.starts_visit, r.in_visit)
         assert rebuilt.tallies()["b"] == want
         assert oracle([r for r in rows if r is not None], T0, WINDOWS)["b"] == want

@@ -23,12 +23,8 @@
     return h;
   }
 
-  // At most max UTF-16 units, never half of a character: a lone surrogate is not text (JSON
-  // writes it as an escape, encodeURIComponent throws on it).
-  function cut(text, max) {
-    if (text.length <= max) return text;
-    var c = text.charCodeAt(max - 1);
-    return text.slice(0, c >= 0xd800 && c < 0xdc00 ? max - 1 : max);
+  function cut(t, m) {
+    return t.slice(0, m).replace(/[\ud800-\udbff]$/, ""); // never half a character
   }
 
   function beacon(body) {
@@ -54,7 +50,7 @@
     left = type == "leave";
     if (left && beacon(body)) return;
     try {
-      // text/plain: no CORS preflight; a beacon resent with its event_id counts once.
+      // text/plain: no CORS preflight; a resent event_id counts once
       fetch(endpoint, {
         method: "POST", body: body, keepalive: true, credentials: "omit", mode: "no-cors",
         headers: { "Content-Type": "text/plain" }
