@@ -39,7 +39,21 @@ class Site:
         object.__setattr__(self, "tz", ZoneInfo(self.timezone))
 
     def origin_allowed(self, origin: str) -> bool:
+        """``origin`` as ``normalize_origin`` leaves it."""
         return not self.origins or origin in self.origins
+
+
+_DEFAULT_PORTS = {"http": ":80", "https": ":443"}
+
+
+def normalize_origin(origin: str) -> str:
+    """An origin as the registry's and a request's are compared: lower case, without a trailing
+    slash or its scheme's default port (``https://a.vn:443`` is ``https://a.vn``)."""
+    origin = origin.rstrip("/").lower()
+    port = _DEFAULT_PORTS.get(origin.partition("://")[0])
+    if port is not None and origin.endswith(port):
+        origin = origin[: -len(port)]
+    return origin
 
 
 def _site(site_id: str, raw: Mapping[str, Any]) -> Site:
@@ -73,7 +87,7 @@ def _site(site_id: str, raw: Mapping[str, Any]) -> Site:
     return Site(
         id=site_id,
         name=field("name", str, site_id),
-        origins=frozenset(o.rstrip("/").lower() for o in origins),
+        origins=frozenset(normalize_origin(o) for o in origins),
         timezone=tz,
         baseline_visits=baseline_visits,
         baseline_pageviews=baseline_pageviews,

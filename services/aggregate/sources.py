@@ -90,7 +90,9 @@ class LocalLog:
         return len(self._records)
 
     async def fetch(self, timeout: float, max_records: int) -> list[InRecord]:
+        """The next records; the consumer lag is what waits behind them."""
         if not self._records or self._paused:
+            metrics.CONSUMER_LAG.labels("0").set(len(self._records))
             self._arrived.clear()
             try:
                 await asyncio.wait_for(self._arrived.wait(), timeout)
@@ -99,6 +101,7 @@ class LocalLog:
             if self._paused:
                 return []
         batch, self._records = self._records[:max_records], self._records[max_records:]
+        metrics.CONSUMER_LAG.labels("0").set(len(self._records))
         return batch
 
     async def commit(self, offsets: dict[int, int]) -> None:

@@ -45,6 +45,7 @@ from services.ingest.publish import Unavailable
 from services.ingest.publish_types import OutRecord
 from services.memo import forget_oldest
 from services.settings import Settings
+from services.sites import normalize_origin
 
 PIPELINE = web.AppKey("pipeline", Pipeline)
 SETTINGS = web.AppKey("settings", Settings)
@@ -229,7 +230,7 @@ class _Ingest:
         return ClientContext(  # (by position: half the cost of by keyword)
             address,
             _text(headers.get("user-agent", "")),  # user_agent
-            origin.rstrip("/").lower() if origin else None,
+            normalize_origin(origin) if origin else None,
             headers.get("dnt") == "1",
             headers.get("sec-gpc") == "1",  # gpc
             limited,  # rate_limited
@@ -359,6 +360,23 @@ def _answer(endpoint: str, outcome: Outcome) -> Answer:
     return error_answer(outcome.status, outcome.message, outcome.field, outcome.retry_after)
 
 
+async def collect_expect(request: web.Request) -> web.Response | None:
+    """``Expect: 100-continue``: a body that would be refused for its size or type is refused
+    before the client sends it, without a ``100 Continue`` first (aiohttp's own handler
+    answers ``100`` to any)."""
+    if request.headers.get("Expect", "").lower() != "100-continue":
+        raise web.HTTPExpectationFailed(text="only 100-continue is expected")
+    try:
+        ctype = request.headers.get("Content-Type")
+        if ctype not in _JSON_CONTENT_TYPES and _media_type(ctype) not in _JSON_TYPES:
+            raise _Refused(415, "send text/plain or application/json", "content-type")
+        _check_body_headers(request.content_length, request.headers.get("Content-Encoding"))
+    except _Refused as r:
+        return _refused("collect", r).response()
+    await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+    return None
+
+
 async def collect_preflight(request: web.Request) -> web.Response:
     return web.Response(
         status=204,
@@ -390,7 +408,7 @@ def add_routes(app: web.Application, pipeline: Pipeline, settings: Settings) -> 
     app[PIPELINE] = pipeline
     app[SETTINGS] = settings
     ingest = _Ingest(pipeline, settings)
-    app.router.add_post("/collect", ingest.collect_request)
+    app.router.add_post("/collect", ingest.collect_request, expect_handler=collect_expect)
     app.router.add_route("OPTIONS", "/collect", collect_preflight)
     # no HEAD: a link checker's HEAD request is not a page view
     app.router.add_get("/collect.gif", ingest.pixel_request, allow_head=False)

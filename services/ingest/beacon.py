@@ -230,8 +230,10 @@ def parse_beacon(raw: Mapping[str, Any]) -> Beacon:
         if isinstance(value, dict | list):
             _check_nested(name, value)
     site = raw.get("site")
-    if not isinstance(site, str) or not site:
+    if site is None or site == "":
         raise BeaconError("site", "site is required")
+    if not isinstance(site, str):
+        raise BeaconError("site", "site must be a string")
     if not SITE_ID.fullmatch(site):
         raise BeaconError("site", "site must match [a-z0-9][a-z0-9-]{0,63}")
     kind = raw.get("type", "pageview")

@@ -65,10 +65,10 @@ class LocalPublisher:
     def __init__(self, sink: Callable[[OutRecord], None]) -> None:
         self._sink = sink
         self._open = False
-        # the counters of the records handed on since the loop last ran ``_count``: one
-        # ``inc`` per counter for all of them (a prometheus_client ``inc`` takes a lock: four
-        # per beacon cost ~1.7 µs of a beacon's ~27, ``python -m bench.lane``)
-        self._uncounted: list[tuple[Any, ...]] = []
+        # the records handed on since the loop last ran ``_count``: one ``inc`` per counter
+        # for all of them (a prometheus_client ``inc`` takes a lock: four per beacon cost
+        # ~1.7 µs of a beacon's ~27, ``python -m bench.lane``), and their publish latencies
+        self._uncounted: list[OutRecord] = []
 
     async def start(self) -> None:
         self._open = True
@@ -87,14 +87,18 @@ class LocalPublisher:
             raise Unavailable("the journal on disk is full") from None
         if not self._uncounted:
             asyncio.get_running_loop().call_soon(self._count)
-        self._uncounted.append(record.counters)
+        self._uncounted.append(record)
         done(None)
 
     def _count(self) -> None:
+        """Count what was handed on: beacons published, their sites' counters, and their
+        publish latency (accepted -> in the journal, as the loop saw it)."""
         uncounted, self._uncounted = self._uncounted, []
         if uncounted:
+            now = time.monotonic()
             metrics.BEACONS_PUBLISHED.inc(len(uncounted))
-            metrics.count_safe(uncounted)
+            metrics.count_safe([r.counters for r in uncounted])
+            metrics.observe_many(metrics.PUBLISH_LATENCY, [now - r.accepted_at for r in uncounted])
 
     def ready(self) -> tuple[bool, str]:
         return (self._open, "ok" if self._open else "stopped")

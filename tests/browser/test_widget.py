@@ -5,6 +5,7 @@ iframe and SVG forms; the demo page of ``visitorstats run``."""
 from __future__ import annotations
 
 import struct
+import time
 from pathlib import Path
 from typing import Any
 
@@ -234,6 +235,33 @@ def test_both_languages_formats_screenshots_iframe_and_svg(
     assert metric(service.url, "visitorstats_stream_subscribers") == 2
     screenshot(driver, frame, path)
     assert png_size(path)[0] > 100
+
+
+@pytest.mark.parametrize("stream", ["on", "off"])
+def test_a_widget_of_an_unknown_site_says_so_and_stops_asking(
+    service: Service, portal: Portal, browsers: Browsers, stream: str
+) -> None:
+    """A typo in data-site: the counter answers 404, the widget shows its error state (not the
+    stale mark of a service that is away) and asks no more."""
+    url = portal.page(
+        "typo",
+        portal_page(
+            service.url,
+            site="dongah",
+            beacon=False,
+            widget_from=portal.proxy_url,
+            widget_attrs=f'data-stream="{stream}" data-poll="1"',
+        ),
+    )
+    driver = browsers.open()
+    driver.get(url)
+    got = wait_until(lambda: widget(driver), lambda w: w.get("state") == "error")
+    assert got["state"] == "error" and got["stale_mark"] is False
+    asked = len(portal.proxied("GET", "/v1/sites/dongah/counter"))
+    assert asked >= 1
+    time.sleep(3)  # three polls' worth
+    assert len(portal.proxied("GET", "/v1/sites/dongah/counter")) == asked
+    assert widget(driver)["state"] == "error"
 
 
 def test_the_demo_page_counts_itself_and_shows_it(

@@ -308,6 +308,31 @@ async def test_a_lone_surrogate_escape_is_dropped_not_the_beacon(ingest: Ingest)
         assert await check(ingest, "/collect", "post", sent, resp, await resp.read()) == 400
 
 
+async def test_expect_100_continue_is_refused_at_once_for_a_body_that_would_be(
+    ingest: Ingest,
+) -> None:
+    port = int(ingest.client.base.rsplit(":", 1)[1])
+    body = b'{"site":"open","url":"https://portal.example.vn/"}'
+    for head, first in (
+        ("Content-Type: text/plain\r\nContent-Length: 9000", b"HTTP/1.1 413 "),
+        ("Content-Type: text/html\r\nContent-Length: 10", b"HTTP/1.1 415 "),
+        (f"Content-Type: text/plain\r\nContent-Length: {len(body)}", b"HTTP/1.1 100 Continue"),
+    ):
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(
+            f"POST /collect HTTP/1.1\r\nHost: x\r\nUser-Agent: {UA}\r\n{head}\r\n"
+            "Expect: 100-continue\r\n\r\n".encode()
+        )
+        line = await asyncio.wait_for(reader.readline(), 5)
+        assert line.startswith(first), (head, line)
+        if first.endswith(b"Continue"):  # then the body, and the beacon is taken
+            await reader.readline()
+            writer.write(body)
+            assert (await asyncio.wait_for(reader.readline(), 5)).startswith(b"HTTP/1.1 202 ")
+        writer.close()
+    assert len(ingest.records) == 1
+
+
 async def test_a_head_request_is_not_a_page_view(ingest: Ingest) -> None:
     resp = await ingest.client.head("/collect.gif?site=open&url=https://a.vn/")
     assert resp.status == 405 and not ingest.records
@@ -360,6 +385,9 @@ async def test_origins_are_checked_for_both_endpoints(ingest: Ingest) -> None:
     cases = [
         ({"Origin": "https://portal.example.vn"}, 202),
         ({"Origin": "https://PORTAL.example.vn/"}, 202),
+        ({"Origin": "https://portal.example.vn:443"}, 202),  # the default port: the same origin
+        ({"Referer": "https://portal.example.vn:443/tin-tuc"}, 202),
+        ({"Origin": "https://portal.example.vn:8443"}, 403),
         ({"Referer": "https://portal.example.vn/tin-tuc?id=1"}, 202),
         ({"Origin": "null", "Referer": "https://portal.example.vn/"}, 202),
         ({"Origin": "https://evil.example"}, 403),

@@ -195,6 +195,22 @@ def test_invalid_beacons_name_their_field(raw: dict[str, Any], field: str) -> No
     assert e.value.field == field
 
 
+@pytest.mark.parametrize(
+    ("site", "message"),
+    [
+        (None, "site is required"),
+        ("", "site is required"),
+        (123, "site must be a string"),
+        (True, "site must be a string"),
+        ("Dongha", "site must match [a-z0-9][a-z0-9-]{0,63}"),
+    ],
+)
+def test_a_bad_site_is_told_what_is_wrong(site: Any, message: str) -> None:
+    with pytest.raises(BeaconError) as e:
+        parse_beacon({"site": site, "url": "https://a.vn/"})
+    assert (e.value.field, e.value.message) == ("site", message)
+
+
 def test_nesting_within_bounds_is_ignored() -> None:
     nested: Any = 1
     for _ in range(MAX_DEPTH - 1):

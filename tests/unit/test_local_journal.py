@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from services import metrics
 from services.aggregate.sources import LocalLog
 from services.ingest.publish_types import OutRecord
 from services.ingest.spool import Spool, SpoolFullError
@@ -24,6 +25,7 @@ async def test_what_was_not_stored_is_read_back_by_the_next_process(tmp_path: Pa
         log.append(record(i))
     fetched = await log.fetch(0.1, 3)
     assert [r.offset for r in fetched] == [0, 1, 2]
+    assert metrics.CONSUMER_LAG.labels("0")._value.get() == 2  # 3 and 4 wait behind them
     await log.commit({0: 3})  # ClickHouse holds 0-2
     assert len(journal) == 2
     journal.close()  # the process dies here, 3 and 4 taken but not stored

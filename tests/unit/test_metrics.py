@@ -4,6 +4,7 @@ gives: the publisher counts a batch at once."""
 from __future__ import annotations
 
 import asyncio
+from typing import Any
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -44,11 +45,21 @@ def _samples(registry: CollectorRegistry) -> list[str]:
     return [line for line in text.splitlines() if "_created" not in line]
 
 
+def _count_of(histogram: Any) -> float:
+    return sum(
+        sample.value
+        for metric in histogram.collect()
+        for sample in metric.samples
+        if sample.name.endswith("_count")
+    )
+
+
 async def test_the_standalone_publisher_counts_what_it_handed_on_once_the_loop_turns() -> None:
     registry = CollectorRegistry()
     c = Counter("c", "c", ["site"], registry=registry)
     a, b = c.labels("a"), c.labels("b")
     published = metrics.BEACONS_PUBLISHED._value.get()
+    latencies = _count_of(metrics.PUBLISH_LATENCY)
     handed: list[OutRecord] = []
     done: list[Exception | None] = []
     publisher = LocalPublisher(handed.append)
@@ -59,6 +70,7 @@ async def test_the_standalone_publisher_counts_what_it_handed_on_once_the_loop_t
     await asyncio.sleep(0)  # counted after the loop's turn
     assert (a._value.get(), b._value.get()) == (2, 1)
     assert metrics.BEACONS_PUBLISHED._value.get() == published + 3
+    assert _count_of(metrics.PUBLISH_LATENCY) == latencies + 3  # one latency each
     publisher.submit(OutRecord(b"k", b"v", 0, (b,)), done.append)
     await publisher.stop()  # what stop finds uncounted is counted
     assert b._value.get() == 2

@@ -9,7 +9,7 @@
  * --vs-radius) on the div or any ancestor.
  *
  * DOM contract (stable, for tests and portal CSS), on each widget element:
- *   data-vs-state    connecting | live | polling | stale | error
+ *   data-vs-state    connecting | live | polling | stale | error (no such site)
  *   data-vs-updates  how many counter snapshots have been rendered into it
  *   data-vs-as-of    the snapshot's as_of
  *   [data-vs=guests|members|total|visits-today|visits-total]  the numbers
@@ -173,7 +173,7 @@
     var views = [];
     var mode = "stream"; // "stream" | "poll"
     var es = null, open = false, got = false, everStreamed = false, errors = 0, watchdog = 0;
-    var etag = "", seq = 0, inflight = false, down = false, pollTimer = 0, fellBack = 0;
+    var etag = "", seq = 0, inflight = false, down = false, gone = false, pollTimer = 0, fellBack = 0;
     var retryMs = STREAM_RETRY_MS;
 
     this.data = null;
@@ -182,6 +182,7 @@
       views.push(view);
     };
     this.state = function () {
+      if (gone) return "error";
       if (down || (self.data && self.data.stale === true)) return "stale";
       if (mode == "poll") return self.data ? "polling" : "connecting";
       return open && self.data ? "live" : "connecting";
@@ -206,6 +207,7 @@
       fetch(url, { headers: headers, cache: "no-store", credentials: "omit" })
         .then(function (r) {
           if (r.status == 304) return null;
+          if (r.status == 404) return stop(); // no such site: nothing to ask again
           if (!r.ok) throw new Error("HTTP " + r.status);
           var tag = r.headers.get("ETag") || "";
           return r.json().then(function (data) {
@@ -233,11 +235,21 @@
         });
     }
 
+    function stop() {
+      gone = true;
+      if (es) es.close();
+      es = null;
+      clearInterval(pollTimer);
+      clearTimeout(watchdog);
+      paint(false);
+    }
+
     function tick() {
-      if (d.visibilityState != "hidden") load();
+      if (!gone && d.visibilityState != "hidden") load();
     }
 
     function startPolling() {
+      if (gone) return;
       if (es) es.close();
       es = null;
       open = false;
@@ -251,6 +263,7 @@
     }
 
     function openStream() {
+      if (gone) return;
       if (!w.EventSource) return startPolling();
       clearInterval(pollTimer);
       mode = "stream";
