@@ -20,6 +20,7 @@ import asyncio
 import base64
 import hashlib
 import json
+import math
 import re
 from importlib import resources
 from typing import Any, NamedTuple
@@ -143,6 +144,14 @@ def _no_constant(name: str) -> Any:
     raise ValueError(f"{name} is not JSON")
 
 
+def _finite(text: str) -> float:
+    """A JSON number as orjson reads it: one a double cannot hold is refused, not infinity."""
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(f"{text} is out of range")
+    return value
+
+
 def _with_lone_surrogates(body: bytes) -> Any:
     """A body orjson refused, read again when it holds a surrogate escape (``\\ud83d``).
     JavaScript's ``JSON.stringify`` writes half of a character as one, for a string cut in the
@@ -151,7 +160,9 @@ def _with_lone_surrogates(body: bytes) -> Any:
     drops it from the field. Anything else orjson refused stays refused."""
     if _SURROGATE_ESCAPE(body) is not None:
         try:
-            return json.loads(body.decode("utf-8"), parse_constant=_no_constant)
+            return json.loads(
+                body.decode("utf-8"), parse_constant=_no_constant, parse_float=_finite
+            )
         except (ValueError, RecursionError):
             pass
     raise _Refused(400, "the body is not valid JSON (UTF-8)", "body")

@@ -298,6 +298,7 @@ async def test_a_lone_surrogate_escape_is_dropped_not_the_beacon(ingest: Ingest)
     for body in (
         b'{"site":"op\\ud800en","url":"https://a.vn/"}',  # the site is not a site id
         b'{"site":"open","url":"https://a.vn/","title":"\\ud83d","n":NaN}',  # still not JSON
+        b'{"site":"open","url":"https://a.vn/","title":"\\ud83d","n":1e999}',  # nor this
         b'{"site":"open","url":"https://a.vn/","title":"\\ud83d"',  # nor this
         b"[" * 3000 + b'"\\ud83d"' + b"]" * 3000,  # nor this (too deep)
     ):
