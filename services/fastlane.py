@@ -294,7 +294,10 @@ class LaneProtocol(asyncio.Protocol):
             b"".join(
                 (
                     reply.head,
-                    b"Content-Length: %d\r\n" % len(reply.body),
+                    # (a 304 has no content, and a Content-Length there must be the 200's)
+                    b""
+                    if reply.head.startswith(_NOT_MODIFIED)
+                    else b"Content-Length: %d\r\n" % len(reply.body),
                     _date_line(),
                     b"Connection: close\r\n\r\n" if close else b"\r\n",
                     reply.body,
@@ -385,6 +388,8 @@ def reply_head(status: int, headers: Iterable[tuple[str, str]]) -> bytes:
     lines.extend(f"{name}: {value}\r\n" for name, value in headers)
     return "".join(lines).encode("latin-1")
 
+
+_NOT_MODIFIED = b"HTTP/1.1 304 "
 
 # Headers that make a request unusual enough for aiohttp's full treatment.
 _NOT_IN_LANE = frozenset(("transfer-encoding", "expect", "upgrade"))

@@ -31,6 +31,7 @@ import contextlib
 import gc
 import logging
 import multiprocessing
+import multiprocessing.connection
 import os
 import signal
 import time
@@ -73,8 +74,10 @@ async def readyz(request: web.Request) -> web.Response:
     for name, check in checks.items():
         try:
             ok, detail = await asyncio.wait_for(check(), 5)
+        except TimeoutError:
+            ok, detail = False, "no answer within 5 s"
         except Exception as e:
-            ok, detail = False, f"check failed: {e}"
+            ok, detail = False, f"check failed: {e or type(e).__name__}"
         results[name] = {"ok": ok, "detail": detail}
     ready = all(r["ok"] for r in results.values())
     failing = [n for n, r in results.items() if not r["ok"]]
@@ -469,20 +472,55 @@ def serve_workers(
     fork_workers(lambda: serve(make_app, settings, reuse_port=True), workers)
 
 
+# A worker that dies sooner than this after its start is not replaced (it would die again: a
+# port taken, a broken configuration); one that dies later (killed, out of memory) is.
+RESPAWN_AFTER_SECONDS = 5.0
+
+
 def fork_workers(target: Callable[[], None], workers: int) -> None:
-    """Run ``target`` in ``workers`` forked processes until they exit; SIGTERM and SIGINT to
-    this process are passed on to each of them."""
+    """Run ``target`` in ``workers`` forked processes; SIGTERM and SIGINT to this process are
+    passed on to each of them, and it returns once they have all exited. A worker that dies
+    on its own is replaced, and the live values of its metrics (the spool's depth, say) are
+    dropped from what ``/metrics`` adds up; its spool is shipped by the others."""
     ctx = multiprocessing.get_context("fork")
     procs = [ctx.Process(target=target) for _ in range(workers)]
+    started = [time.monotonic()] * workers
     for p in procs:
         p.start()
+    stopping = False
 
     def forward(signum: int, frame: object) -> None:
+        nonlocal stopping
+        stopping = True
         for p in procs:
-            if p.pid:
+            if p.pid and p.exitcode is None:
                 os.kill(p.pid, signal.SIGTERM)
 
     signal.signal(signal.SIGTERM, forward)
     signal.signal(signal.SIGINT, forward)
-    for p in procs:
-        p.join()
+    gone: set[int] = set()  # the workers seen dead
+    while any(p.exitcode is None for p in procs):
+        multiprocessing.connection.wait([p.sentinel for p in procs if p.exitcode is None], 1.0)
+        for i, p in enumerate(procs):
+            pid = p.pid
+            if p.exitcode is None or pid is None or pid in gone:
+                continue
+            gone.add(pid)
+            _mark_dead(pid)
+            if stopping:
+                continue
+            if time.monotonic() - started[i] < RESPAWN_AFTER_SECONDS:
+                log.error("worker %d exited (%s) right after its start", pid, p.exitcode)
+                continue
+            log.warning("worker %d died (exit code %s); starting another", pid, p.exitcode)
+            procs[i] = ctx.Process(target=target)
+            started[i] = time.monotonic()
+            procs[i].start()
+
+
+def _mark_dead(pid: int) -> None:
+    """Drop a dead worker's live gauges from the shared metrics (multiprocess mode)."""
+    if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        from prometheus_client import multiprocess
+
+        multiprocess.mark_process_dead(pid)  # type: ignore[no-untyped-call]

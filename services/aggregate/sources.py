@@ -17,6 +17,7 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListen
 from aiokafka.errors import IllegalStateError
 
 from services import metrics
+from services.aggregate.counter import SILENT_SECONDS
 from services.ingest.publish_types import OutRecord
 from services.ingest.spool import Spool
 
@@ -357,4 +358,12 @@ class KafkaSource:
             await self._dlq.stop()
 
     def ready(self) -> tuple[bool, str]:
-        return (self._ok, "ok" if self._ok else "broker unreachable")
+        """Not ready when a fetch failed, or when the broker has not answered for
+        ``SILENT_SECONDS`` (a consumer's fetches come back empty, not failed, while the broker
+        is away; the counter's numbers are stale then)."""
+        if not self._ok:
+            return False, "broker unreachable"
+        silence = self.silent_seconds()
+        if silence > SILENT_SECONDS:
+            return False, f"broker silent for {silence:.0f} s"
+        return True, "ok"

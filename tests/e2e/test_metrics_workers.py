@@ -3,13 +3,17 @@ worker answers it, shows the sum over all of them (prometheus_client's multiproc
 
 from __future__ import annotations
 
+import asyncio
+import os
 import re
+import signal
+import time
 from pathlib import Path
 
 import pytest
 
 from tests.support.procs import Service, http, send_beacon, write_sites
-from tests.support.tansu import Tansu
+from tests.support.tansu import Tansu, count_records
 
 pytestmark = pytest.mark.e2e
 N = 60
@@ -45,3 +49,58 @@ def test_metrics_add_up_every_worker(tmp_path: Path, tansu: Tansu) -> None:
     finally:
         assert ingest.stop() == 0
     assert not list((tmp_path / "data").glob("metrics-*"))  # removed at exit
+
+
+def children(pid: int) -> set[int]:
+    return {int(c) for c in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()}
+
+
+def spooled(url: str) -> float:
+    status, _, body = http("GET", f"{url}/metrics")
+    assert status == 200
+    match = re.search(r"^visitorstats_spool_depth (\S+)$", body.decode(), re.M)
+    assert match, "visitorstats_spool_depth not in /metrics"
+    return float(match.group(1))
+
+
+def wait_for(check: object, timeout: float = 60) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if check():  # type: ignore[operator]
+            return True
+        time.sleep(0.2)
+    return False
+
+
+def test_a_worker_that_dies_is_replaced_and_its_spool_leaves_the_metrics(
+    tmp_path: Path, tansu: Tansu
+) -> None:
+    """While the broker is away both workers spool; one is killed (SIGKILL) after its 202s: a
+    new worker takes its place, and once the broker is back every accepted beacon reaches it
+    (the dead one's spool shipped by the others) and the spool depth in ``/metrics`` falls to
+    0 (the dead worker's last value no longer added to it)."""
+    tansu.create_topic("pageviews", 4)
+    write_sites(tmp_path)
+    env = {"VISITORSTATS_KAFKA_BOOTSTRAP": tansu.bootstrap, "VISITORSTATS_WORKERS": "2"}
+    ingest = Service("ingest", tmp_path, env).start()
+    try:
+        assert ingest.proc is not None
+        workers = children(ingest.proc.pid)
+        assert len(workers) == 2
+        time.sleep(6)  # past RESPAWN_AFTER_SECONDS: a death now is not a failed start
+        tansu.pause()
+        try:
+            for i in range(N):
+                assert send_beacon(ingest.url, "dongha", client=f"198.51.100.{i}") == 202
+            assert wait_for(lambda: spooled(ingest.url) == N)
+            victim = min(workers)
+            os.kill(victim, signal.SIGKILL)
+            assert wait_for(lambda: len(children(ingest.proc.pid) - {victim}) == 2)  # type: ignore[union-attr]
+            assert victim not in children(ingest.proc.pid)
+        finally:
+            tansu.resume()
+        assert wait_for(lambda: spooled(ingest.url) == 0)
+        assert wait_for(lambda: asyncio.run(count_records(tansu.bootstrap, "pageviews")) >= N)
+        assert asyncio.run(count_records(tansu.bootstrap, "pageviews")) == N
+    finally:
+        assert ingest.stop() == 0

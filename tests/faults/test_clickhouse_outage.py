@@ -4,6 +4,7 @@ numbers marked ``"stale": true``, retries, and after recovery counts every beaco
 
 from __future__ import annotations
 
+import json
 import time
 from typing import Any
 
@@ -40,7 +41,10 @@ def outage(aggregate: Service, sender: Sender, stop: Any, restore: Any) -> None:
     assert again["stale"] is True
     assert numbers(again) == numbers(stale)
     assert again["as_of"] == stale["as_of"]
-    assert http("GET", f"{aggregate.url}/readyz")[0] == 503
+    status, _, body = http("GET", f"{aggregate.url}/readyz")
+    assert status == 503
+    check = json.loads(body)["checks"]["clickhouse"]
+    assert not check["ok"] and check["detail"].strip(": ") not in ("", "check failed"), check
     time.sleep(max(0.0, OUTAGE_SECONDS - (time.monotonic() - started)))
     restore()
     fresh = wait_counter(aggregate.url, SITE, lambda c: not c["stale"], timeout=90)

@@ -9,6 +9,7 @@ import time
 
 import pytest
 
+from services.aggregate.counter import SILENT_SECONDS
 from services.aggregate.sources import KafkaSource
 from tests.support.tansu import Tansu, create_topic
 
@@ -40,6 +41,7 @@ async def test_silent_seconds_follow_the_brokers_answers(tansu: Tansu) -> None:
         assert source.assigned() == [0, 1]
         await fetch_for(source, 1)
         assert source.silent_seconds() < 5  # answered every fetch_max_wait_ms (50 ms)
+        assert source.ready() == (True, "ok")
 
         tansu.pause()
         paused = time.monotonic()
@@ -47,11 +49,16 @@ async def test_silent_seconds_follow_the_brokers_answers(tansu: Tansu) -> None:
             await fetch_for(source, 3)
             # no answer since the freeze (one already on its way then may still have come)
             assert source.silent_seconds() >= time.monotonic() - paused - 0.5
+            # readiness follows: not ready once silent for longer than the counter allows
+            await fetch_for(source, SILENT_SECONDS - (time.monotonic() - paused) + 1)
+            ok, detail = source.ready()
+            assert not ok and detail.startswith("broker silent for"), detail
         finally:
             tansu.resume()
         deadline = time.monotonic() + 60
         while source.silent_seconds() >= 1 and time.monotonic() < deadline:
             await source.fetch(0.2, 100)
         assert source.silent_seconds() < 1
+        assert source.ready() == (True, "ok")
     finally:
         await source.stop()

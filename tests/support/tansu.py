@@ -123,3 +123,26 @@ async def end_offsets(bootstrap: str, topic: str) -> dict[int, int]:
         return {tp.partition: off for tp, off in ends.items()}
     finally:
         await consumer.stop()
+
+
+async def count_records(bootstrap: str, topic: str) -> int:
+    """The records of ``topic``, read from the beginning of every partition (Tansu's listed end
+    offsets can stop short inside a partition's last record batch: ``bench.deploy``)."""
+    from aiokafka import AIOKafkaConsumer, TopicPartition
+
+    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False)
+    await consumer.start()
+    try:
+        await consumer._client.force_metadata_update()
+        tps = [TopicPartition(topic, p) for p in consumer.partitions_for_topic(topic) or set()]
+        consumer.assign(tps)
+        await consumer.seek_to_beginning(*tps)
+        n, idle = 0, 0
+        while idle < 3:
+            batches = await consumer.getmany(timeout_ms=300)
+            got = sum(len(records) for records in batches.values())
+            n += got
+            idle = 0 if got else idle + 1
+        return n
+    finally:
+        await consumer.stop()
