@@ -11,6 +11,8 @@ from pathlib import Path
 from typing import Any
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
+from services.memo import memo
+
 SITE_ID = re.compile(r"[a-z0-9][a-z0-9-]{0,63}")
 
 
@@ -46,6 +48,8 @@ class Site:
 _DEFAULT_PORTS = {"http": ":80", "https": ":443"}
 
 
+# Cached: every browser beacon carries an Origin, and a portal's pages have a few of them.
+@memo(4096)
 def normalize_origin(origin: str) -> str:
     """An origin as the registry's and a request's are compared: lower case, without a trailing
     slash or its scheme's default port (``https://a.vn:443`` is ``https://a.vn``)."""
