@@ -144,6 +144,12 @@ class _MemorySource:
     def silent_seconds(self) -> float:
         return 0.0
 
+    def rebase(self, bases: dict[int, int]) -> None:
+        pass
+
+    async def replaced(self, last: dict[int, tuple[int, str]]) -> dict[int, int]:
+        return {}
+
 
 def _timed_aggregator() -> Any:
     from services.aggregate.consume import Aggregator

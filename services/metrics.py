@@ -106,6 +106,11 @@ FETCH_GAPS = Counter(
     "visitorstats_fetch_gaps",
     "Fetches that skipped offsets of a partition, read again from the first one skipped.",
 )
+LOGS_REPLACED = Counter(
+    "visitorstats_partition_logs_replaced",
+    "Partitions whose Kafka log was found lost and begun again (the topic made anew, a broker "
+    "that kept its log in memory restarted); counting went on from the new log's first record.",
+)
 BATCH_SIZE = Histogram(
     "visitorstats_batch_size",
     "Events per batch written to ClickHouse.",

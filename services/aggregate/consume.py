@@ -45,6 +45,16 @@ How exactly-once holds (see README, "Guarantees"):
    inserts land and are checked in log order, and at most two batches are held. A batch counted
    after a write that turns out fenced is dropped with it (its partitions are rebuilt); a
    revoke, a stop or a rebuild writes (or drops) both at once.
+10. **Positions, not offsets.** The loop counts in positions that only grow: a record's
+   position is its Kafka offset plus its partition's *base*, stored with every row
+   (``kafka_offset`` is the position, ``kafka_base`` the base). The base is 0 until a
+   partition's log is lost and begun again under the same name (the topic deleted and made
+   anew; a broker that kept its log in memory restarted), which Kafka offsets alone would
+   hide: the new log's offsets would fall below what 1 skips, and nothing it holds would be
+   counted. So a rebuild checks that the log still holds, where the last stored row says, the
+   record of that row (``Source.replaced``); when it does not, the new log is counted from its
+   first record on, at the position after the last stored row. Each rebuild checks again
+   until a row of the new log is stored, and decides the same.
 """
 
 from __future__ import annotations
@@ -53,7 +63,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from itertools import groupby
 from operator import attrgetter
@@ -68,6 +78,10 @@ from services.settings import Settings
 from services.sites import Registry
 
 log = logging.getLogger(__name__)
+
+# ``Source.replaced``: per partition (Kafka offset, event id) of the last record stored -> the
+# partitions whose log was lost and begun again, with its first offset
+Replaced = Callable[[dict[int, tuple[int, str]]], Awaitable[dict[int, int]]]
 
 # How long a revoke (a rebalance) may spend writing the pending batch before dropping it.
 REVOKE_WRITE_SECONDS = 20.0
@@ -87,6 +101,7 @@ class Pending:
     """One partition's share of the batch."""
 
     rows: list[Row] = field(default_factory=list)
+    base: int = 0  # the partition's log base (``Aggregator.bases``), stored with its rows
     last: int = -1  # last offset processed (rows or not): what the commit covers
     token: str | None = None  # frozen at the first insert attempt
     written: bool = False
@@ -158,6 +173,8 @@ class Aggregator:
         self.last_at: dict[int, int] = {}
         self.states: dict[int, PartitionState] = {}
         self.next_offset: dict[int, int] = {}  # per owned partition: the first offset not counted
+        # per owned partition: its log base, position - Kafka offset (see 10 above)
+        self.bases: dict[int, int] = {}
         self.batch = Batch()
         self.needs_reset: set[int] = set()  # partitions to rebuild from ClickHouse
         # A fetch that skipped offsets (see ``_count``): partition -> the offset to read again
@@ -188,10 +205,15 @@ class Aggregator:
         partitions: list[int],
         floor: dict[int, int],
         give_up: Callable[[], bool] = lambda: False,
+        replaced: Replaced | None = None,
     ) -> dict[int, int]:
         """Rebuild the state of ``partitions`` from ClickHouse; return where each resumes:
-        after its last stored row, or ``floor`` (the committed offset) when later. Retries until
-        ClickHouse answers (counting without the state would count wrong), or ``give_up()``."""
+        after its last stored row, or ``floor`` (the committed Kafka offset) when later. Sets
+        each one's log base (``bases``): that of its last stored row, or, when ``replaced``
+        (the source's check of that row's record) finds its log lost and begun again, the one
+        that puts the new log's first record right after it (see 10 above). Retries until
+        ClickHouse and the check answer (counting without the state would count wrong), or
+        ``give_up()``."""
         longest_ms = 1000 * max(self.windows.values(), default=0)
         horizon_ms = max(
             1000 * self.settings.visit_timeout_seconds,
@@ -202,6 +224,14 @@ class Aggregator:
         while True:
             try:
                 stored = await self.store.next_offsets(self.topic)
+                last = await self.store.last_stored(
+                    self.topic, {p: stored[p] for p in partitions if p in stored}
+                )
+                lost = {}
+                if replaced is not None:
+                    lost = await replaced(
+                        {p: (stored[p] - 1 - base, eid) for p, (base, eid) in last.items()}
+                    )
                 stamps = await self.store.online_stamps(self.topic)
                 states = {}
                 for p in partitions:
@@ -220,7 +250,25 @@ class Aggregator:
                 log.warning("cannot rebuild state (%s); retrying in %.1fs", e, backoff)
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, 5.0)
-        resume = {p: max(stored.get(p, 0), floor.get(p, 0)) for p in partitions}
+        resume = {}
+        for p in partitions:
+            if p in lost:
+                # what was stored of the lost log stays counted; the new log follows it
+                self.bases[p] = stored[p] - lost[p]
+                resume[p] = stored[p]
+                metrics.LOGS_REPLACED.inc()
+                log.warning(
+                    "partition %d: its log was lost and begun again (the record stored last, "
+                    "Kafka offset %d, is not there); counting the new log from offset %d as "
+                    "position %d",
+                    p,
+                    stored[p] - 1 - last[p][0],
+                    lost[p],
+                    stored[p],
+                )
+            else:
+                self.bases[p] = base = last[p][0] if p in last else 0
+                resume[p] = max(stored.get(p, 0), floor[p] + base if p in floor else 0)
         for p in partitions:
             self.states[p] = states[p]
             self.next_offset[p] = resume[p]
@@ -240,6 +288,7 @@ class Aggregator:
         for p in partitions:
             self.states.pop(p, None)
             self.next_offset.pop(p, None)
+            self.bases.pop(p, None)
             self.needs_reset.discard(p)
             self.published.pop(p, None)
             self.tally_offset.pop(p, None)
@@ -291,7 +340,7 @@ class Aggregator:
             first = after = self.next_offset[partition]
             pending = parts.get(partition)
             if pending is None:
-                pending = Pending()
+                pending = Pending(base=self.bases.get(partition, 0))
             rows = pending.rows
             apply = state.apply
             for rec in run:
@@ -467,7 +516,7 @@ class Aggregator:
         check = [p for p, pending in batch.parts.items() if pending.rows]
         done: list[int] = []
         sent = self.store.write_events(
-            [(pending.rows, pending.token or "") for pending in todo],
+            [(pending.rows, pending.token or "", pending.base) for pending in todo],
             self.topic,
             check,
             done,
@@ -615,9 +664,11 @@ class Consumer:
                 self.source.resume(partitions)
 
     async def _assign(self, partitions: list[int]) -> None:
-        committed = await self.source.committed(partitions)
-        resume = await self.aggregator.rebuild(partitions, committed, self.stopping.is_set)
-        await self.source.seek(resume)
+        agg, source = self.aggregator, self.source
+        committed = await source.committed(partitions)
+        resume = await agg.rebuild(partitions, committed, self.stopping.is_set, source.replaced)
+        source.rebase({p: agg.bases[p] for p in partitions})
+        await source.seek(resume)
 
     async def on_revoke(self, partitions: list[int]) -> None:
         """Write what is pending before giving partitions up (bounded); never commit what was

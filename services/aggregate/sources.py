@@ -9,22 +9,36 @@ import asyncio
 import contextlib
 import logging
 import time
+import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener, TopicPartition
-from aiokafka.errors import IllegalStateError
+from aiokafka.errors import IllegalStateError, OffsetOutOfRangeError
 
 from services import metrics
 from services.aggregate.counter import SILENT_SECONDS
 from services.ingest.publish_types import OutRecord
 from services.ingest.spool import Spool
+from services.record import RecordError, decode
 
 log = logging.getLogger(__name__)
 
+# How long ``KafkaSource.replaced`` waits for the records it asks the broker for
+PROBE_SECONDS = 5.0
+
 OnAssign = Callable[[list[int]], Awaitable[None]]
 OnRevoke = Callable[[list[int]], Awaitable[None]]
+
+
+def _event_id(value: bytes) -> str | None:
+    """The event id of a record's value, as ClickHouse gives a UUID back; None when it is no
+    record of ingest's."""
+    try:
+        return str(uuid.UUID(decode(value).event_id))
+    except (RecordError, ValueError):
+        return None
 
 
 @dataclass(slots=True)
@@ -50,6 +64,8 @@ class Source(Protocol):
     async def stop(self) -> None: ...
     def ready(self) -> tuple[bool, str]: ...
     def silent_seconds(self) -> float: ...
+    def rebase(self, bases: dict[int, int]) -> None: ...
+    async def replaced(self, last: dict[int, tuple[int, str]]) -> dict[int, int]: ...
 
 
 class LocalLog:
@@ -156,6 +172,12 @@ class LocalLog:
     def silent_seconds(self) -> float:
         return 0.0  # ingest appends in the same process: never cut off
 
+    def rebase(self, bases: dict[int, int]) -> None:
+        """Its offsets are positions already (``seek`` renumbers what waits)."""
+
+    async def replaced(self, last: dict[int, tuple[int, str]]) -> dict[int, int]:
+        return {}  # never lost while the process runs; the journal is read back whole
+
 
 class _Listener(ConsumerRebalanceListener):  # type: ignore[misc]
     def __init__(self, source: KafkaSource, on_assign: OnAssign, on_revoke: OnRevoke) -> None:
@@ -174,7 +196,12 @@ class _Listener(ConsumerRebalanceListener):  # type: ignore[misc]
 
 class KafkaSource:
     """A consumer group member. Positions are set by the consume loop (``seek``) from
-    ClickHouse's record of progress; auto-commit is off and the commit is advisory."""
+    ClickHouse's record of progress; auto-commit is off and the commit is advisory.
+
+    The loop counts in *positions*, which only grow: a record's position is its Kafka offset
+    plus its partition's *base* (``rebase``), 0 until the partition's log is found lost and
+    begun again (``replaced``). ``fetch``, ``seek`` and ``commit`` translate; ``committed``
+    answers Kafka offsets, as the broker keeps them."""
 
     def __init__(self, bootstrap: str, topic: str, group: str, dead_letter_topic: str) -> None:
         self.topic = topic
@@ -185,6 +212,7 @@ class KafkaSource:
         self._dlq: AIOKafkaProducer | None = None
         self._ok = False
         self._position: dict[int, int] = {}  # partition -> next offset to read (for the lag)
+        self._bases: dict[int, int] = {}  # partition -> position - Kafka offset
         # when the broker last answered a fetch of an owned partition (or, before the group
         # was joined, when this source was made): ``silent_seconds``
         self._heard_at = time.monotonic()
@@ -250,9 +278,11 @@ class KafkaSource:
             return []
         out = []
         fetched = {}
+        bases = self._bases
         for tp, records in batches.items():
+            base = bases.get(tp.partition, 0)
             for r in records:
-                out.append(InRecord(tp.partition, r.offset, r.value))
+                out.append(InRecord(tp.partition, r.offset + base, r.value))
             if records:
                 fetched[tp.partition] = records[-1].offset + 1
         self._note_fetched(fetched)
@@ -284,7 +314,8 @@ class KafkaSource:
 
     async def commit(self, offsets: dict[int, int]) -> None:
         owned = {tp.partition for tp in self._consumer.assignment()}
-        to_commit = {self._tp(p): o for p, o in offsets.items() if p in owned}
+        bases = self._bases
+        to_commit = {self._tp(p): o - bases.get(p, 0) for p, o in offsets.items() if p in owned}
         if to_commit:
             await self._consumer.commit(to_commit)
 
@@ -297,11 +328,88 @@ class KafkaSource:
         return out
 
     async def seek(self, offsets: dict[int, int]) -> None:
-        for p, offset in offsets.items():
+        for p, position in offsets.items():
+            offset = position - self._bases.get(p, 0)
             # IllegalStateError: no longer assigned; a rebalance is under way and will set it
             with contextlib.suppress(IllegalStateError):
                 self._consumer.seek(self._tp(p), offset)
                 self._position[p] = offset
+
+    def rebase(self, bases: dict[int, int]) -> None:
+        """Each partition's base from now on: position - Kafka offset (consume.py)."""
+        self._bases.update(bases)
+
+    async def replaced(self, last: dict[int, tuple[int, str]]) -> dict[int, int]:
+        """Which partitions' logs were lost and begun again, and for each its first offset
+        (where counting goes on from). ``last``: per partition, the Kafka offset of the last
+        record stored from it and that record's event id. A partition's log was replaced when
+        it ends before that offset, or holds another record there (the topic deleted and made
+        anew; a broker that kept its log in memory restarted; both keep the topic's name and
+        begin its offsets again at 0). A record gone to retention (the log begins after it)
+        proves nothing: not replaced. Raises when the broker does not answer (the caller's
+        rebuild tries again), so that a slow answer is never taken for a lost log."""
+        wanted = {self._tp(p): (o, event_id) for p, (o, event_id) in last.items() if o >= 0}
+        if not wanted:
+            return {}
+        probe = AIOKafkaConsumer(
+            bootstrap_servers=self._bootstrap,
+            enable_auto_commit=False,
+            auto_offset_reset="none",
+            isolation_level="read_uncommitted",
+        )
+        await asyncio.wait_for(probe.start(), 10)
+        try:
+            return await self._probe(probe, wanted)
+        finally:
+            await probe.stop()
+
+    @staticmethod
+    async def _probe(
+        probe: AIOKafkaConsumer, wanted: dict[TopicPartition, tuple[int, str]]
+    ) -> dict[int, int]:
+        """``replaced`` with its consumer (no group) started."""
+        tps = list(wanted)
+        probe.assign(tps)
+        begins = await asyncio.wait_for(probe.beginning_offsets(tps), 10)
+        ends = await asyncio.wait_for(probe.end_offsets(tps), 10)
+        # per partition: the value at the offset asked for; None: not there but proving nothing
+        found: dict[TopicPartition, bytes | None] = {}
+        for tp in tps:
+            if wanted[tp][0] < begins[tp]:
+                found[tp] = None  # gone to retention
+            else:
+                probe.seek(tp, wanted[tp][0])
+        deadline = time.monotonic() + PROBE_SECONDS
+        while len(found) < len(tps) and (left := deadline - time.monotonic()) > 0:
+            try:
+                batches = await probe.getmany(timeout_ms=int(left * 1000) + 1)
+            except OffsetOutOfRangeError as e:  # a broker that says so: past the end
+                for tp in e.args[0] if e.args and isinstance(e.args[0], dict) else ():
+                    if tp in wanted and tp not in found:
+                        found[tp] = b""
+                        probe.pause(tp)
+                continue
+            for tp, records in batches.items():
+                if tp not in found and records:
+                    # a first record after the offset asked for: nothing there (no record of
+                    # ingest's), which proves nothing either
+                    first = records[0]
+                    found[tp] = first.value if first.offset == wanted[tp][0] else None
+                    probe.pause(tp)
+        out = {}
+        for tp in tps:
+            offset, event_id = wanted[tp]
+            if tp not in found:
+                # Nothing came back: past the end if the broker says the log ends there (Tansu
+                # answers an empty fetch there, Kafka an error), else a broker too slow to tell.
+                if ends[tp] > offset:
+                    raise TimeoutError(f"partition {tp.partition}: no record at {offset} yet")
+                found[tp] = b""
+            value = found[tp]
+            if value is None or (value and _event_id(value) == event_id):
+                continue
+            out[tp.partition] = begins[tp]
+        return out
 
     async def rewind(self, records: list[InRecord]) -> None:
         first: dict[int, int] = {}

@@ -55,6 +55,7 @@ EVENT_COLUMNS = (
     "topic",
     "kafka_partition",
     "kafka_offset",
+    "kafka_base",
 )
 
 ONLINE_COLUMNS = (
@@ -93,10 +94,11 @@ def online_rows(
 _TS_JSON_LIMIT = 253_402_300_800_000
 
 
-def event_columns(rows: Sequence[Row], topic: str) -> list[Sequence[Any]]:
+def event_columns(rows: Sequence[Row], topic: str, base: int = 0) -> list[Sequence[Any]]:
     """The rows as columns, in the order of ``EVENT_COLUMNS`` (``ts`` in ms, as the events
     carry it), for a Native insert and for ``event_columns_json``. ``zip`` turns the rows and
-    their events into columns in C."""
+    their events into columns in C. ``base``: the partition's log base (consume.py), the same
+    for every row of one insert."""
     if not rows:
         return [() for _ in EVENT_COLUMNS]
     events, visitors, starts_visit, pageviews, days, partitions, offsets, in_visit = zip(
@@ -136,13 +138,14 @@ def event_columns(rows: Sequence[Row], topic: str) -> list[Sequence[Any]]:
         (topic,) * len(rows),
         partitions,
         offsets,
+        (base,) * len(rows),
     ]
 
 
 _TS_COLUMN = EVENT_COLUMNS.index("ts")
 
 
-def event_columns_json(rows: Sequence[Row], topic: str) -> bytes | None:
+def event_columns_json(rows: Sequence[Row], topic: str, base: int = 0) -> bytes | None:
     """The rows as ``JSONCompactColumns`` (one array per column, in the order of
     ``EVENT_COLUMNS``); None when a time stamp cannot go as text exactly (see above).
 
@@ -151,7 +154,7 @@ def event_columns_json(rows: Sequence[Row], topic: str) -> bytes | None:
     (50,000 rows, ``time.process_time``), on the consumer's thread."""
     if not rows:
         return b""
-    columns = event_columns(rows, topic)
+    columns = event_columns(rows, topic, base)
     stamps = columns[_TS_COLUMN]
     if min(stamps) < 0 or max(stamps) >= _TS_JSON_LIMIT:
         return None
@@ -366,32 +369,35 @@ class Store:
             return False
 
     # -- writes ---------------------------------------------------------------------------------
-    async def insert_events(self, rows: Sequence[Row], topic: str, token: str) -> None:
+    async def insert_events(
+        self, rows: Sequence[Row], topic: str, token: str, base: int = 0
+    ) -> None:
         """One INSERT: one part, atomic. ``token`` makes another insert with the same token a
         no-op (ClickHouse insert deduplication); see consume.py for how tokens are chosen.
+        ``base``: the log base of the rows' partition (consume.py).
 
         The rows go as ``JSONCompactColumns`` bytes built by orjson (``event_columns_json``):
         ClickHouse parses them in C++ (chDB without holding the GIL), where clickhouse-connect's
         own Native serialisation is Python, value by value."""
-        block = event_columns_json(rows, topic)
-        await self.run(lambda c: self._insert(c, rows, topic, token, block))
+        block = event_columns_json(rows, topic, base)
+        await self.run(lambda c: self._insert(c, rows, topic, token, block, base))
 
     def write_events(
         self,
-        inserts: Sequence[tuple[Sequence[Row], str]],
+        inserts: Sequence[tuple[Sequence[Row], str, int]],
         topic: str,
         check: list[int],
         done: list[int],
         online: Sequence[tuple[int, int, list[list[Any]]]] = (),
     ) -> asyncio.Future[dict[int, int]]:
-        """``insert_events`` of each ``(rows, token)`` in turn, then ``next_offsets`` of the
+        """``insert_events`` of each ``(rows, token, base)`` in turn, then ``next_offsets`` of the
         partitions ``check``, then the ``online_now`` rows of each ``(partition, last offset,
         rows)`` of ``online`` whose partition's stored rows end at that offset (its own insert
         is the one stored): one job, handed to the store's thread at once (not when the
         caller first awaits), whose steps follow each other there without waiting for the
         event loop (busy counting the next batch meanwhile). ``done`` receives the index of
         each insert as it succeeds (for a retry after a failure)."""
-        blocks = [event_columns_json(rows, topic) for rows, _ in inserts]
+        blocks = [event_columns_json(rows, topic, base) for rows, _, base in inserts]
 
         def job(c: Any) -> dict[int, int]:
             with self._landing:
@@ -401,14 +407,20 @@ class Store:
             # one insert per partition: independent of each other, so side by side (the first
             # on this thread's client); the check reads them all once every one is done
             others = [
-                (i, self._inserters.submit(self._insert_on_own_client, rows, topic, token, block))
-                for i, ((rows, token), block) in enumerate(zip(inserts, blocks, strict=True))
+                (
+                    i,
+                    self._inserters.submit(
+                        self._insert_on_own_client, rows, topic, token, block, base
+                    ),
+                )
+                for i, ((rows, token, base), block) in enumerate(zip(inserts, blocks, strict=True))
                 if i > 0
             ]
             failed: Exception | None = None
             if inserts:
+                rows, token, base = inserts[0]
                 try:
-                    self._insert(c, inserts[0][0], topic, inserts[0][1], blocks[0])
+                    self._insert(c, rows, topic, token, blocks[0], base)
                     done.append(0)
                 except Exception as e:
                     failed = e
@@ -431,7 +443,7 @@ class Store:
         return asyncio.get_running_loop().run_in_executor(self._executor, self._call, job)
 
     def _insert_on_own_client(
-        self, rows: Sequence[Row], topic: str, token: str, block: bytes | None
+        self, rows: Sequence[Row], topic: str, token: str, block: bytes | None, base: int
     ) -> None:
         """``_insert`` on an inserting thread, with a client no other thread is using."""
         try:
@@ -442,7 +454,7 @@ class Store:
                 self._insert_clients.append(client)
         broken = False
         try:
-            self._insert(client, rows, topic, token, block)
+            self._insert(client, rows, topic, token, block, base)
         except Exception:
             # a failed HTTP client may hold a broken connection: not used again
             broken = not self.url.startswith("chdb://")
@@ -456,7 +468,9 @@ class Store:
                 self._idle_insert_clients.put(client)
 
     @staticmethod
-    def _insert(c: Any, rows: Sequence[Row], topic: str, token: str, block: bytes | None) -> None:
+    def _insert(
+        c: Any, rows: Sequence[Row], topic: str, token: str, block: bytes | None, base: int = 0
+    ) -> None:
         """On the store's thread: the INSERT of ``insert_events`` (``block``:
         ``event_columns_json``)."""
         started = time.monotonic()
@@ -475,7 +489,7 @@ class Store:
             else:
                 c.insert(
                     "events",
-                    event_columns(rows, topic),
+                    event_columns(rows, topic, base),
                     column_names=EVENT_COLUMNS,
                     column_oriented=True,
                     settings=settings,
@@ -518,6 +532,41 @@ class Store:
         """Per partition (all, or those given), the offset after the last record stored: where
         consuming resumes. Partitions with no row are absent."""
         return await self.run(lambda c: _next_offsets(c, topic, partitions))
+
+    async def last_stored(
+        self, topic: str, next_offsets: dict[int, int]
+    ) -> dict[int, tuple[int, str]]:
+        """Per partition of ``next_offsets`` (``next_offsets()``), its last stored row's log base
+        and event id: where its record was in Kafka, and which record it was (consume.py checks
+        that the log still holds it there). Looked for among the rows of the last day of the
+        partition first (the table is ordered by time, not by offset), then among all."""
+
+        def query(c: Any) -> dict[int, tuple[int, str]]:
+            found: dict[int, tuple[int, str]] = {}
+            for recent in (True, False):
+                wanted = [(p, n - 1) for p, n in next_offsets.items() if p not in found]
+                if not wanted:
+                    break
+                bound = (
+                    "AND ts >= (SELECT max(ts) FROM events WHERE topic = {topic:String}) "
+                    "- INTERVAL 1 DAY"
+                    if recent
+                    else ""
+                )
+                rows = c.query(
+                    "SELECT kafka_partition, kafka_base, event_id FROM events "
+                    "WHERE topic = {topic:String} "
+                    "AND (kafka_partition, kafka_offset) IN {wanted:Array(Tuple(UInt32, UInt64))} "
+                    + bound,
+                    parameters={"topic": topic, "wanted": wanted},
+                ).result_rows
+                for p, base, event_id in rows:
+                    found[int(p)] = (int(base), str(event_id))
+            return found
+
+        if not next_offsets:
+            return {}
+        return await self.run(query)
 
     async def online_stamps(self, topic: str) -> dict[int, int]:
         """Per partition of ``topic``, the latest ``at`` (ms) of its ``online_now`` rows."""

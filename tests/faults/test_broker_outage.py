@@ -1,7 +1,8 @@
 """The broker unreachable (Tansu frozen with SIGSTOP) while beacons flow: ingest keeps
 accepting into its on-disk spool and delivers everything once the broker is back, the counter
 is marked stale while the broker is silent and not after; a full spool answers 503 with
-Retry-After and fails /readyz; SIGTERM drains."""
+Retry-After and fails /readyz; SIGTERM drains. And the broker restarted without its log: what
+was counted stays, and what comes after is counted."""
 
 from __future__ import annotations
 
@@ -12,7 +13,15 @@ from pathlib import Path
 import pytest
 
 from services.aggregate.counter import SILENT_SECONDS
-from tests.faults.conftest import Deployment, assert_counter, metric, wait_for
+from tests.faults.conftest import (
+    DLQ_TOPIC,
+    PARTITIONS,
+    TOPIC,
+    Deployment,
+    assert_counter,
+    metric,
+    wait_for,
+)
 from tests.faults.load import Plan, Sender
 from tests.support.procs import Service, counter, http, wait_counter
 
@@ -109,3 +118,24 @@ def test_full_spool_refuses_and_sigterm_drains(deployment: Deployment) -> None:
     ingest = d.ingest()
     Sender([ingest.url], plan).start().join()
     assert_counter(aggregate.url, plan)
+
+
+def test_broker_restarted_without_its_log(deployment: Deployment) -> None:
+    """Tansu keeps its log in memory: restarted, it has the topic's partitions again, empty,
+    with offsets from 0 (as a topic deleted and made anew has). Beacons accepted after the
+    restart are counted on top of those counted before; none of before is counted again."""
+    d = deployment
+    ingest = d.ingest()
+    aggregate = d.aggregate()
+    before = Plan.generate(1_500, seed=15)
+    assert set(Sender([ingest.url], before).start().join().statuses) == {202}
+    assert_counter(aggregate.url, before)
+
+    d.broker.stop()
+    d.broker.start()
+    d.broker.create_topic(TOPIC, PARTITIONS)
+    d.broker.create_topic(DLQ_TOPIC, 1)
+    after = Plan.generate(1_500, seed=16, first_client=100_000)
+    assert set(Sender([ingest.url], after).start().join().statuses) == {202}
+    assert_counter(aggregate.url, Plan(before.visitors + after.visitors))
+    assert metric(aggregate.url, "visitorstats_partition_logs_replaced_total") > 0

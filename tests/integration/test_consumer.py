@@ -143,6 +143,7 @@ def test_killed_with_a_pending_batch(
         wait_stored(clickhouse.dsn, expected(1000))
     finally:
         second.kill()
+    assert replaced_said(tmp_path / "second.log") == 0  # the same log, found so
 
 
 def test_killed_while_its_insert_hangs_then_lands(
@@ -165,3 +166,64 @@ def test_killed_while_its_insert_hangs_then_lands(
         wait_stored(clickhouse.dsn, expected(1000))
     finally:
         second.kill()
+    assert replaced_said(tmp_path / "second.log") == 0  # the same log, found so
+
+
+def replaced_said(log: Path) -> int:
+    """How many times a consumer process logged a partition's log as lost and begun again."""
+    return log.read_text().count("was lost and begun again")
+
+
+def positions(dsn: str) -> list[tuple[int, int, int, int, int]]:
+    """Per partition: rows, the last position + 1, and of the rows with a base (from a log
+    begun again): how many, their first and their last Kafka offset."""
+    client = clickhouse_connect.get_client(dsn=dsn)
+    try:
+        rows = client.query(
+            "SELECT kafka_partition, count(), max(kafka_offset) + 1, countIf(kafka_base > 0), "
+            "minIf(kafka_offset - kafka_base, kafka_base > 0), "
+            "maxIf(kafka_offset - kafka_base, kafka_base > 0) "
+            "FROM events WHERE topic = {t:String} GROUP BY kafka_partition "
+            "ORDER BY kafka_partition",
+            parameters={"t": TOPIC},
+        ).result_rows
+    finally:
+        client.close()
+    return [tuple(int(x) for x in row[1:]) for row in rows]  # type: ignore[misc]
+
+
+def test_a_log_lost_and_begun_again_is_counted_on(
+    topic: Tansu, clickhouse: ChdbHttpServer, tmp_path: Path
+) -> None:
+    """The broker restarts without its log (Tansu keeps it in memory; a topic deleted and made
+    anew is the same): the new log's offsets begin again at 0, below what was stored. Its
+    records are counted all the same, after the ones counted before, and a process started
+    later goes on from there without deciding it again."""
+    asyncio.run(produce(topic.bootstrap, events(0, 600)))
+    first = Runner(topic.bootstrap, clickhouse.dsn, 0.2, tmp_path / "first.log")
+    try:
+        first.wait_line(lambda line: line.startswith("written"))
+        wait_stored(clickhouse.dsn, expected(600))
+        topic.stop()
+        topic.start()  # the same address, an empty log
+        asyncio.run(create_topic(topic.bootstrap, TOPIC, 3))
+        asyncio.run(produce(topic.bootstrap, events(600, 400)))
+        wait_stored(clickhouse.dsn, expected(1000))
+    finally:
+        first.kill()
+    assert replaced_said(tmp_path / "first.log") == 3  # once for each partition
+    parts = positions(clickhouse.dsn)
+    assert len(parts) == 3
+    for rows, next_position, from_new_log, first_offset, last_offset in parts:
+        assert next_position == rows  # positions 0 .. rows - 1: none skipped, none twice
+        assert from_new_log > 0 and first_offset == 0 and last_offset == from_new_log - 1
+    assert sum(p[2] for p in parts) == 400
+
+    asyncio.run(produce(topic.bootstrap, events(1000, 200)))
+    second = Runner(topic.bootstrap, clickhouse.dsn, 0.2, tmp_path / "second.log")
+    try:
+        wait_stored(clickhouse.dsn, expected(1200))
+    finally:
+        second.kill()
+    assert replaced_said(tmp_path / "second.log") == 0
+    assert all(rows == next_position for rows, next_position, *_ in positions(clickhouse.dsn))

@@ -333,13 +333,13 @@ async def test_totals_and_days_read_the_daily_projection(store: Store) -> None:
         assert any("ReadFromMergeTree (daily)" in line for (line,) in plan), plan
 
 
-LATER_COLUMNS = ("micros", "in_visit")  # of events: added by migrations after 0003
+LATER_COLUMNS = ("micros", "in_visit", "kafka_base")  # of events: added after 0003
 
 
 async def test_an_upgraded_database_gets_the_table_and_the_numbers(tmp_path: Path) -> None:
-    """A database of an earlier version (0001-0003 applied, rows stored without ``micros`` and
-    ``in_visit``) gets ``online_now`` and those columns; the consumer, rebuilding, writes the
-    numbers of the rows it has."""
+    """A database of an earlier version (0001-0003 applied, rows stored without ``micros``,
+    ``in_visit`` and ``kafka_base``) gets ``online_now`` and those columns; the consumer,
+    rebuilding, writes the numbers of the rows it has."""
     url = f"chdb://{tmp_path}/clickhouse"
     old = Store(url)
 
@@ -392,6 +392,7 @@ async def test_an_upgraded_database_gets_the_table_and_the_numbers(tmp_path: Pat
             "0005_drop_buckets",
             "0006_micros",
             "0007_in_visit",
+            "0008_kafka_base",
         ]
         assert await new.migrate() == []
         want = await by_query(new, clock.ms)

@@ -71,9 +71,9 @@ def test_cluster_ddl_parses_and_creates_replicated_and_distributed_tables() -> N
     # a projection is added to the replicated tables (the Distributed one has no parts), and
     # dropped again by a later migration
     alters = [s for s in out if s.startswith("ALTER TABLE")]
-    assert len(alters) == 7, alters
+    assert len(alters) == 9, alters
     local = [s for s in alters if s.startswith("ALTER TABLE events_local ON CLUSTER visitorstats")]
-    assert len(local) == 5, alters
+    assert len(local) == 6, alters
     assert "ADD PROJECTION IF NOT EXISTS buckets" in local[0]
     assert "MATERIALIZE PROJECTION buckets" in local[1]
     assert "DROP PROJECTION IF EXISTS buckets" in local[2]
@@ -84,6 +84,9 @@ def test_cluster_ddl_parses_and_creates_replicated_and_distributed_tables() -> N
     assert "ADD COLUMN IF NOT EXISTS `in_visit` UInt8 DEFAULT 1 AFTER starts_visit" in local[4]
     assert alters[6].startswith("ALTER TABLE events ON CLUSTER visitorstats")
     assert "ADD COLUMN IF NOT EXISTS `in_visit` UInt8 DEFAULT 1 AFTER starts_visit" in alters[6]
+    assert "ADD COLUMN IF NOT EXISTS `kafka_base` Int64 DEFAULT 0 AFTER kafka_offset" in local[5]
+    assert alters[8].startswith("ALTER TABLE events ON CLUSTER visitorstats")
+    assert "ADD COLUMN IF NOT EXISTS `kafka_base` Int64 DEFAULT 0 AFTER kafka_offset" in alters[8]
 
 
 def test_single_server_ddl_parses() -> None:
