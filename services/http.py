@@ -129,14 +129,18 @@ def _json_error(status: int, message: str, headers: Any = None) -> web.Response:
 async def json_errors(
     request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
 ) -> web.StreamResponse:
-    """aiohttp's own refusals (no such route, method not allowed) as JSON, like ours."""
+    """aiohttp's own refusals (no such route, method not allowed) as JSON, like ours, and
+    readable by a script on any page (a portal's page that asks for a wrong path sees the 404,
+    not a CORS error)."""
     try:
         return await handler(request)
     except web.HTTPException as e:
         if e.status < 400:
             raise
-        allow = {"Allow": e.headers["Allow"]} if "Allow" in e.headers else None
-        return _json_error(e.status, e.reason.lower(), allow)
+        headers = {"Access-Control-Allow-Origin": "*"}
+        if "Allow" in e.headers:
+            headers["Allow"] = e.headers["Allow"]
+        return _json_error(e.status, e.reason.lower(), headers)
 
 
 def add_routes(app: web.Application) -> None:

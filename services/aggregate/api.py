@@ -125,8 +125,7 @@ class _StreamLane:
 
 
 def _lang(request: web.Request) -> str:
-    lang = request.rel_url.query.get("lang", "vi")
-    return lang if lang in ("vi", "en") else "vi"
+    return render.normalize_lang(request.rel_url.query.get("lang"))
 
 
 async def counter(request: web.Request) -> web.Response:
@@ -203,10 +202,11 @@ async def widget_js(request: web.Request) -> web.Response:
 
 async def widget_page(request: web.Request) -> web.Response:
     site = request.match_info["site"]
-    if request.app[COUNTER].registry.get(site) is None:
+    known = request.app[COUNTER].registry.get(site)
+    if known is None:
         return _json_error(404, "unknown site", "site")
     return web.Response(
-        text=render.render_widget_page(site, _lang(request)),
+        text=render.render_widget_page(site, _lang(request), known.name),
         content_type="text/html",
         headers={"Cache-Control": "public, max-age=300"},
     )

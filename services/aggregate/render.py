@@ -48,11 +48,12 @@ _NOT_XML = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\ufffe\uffff\ud800-\udfff]")
 
 
 def normalize_lang(lang: str | None) -> str:
-    """``vi`` or ``en``; anything else (missing, ``fr``, ``VI-vn``…) falls back sensibly."""
+    """``vi`` or ``en`` by the tag's primary language (``EN``, ``en-US``, ``vi_VN``); anything
+    else (missing, ``fr``, ``english``) is the default."""
     if lang:
-        short = lang.strip().lower()[:2]
-        if short in LABELS:
-            return short
+        primary = lang.strip().lower().replace("_", "-").partition("-")[0]
+        if primary in LABELS:
+            return primary
     return DEFAULT_LANG
 
 
@@ -193,11 +194,13 @@ def _svg_url(site: str, lang: str) -> str:
     return f"/v1/sites/{quote(site, safe='')}/counter.svg?lang={lang}"
 
 
-def render_widget_page(site: str, lang: str) -> str:
-    """A page holding only the block, for ``<iframe src=".../widget/{site}">``."""
+def render_widget_page(site: str, lang: str, name: str = "") -> str:
+    """A page holding only the block, for ``<iframe src=".../widget/{site}">``; its title names
+    the site (its ``name`` in the registry, else its id)."""
     lang = normalize_lang(lang)
     labels = LABELS[lang]
     s = _text(site)
+    title = _text(name or site)
     return f"""\
 <!doctype html>
 <html lang="{lang}">
@@ -205,7 +208,7 @@ def render_widget_page(site: str, lang: str) -> str:
 <meta charset="utf-8">
 <meta name="viewport" content="width=device-width, initial-scale=1">
 <meta name="robots" content="noindex">
-<title>{_text(labels["title"])} — {s}</title>
+<title>{_text(labels["title"])} — {title}</title>
 <link rel="icon" href="data:,">
 <style>
 {_PAGE_STYLE}

@@ -333,15 +333,19 @@ const el = document.querySelector(arguments[0]);
 if (!el) return null;
 const numbers = {};
 for (const n of el.querySelectorAll('[data-vs]')) {
-  if (n.getAttribute('data-vs') !== 'stale') numbers[n.getAttribute('data-vs')] = n.textContent;
+  const name = n.getAttribute('data-vs');
+  if (name !== 'stale' && name !== 'error') numbers[name] = n.textContent;
 }
 const mark = el.querySelector('[data-vs=stale]');
+const error = el.querySelector('[data-vs=error]');
 return {
   state: el.getAttribute('data-vs-state'),
+  relay: el.getAttribute('data-vs-relay'),
   updates: Number(el.getAttribute('data-vs-updates') || 0),
   as_of: el.getAttribute('data-vs-as-of'),
   numbers: numbers,
   stale_mark: mark ? !mark.hidden : null,
+  error: error && !error.hidden ? error.textContent : null,
 };
 """
 

@@ -257,6 +257,8 @@ def test_a_widget_of_an_unknown_site_says_so_and_stops_asking(
     driver.get(url)
     got = wait_until(lambda: widget(driver), lambda w: w.get("state") == "error")
     assert got["state"] == "error" and got["stale_mark"] is False
+    assert got["error"] == "Không có trang: dongah"  # said on the page, not only in the console
+    assert not driver.find_element(By.CSS_SELECTOR, "#vs-vi .vs-body").is_displayed()
     asked = len(portal.proxied("GET", "/v1/sites/dongah/counter"))
     assert asked >= 1
     time.sleep(3)  # three polls' worth
@@ -312,3 +314,78 @@ def test_the_widget_keeps_the_last_numbers_with_a_stale_mark_while_the_service_i
     assert got["state"] in ("polling", "live")
     arrive(service, 2)
     wait_shown(driver, shown(2, 0, 2, BASELINE + 2))
+
+
+TABS = 8  # more than the 6 connections a browser opens to one host over HTTP/1.1
+
+
+def test_the_tabs_of_a_portal_share_one_stream_and_every_page_view_counts(
+    service: Service, portal: Portal, browsers: Browsers
+) -> None:
+    """Eight tabs of the portal, the beacon and the widget both from the service's one host
+    (as ``visitorstats run`` serves them, HTTP/1.1): a stream per tab would hold every
+    connection the browser allows that host, and the seventh tab's page view would wait for
+    one. Here one tab streams and relays to the others: every page view counts, every widget
+    is live, the service holds one stream; when the streaming tab closes, another takes over."""
+    url = portal.page("home", portal_page(service.url, heartbeat="0"))
+    driver = browsers.open()
+    driver.get(url)
+    for _ in range(TABS - 1):
+        driver.switch_to.new_window("tab")
+        driver.get(url)
+    c = wait_counter(service.url, SITE, lambda c: c["pageviews"]["today"] == TABS, timeout=30)
+    assert c["pageviews"]["today"] == TABS
+    # one browser, one reader: one visitor online, one visit
+    want = shown(1, 0, 1, BASELINE + 1)
+    relays = []
+    for handle in driver.window_handles:
+        driver.switch_to.window(handle)
+        got = wait_until(
+            lambda: widget(driver), lambda w: w["state"] == "live" and w["numbers"] == want
+        )
+        assert got["state"] == "live" and got["numbers"] == want, got
+        relays.append(got["relay"])
+    assert sorted(relays) == ["follower"] * (TABS - 1) + ["leader"]
+    assert metric(service.url, "visitorstats_stream_subscribers") == 1
+
+    # the leading tab closes: another tab leads, and every remaining tab stays live
+    driver.switch_to.window(driver.window_handles[relays.index("leader")])
+    driver.close()
+    handles = driver.window_handles
+    assert len(handles) == TABS - 1
+    arrive(service, 1)
+    want = shown(2, 0, 2, BASELINE + 2)
+    relays = []
+    for handle in handles:
+        driver.switch_to.window(handle)
+        got = wait_until(
+            lambda: widget(driver), lambda w: w["state"] == "live" and w["numbers"] == want
+        )
+        assert got["state"] == "live" and got["numbers"] == want, got
+        relays.append(got["relay"])
+    assert relays.count("leader") == 1
+    wait_until(lambda: metric(service.url, "visitorstats_stream_subscribers"), lambda n: n == 1)
+    assert metric(service.url, "visitorstats_stream_subscribers") == 1
+
+
+def test_a_page_streams_two_sites_at_most_and_polls_the_others(
+    service: Service, portal: Portal, browsers: Browsers
+) -> None:
+    """Widgets of several sites on one page: two streams, the others poll, and the page's own
+    page view still goes through."""
+    divs = "".join(
+        f'<div data-visitorstats-widget data-site="{site}" id="vs-{site}" data-poll="1"></div>'
+        for site in ("dongha", "utc", "locked")
+    )
+    url = portal.page("many", portal_page(service.url, extra=divs, widgets=("vi",)))
+    driver = browsers.open()
+    driver.get(url)
+    states = {}
+    for site in ("dongha", "utc", "locked"):
+        got = wait_until(
+            lambda site=site: widget(driver, f"#vs-{site}"),
+            lambda w: w.get("state") in {"live", "polling"},
+        )
+        states[site] = got["state"]
+    assert sorted(states.values()) == ["live", "live", "polling"], states
+    assert wait_counter(service.url, SITE, lambda c: c["pageviews"]["today"] == 1)

@@ -393,7 +393,40 @@ def test_hostile_site_ids_get_a_json_404_never_a_server_error(run: Service) -> N
             f"/v1/sites/{s}/counter/stream",
             f"/widget/{s}",
         ):
-            status, _, body = http("GET", run.url + path)
+            status, headers, body = http("GET", run.url + path)
             assert status == 404, (site, path, status, body)
             assert json.loads(body)["error"], (site, path)
+            # a portal's script that asks for it can read the 404 (not a CORS error)
+            assert headers.get("Access-Control-Allow-Origin") == "*", (site, path)
     assert http("GET", f"{run.url}/v1/sites/dongha/counter")[0] == 200
+
+
+def test_paths_no_route_matches_answer_a_json_404_a_page_can_read(run: Service) -> None:
+    for path in (
+        "/v1/sites/dongha/counter/",
+        "/v1/sites//counter",
+        "/v1/sites/dongha",
+        "/widget/dongha/",
+        "/nothing-here",
+    ):
+        status, headers, body = http("GET", run.url + path)
+        assert status == 404, (path, status, body)
+        assert json.loads(body) == {"error": "not found", "field": None}, path
+        assert headers.get("Access-Control-Allow-Origin") == "*", path
+    status, headers, body = http("DELETE", f"{run.url}/v1/sites/dongha/counter")
+    assert status == 405 and "GET" in headers.get("Allow", ""), (status, headers)
+    assert headers.get("Access-Control-Allow-Origin") == "*"
+
+
+@pytest.mark.parametrize(
+    ("lang", "words"), [("EN", "Guests"), ("en-US", "Guests"), ("vi", "Khách")]
+)
+def test_a_language_tag_in_any_case_or_with_a_region_picks_the_language(
+    run: Service, lang: str, words: str
+) -> None:
+    status, _, body = http("GET", f"{run.url}/v1/sites/dongha/counter.svg?lang={lang}")
+    assert status == 200 and words in body.decode(), lang
+    status, _, body = http("GET", f"{run.url}/widget/dongha?lang={lang}")
+    page = body.decode()
+    assert status == 200 and f'data-lang="{lang[:2].lower()}"' in page, lang
+    assert "<title>" in page and "Thành phố Đông Hà</title>" in page  # the site's name

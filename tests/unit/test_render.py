@@ -108,6 +108,9 @@ def test_format_number_unknown_lang_is_vietnamese() -> None:
         ("", "vi"),
         (None, "vi"),
         ("<script>", "vi"),
+        ("en_GB", "en"),
+        (" En-gb ", "en"),
+        ("english", "vi"),
     ],
 )
 def test_normalize_lang(given: str | None, expected: str) -> None:
@@ -259,6 +262,17 @@ def test_widget_page_lang_falls_back_to_vietnamese(lang: str) -> None:
     [div] = Tags(page).find("div", data_site="dongha")
     assert div["data-lang"] == "vi"
     assert "<script>" not in page.replace('<script defer src="/widget.js">', "")
+
+
+def test_widget_page_is_titled_with_the_site_name_escaped() -> None:
+    page = render_widget_page("dongha", "vi", 'Đông Hà </title><script>x</script> & "co"')
+    tags = Tags(page)
+    assert [t for t, _ in tags.tags if t == "script"] == ["script"]  # only widget.js
+    assert (
+        "<title>Thống kê truy cập — Đông Hà &lt;/title&gt;&lt;script&gt;x&lt;/script&gt; "
+        "&amp; &quot;co&quot;</title>" in page
+    )
+    assert "<title>Thống kê truy cập — dongha</title>" in render_widget_page("dongha", "vi")
 
 
 def test_widget_page_escapes_the_site() -> None:

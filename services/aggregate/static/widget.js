@@ -3,13 +3,21 @@
  *   <div data-visitorstats-widget data-site="dongha" data-lang="vi"></div>
  *   <script defer src="https://stats.example/widget.js"></script>
  *
- * Options, on the div or on the script tag: data-lang="vi"|"en" (default vi), data-poll="10"
- * (seconds between polls when the stream is unavailable), data-stream="off" (poll only).
+ * Options, on the div or on the script tag: data-lang="vi"|"en" (default vi; "en-US", "EN"
+ * are English), data-poll="10" (seconds between polls when the stream is unavailable),
+ * data-stream="off" (poll only).
+ *
+ * Connections: a browser opens at most 6 to one host over HTTP/1.1, and a stream holds one for
+ * as long as the page is open. So the tabs of one portal share one stream per site: the tab
+ * holding a Web Lock for it streams and relays each snapshot to the others over a
+ * BroadcastChannel; when it closes, another tab takes over. A page streams at most
+ * MAX_STREAMS sites and polls any others. The reader's beacons always find a connection.
  * Theme: set --vs-bg, --vs-fg, --vs-accent, --vs-border, --vs-font (also --vs-muted, --vs-warn,
  * --vs-radius) on the div or any ancestor.
  *
  * DOM contract (stable, for tests and portal CSS), on each widget element:
  *   data-vs-state    connecting | live | polling | stale | error (no such site)
+ *   data-vs-relay    "leader" (this tab streams for the others) | "follower" | absent
  *   data-vs-updates  how many counter snapshots have been rendered into it
  *   data-vs-as-of    the snapshot's as_of
  *   [data-vs=guests|members|total|visits-today|visits-total]  the numbers
@@ -31,7 +39,8 @@
       visits: "Lượt truy cập",
       visits_today: "Truy cập hôm nay",
       visits_total: "Tổng lượt truy cập",
-      stale: "số liệu chưa cập nhật"
+      stale: "số liệu chưa cập nhật",
+      unknown: "Không có trang"
     },
     en: {
       title: "Visitor statistics",
@@ -42,7 +51,8 @@
       visits: "Visits",
       visits_today: "Visits today",
       visits_total: "Total visits",
-      stale: "numbers not up to date"
+      stale: "numbers not up to date",
+      unknown: "No such site"
     }
   };
   var LOCALES = { vi: "vi-VN", en: "en-US" };
@@ -56,6 +66,9 @@
   };
   var SITE_ID = /^[a-z0-9][a-z0-9-]{0,63}$/;
   var STREAM_RETRY_MS = 60000; // after a fall-back, try the stream again (if it ever worked)
+  var MAX_STREAMS = 2; // sites one page streams; it polls the others (see Connections above)
+  var RELAY_BEAT_MS = 10000; // a leading tab says it is there this often...
+  var RELAY_LOST_MS = 30000; // ...and a follower that heard nothing for this long polls itself
   var CSS =
     ".vs-widget{box-sizing:border-box;max-width:22em;padding:.75em 1em;" +
     "background:var(--vs-bg,#fff);color:var(--vs-fg,#1f2937);" +
@@ -73,9 +86,11 @@
     ".vs-widget .vs-visits{border-top:1px solid var(--vs-border,#d1d5db);padding-top:.4em}" +
     ".vs-widget .vs-n{font-variant-numeric:tabular-nums;font-weight:600;white-space:nowrap}" +
     ".vs-widget .vs-stale{font-weight:400;font-size:.9em;color:var(--vs-warn,#b45309);cursor:help}" +
+    ".vs-widget .vs-err{margin:0;color:var(--vs-warn,#b45309)}" +
     ".vs-widget [hidden]{display:none!important}";
 
   var sources = {};
+  var streams = 0; // sites this page streams (or waits to stream for the other tabs)
 
   function attr(el, name) {
     var v = el.getAttribute("data-" + name);
@@ -116,9 +131,15 @@
     head.insertBefore(h("style", { id: "visitorstats-widget-style" }, [CSS]), head.firstChild);
   }
 
+  /* "en", "EN", "en-US" -> "en"; anything not known -> "vi". */
+  function language(tag) {
+    var lang = String(tag || "").toLowerCase().split(/[-_]/)[0];
+    return LABELS[lang] ? lang : "vi";
+  }
+
   /* One widget element: builds its markup once, then only touches changed text. */
-  function View(el, src) {
-    var lang = LABELS[el.getAttribute("data-lang")] ? el.getAttribute("data-lang") : "vi";
+  function View(el, src, site) {
+    var lang = language(attr(el, "lang"));
     var L = LABELS[lang];
     var fmt = formatter(lang);
     var nodes = {};
@@ -135,8 +156,10 @@
     el.textContent = "";
     el.className = (el.className ? el.className + " " : "") + "vs-widget";
     el.setAttribute("lang", lang);
+    var err = h("p", { "class": "vs-err", "data-vs": "error", hidden: "" }, [L.unknown + ": " + site]);
     el.appendChild(h("h2", { "class": "vs-h" }, [h("span", {}, [L.title]), mark]));
-    el.appendChild(h("div", { "class": "vs-body", "aria-live": "polite" }, [
+    el.appendChild(err);
+    var body = h("div", { "class": "vs-body", "aria-live": "polite" }, [
       h("p", { "class": "vs-sub" }, [L.online]),
       h("ul", { "class": "vs-online", "aria-label": L.online }, [
         row("guests", L.guests),
@@ -147,7 +170,8 @@
         row("visits-today", L.visits_today),
         row("visits-total", L.visits_total, "vs-sum")
       ])
-    ]));
+    ]);
+    el.appendChild(body);
     el.setAttribute("data-vs-updates", "0");
 
     this.paint = function (fresh) {
@@ -162,34 +186,54 @@
       }
       if (el.getAttribute("data-vs-state") !== state) el.setAttribute("data-vs-state", state);
       mark.hidden = state != "stale";
+      err.hidden = state != "error";
+      body.hidden = state == "error";
+      if (src.relay) el.setAttribute("data-vs-relay", src.relay);
     };
   }
 
-  /* One counter per site, shared by every widget of that site on the page:
-   * one stream (or one poller) however many widgets show it. */
+  /* One counter per site, shared by every widget of that site on the page: one stream (or
+   * one poller) however many widgets show it. And shared by the portal's tabs: one of them
+   * leads (streams) and relays every snapshot to the others over a BroadcastChannel; a tab
+   * that hears no leader takes the lead, and of two leaders the one with the smaller id stays
+   * (no lock needed: Web Locks exist only on https pages, and portals still serve http). */
   function Source(site, poll, streamAllowed) {
     var self = this;
     var url = base + "/v1/sites/" + encodeURIComponent(site) + "/counter";
     var views = [];
-    var mode = "stream"; // "stream" | "poll"
+    var mode = "stream"; // "stream" | "poll" | "follow" (another tab streams and relays)
     var es = null, open = false, got = false, everStreamed = false, errors = 0, watchdog = 0;
     var etag = "", seq = 0, inflight = false, down = false, gone = false, pollTimer = 0, fellBack = 0;
     var retryMs = STREAM_RETRY_MS;
+    var me = Math.random(), chan = null, relayed = "", heard = 0, beat = 0, claim = 0, watch = 0;
 
     this.data = null;
     this.poll = poll;
+    this.relay = ""; // "leader" | "follower" while the portal's tabs share the stream
     this.add = function (view) {
       views.push(view);
     };
     this.state = function () {
       if (gone) return "error";
       if (down || (self.data && self.data.stale === true)) return "stale";
+      if (mode == "follow") return relayed && self.data ? relayed : "connecting";
       if (mode == "poll") return self.data ? "polling" : "connecting";
       return open && self.data ? "live" : "connecting";
     };
 
     function paint(fresh) {
       for (var i = 0; i < views.length; i++) views[i].paint(fresh);
+      if (self.relay == "leader") relay(fresh);
+    }
+
+    function say(message) {
+      try {
+        chan.postMessage(message);
+      } catch (e) {}
+    }
+
+    function relay(fresh) {
+      say({ from: me, data: fresh ? self.data : null, state: self.state() });
     }
 
     function show(data) {
@@ -235,28 +279,33 @@
         });
     }
 
-    function stop() {
-      gone = true;
-      if (es) es.close();
-      es = null;
-      clearInterval(pollTimer);
-      clearTimeout(watchdog);
-      paint(false);
-    }
-
-    function tick() {
-      if (!gone && d.visibilityState != "hidden") load();
-    }
-
-    function startPolling() {
-      if (gone) return;
+    function quiet() {
       if (es) es.close();
       es = null;
       open = false;
       clearTimeout(watchdog);
+      clearInterval(pollTimer);
+    }
+
+    function stop() {
+      gone = true;
+      quiet();
+      clearInterval(beat);
+      clearInterval(watch);
+      clearTimeout(claim);
+      paint(false);
+    }
+
+    function tick() {
+      // a leading tab polls for the others even while it is hidden
+      if (!gone && (d.visibilityState != "hidden" || self.relay == "leader")) load();
+    }
+
+    function startPolling() {
+      if (gone) return;
+      quiet();
       mode = "poll";
       fellBack = Date.now();
-      clearInterval(pollTimer);
       pollTimer = setInterval(tick, self.poll * 1000);
       load();
       paint(false);
@@ -303,13 +352,105 @@
       }, Math.max(15, 2 * self.poll) * 1000);
     }
 
+    /* -- the tabs' relay -- */
+    function lead() {
+      if (gone || self.relay == "leader") return;
+      self.relay = "leader";
+      openStream();
+      paint(false);
+      clearInterval(beat);
+      beat = setInterval(function () {
+        relay(false);
+      }, RELAY_BEAT_MS);
+    }
+
+    function follow() {
+      quiet();
+      clearInterval(beat);
+      self.relay = "follower";
+      mode = "follow";
+    }
+
+    function later() {
+      // take the lead unless a leader speaks first
+      clearTimeout(claim);
+      claim = setTimeout(lead, 200 + Math.random() * 600);
+    }
+
+    function hear(m) {
+      if (!m || typeof m != "object" || gone) return;
+      if (m.hello) {
+        if (self.relay == "leader") relay(true);
+        return;
+      }
+      if (m.bye) {
+        if (self.relay != "leader") later(); // the leading tab closed
+        return;
+      }
+      if (typeof m.from != "number" || m.from == me) return;
+      if (self.relay == "leader") {
+        if (m.from > me) return relay(false); // two leaders: the other gives way on hearing this
+        follow();
+      }
+      heard = Date.now();
+      clearTimeout(claim);
+      if (m.state == "error") return stop();
+      if (mode == "poll") {
+        clearInterval(pollTimer); // relayed numbers again
+        mode = "follow";
+      }
+      relayed = m.state;
+      var fresh = !!m.data && typeof m.data == "object";
+      if (fresh) {
+        seq++;
+        self.data = m.data;
+        down = false;
+      }
+      paint(fresh);
+    }
+
+    function share() {
+      try {
+        chan = new BroadcastChannel("visitorstats " + url);
+      } catch (e) {
+        return openStream();
+      }
+      chan.onmessage = function (e) {
+        hear(e.data);
+      };
+      follow();
+      heard = Date.now();
+      say({ hello: 1 });
+      later();
+      watch = setInterval(function () {
+        // a leader that went quiet (a frozen tab): someone takes over
+        if (self.relay != "leader" && !gone && Date.now() - heard > RELAY_LOST_MS) {
+          heard = Date.now();
+          later();
+        }
+      }, RELAY_BEAT_MS);
+      w.addEventListener("pagehide", function () {
+        if (self.relay == "leader") say({ bye: 1 });
+      });
+      w.addEventListener("pageshow", function (e) {
+        if (e.persisted && !gone) {
+          // back from the back/forward cache: another tab may lead by now
+          follow();
+          say({ hello: 1 });
+          later();
+        }
+      });
+    }
+
     this.start = function () {
       paint(false);
-      if (streamAllowed && w.EventSource) {
-        load(); // numbers at once; the stream keeps them current
-        openStream();
-      } else {
+      if (!streamAllowed || !w.EventSource || streams >= MAX_STREAMS) {
         startPolling();
+      } else {
+        streams++;
+        load(); // numbers at once; the stream (this tab's or a relayed one) keeps them current
+        if (w.BroadcastChannel) share();
+        else openStream();
       }
       d.addEventListener("visibilitychange", function () {
         if (mode == "poll") tick();
@@ -331,7 +472,7 @@
       fresh.push(src);
     }
     src.poll = Math.min(src.poll, poll);
-    src.add(new View(el, src));
+    src.add(new View(el, src, site));
   }
 
   function init() {
