@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import fcntl
 import os
 import shutil
 import sys
 import tempfile
 from pathlib import Path
+from typing import IO
 
-from services.settings import Settings
+from services.settings import Settings, database_of, redact
 from services.sites import Registry, RegistryError
 
 
@@ -30,7 +32,8 @@ def _parser() -> argparse.ArgumentParser:
             p.add_argument("--host", help="VISITORSTATS_HOST")
             p.add_argument("--port", type=int, help="VISITORSTATS_PORT")
             p.add_argument("--kafka-bootstrap", help="VISITORSTATS_KAFKA_BOOTSTRAP")
-            p.add_argument("--workers", type=int, help="VISITORSTATS_WORKERS")
+            if name != "aggregate":  # one process; more of them share the partitions
+                p.add_argument("--workers", type=int, help="VISITORSTATS_WORKERS")
         else:
             p.add_argument("--cluster", help="create replicated + distributed tables on it")
             p.add_argument(
@@ -68,6 +71,43 @@ def _run_can_fork(settings: Settings) -> bool:
     return False
 
 
+def _reason(e: BaseException) -> str:
+    """An exception's first line, with its type: enough to act on, no traceback."""
+    text = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {text[0]}" if text else type(e).__name__
+
+
+def _claim_embedded(settings: Settings) -> IO[bytes] | None:
+    """Only one process may open an embedded ClickHouse (chDB) directory: take it, or exit
+    saying which process has it. The lock is held while the returned file stays open."""
+    url = settings.clickhouse_url
+    if not url.lower().startswith("chdb://"):
+        return None
+    from services.aggregate.store import dsn_of
+
+    path = Path(dsn_of(url)[len("chdb://") :])
+    lock = open(path / ".visitorstats.lock", "a+b")  # noqa: SIM115 (open for the process)
+    try:
+        fcntl.flock(lock.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        lock.seek(0)
+        holder = lock.read().decode(errors="replace").strip() or "?"
+        lock.close()
+        sys.exit(
+            f"visitorstats: {path} is in use by another process (pid {holder}); one process "
+            "only may open embedded ClickHouse (VISITORSTATS_CLICKHOUSE_URL, or another "
+            "VISITORSTATS_DATA_DIR)"
+        )
+    lock.truncate(0)
+    lock.write(str(os.getpid()).encode())
+    lock.flush()
+    _held.append(lock)
+    return lock
+
+
+_held: list[IO[bytes]] = []  # the locks of this process, open until it exits
+
+
 def main(argv: list[str] | None = None) -> None:
     args = _parser().parse_args(argv)
     env = dict(os.environ)
@@ -85,6 +125,9 @@ def main(argv: list[str] | None = None) -> None:
     from dataclasses import replace
 
     settings = replace(settings, **{k: v for k, v in overrides.items() if v is not None})
+    if args.command == "aggregate":
+        settings = replace(settings, workers=1)
+    settings.check()
 
     if args.command == "migrate":
         from services.aggregate.migrate import (
@@ -101,16 +144,31 @@ def main(argv: list[str] | None = None) -> None:
                 sys.exit(f"visitorstats migrate: {e}")
 
         if args.print:
-            print(schema_migrations_ddl(args.cluster) + ";")
-            for mig in migrations():
-                for statement in render(mig, args.cluster):
-                    print(statement.strip() + ";")
+            database = database_of(settings.clickhouse_url)
+            try:
+                print(schema_migrations_ddl(args.cluster) + ";")
+                for mig in migrations():
+                    for statement in render(mig, args.cluster, database):
+                        print(statement.strip() + ";")
+                sys.stdout.flush()
+            except BrokenPipeError:  # `| head`: the reader has what it wanted
+                os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
             return
         from services.aggregate.store import Store
 
+        lock = _claim_embedded(settings)
         store = Store(settings.clickhouse_url)
-        applied = store.migrate_sync(args.cluster)
-        store.close()
+        try:
+            applied = store.migrate_sync(args.cluster)
+        except Exception as e:
+            sys.exit(
+                f"visitorstats migrate: cannot apply the schema to "
+                f"{redact(settings.clickhouse_url)}: {_reason(e)}"
+            )
+        finally:
+            store.close()
+            if lock is not None:
+                lock.close()
         print("applied: " + (", ".join(applied) if applied else "nothing (up to date)"))
         return
 
@@ -121,6 +179,8 @@ def main(argv: list[str] | None = None) -> None:
     if not len(registry):
         sys.exit(f"visitorstats: no site in {settings.sites_path}")
     settings = settings.with_secret()
+    if args.command in ("run", "aggregate"):
+        _claim_embedded(settings)  # held as long as the process (and its workers) live
     if args.command == "run" and settings.workers > 1 and not _run_can_fork(settings):
         settings = dataclasses.replace(settings, workers=1)
     metrics_dir = _multiprocess_metrics(settings) if args.command in ("ingest", "run") else None

@@ -328,7 +328,7 @@ class _Site(web.BaseSite):
 
     @property
     def name(self) -> str:
-        return f"http://{self._host}:{self._port}"
+        return address(self._host, self._port)
 
     async def start(self) -> None:
         await super().start()
@@ -428,11 +428,18 @@ def serve(
         format="%(asctime)s %(process)d %(levelname)s %(name)s: %(message)s",
     )
 
+    where = address(settings.host, settings.port)
+
     async def main() -> None:
         # inside the loop: aiokafka clients must be created with a running loop
-        runner = await start_server(
-            make_app(), settings, reuse_port=reuse_port, handle_signals=True
-        )
+        app = make_app()
+        try:
+            runner = await start_server(app, settings, reuse_port=reuse_port, handle_signals=True)
+        except OSError as e:  # the address: taken, not this machine's, not a name that resolves
+            raise CannotListen(
+                f"visitorstats: cannot listen on {where}: {e.strerror or e} "
+                "(VISITORSTATS_HOST, VISITORSTATS_PORT)"
+            ) from None
         # Everything made so far (modules, the app, the clients) lives as long as the process:
         # out of the collector's way, so that a full collection walks only what came later.
         gc.freeze()
@@ -440,7 +447,7 @@ def serve(
         # memos), not garbage; walking them took 5-20 ms every few seconds under load, in the
         # middle of answering beacons. One full collection a minute instead (see gcpause).
         undo_full_collections = gcpause.full_collections_every()
-        log.info("listening on http://%s:%s", settings.host, settings.port)
+        log.info("listening on %s", where)
         try:
             await asyncio.Event().wait()  # until SIGTERM/SIGINT raise GracefulExit
         finally:
@@ -450,12 +457,15 @@ def serve(
     loop = uvloop.new_event_loop()
     asyncio.set_event_loop(loop)
     task = loop.create_task(main())
+    failed: CannotListen | None = None
     try:
         loop.run_until_complete(task)
     except (web.GracefulExit, KeyboardInterrupt):
         task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             loop.run_until_complete(task)
+    except CannotListen as e:
+        failed = e
     finally:
         rest = asyncio.all_tasks(loop)
         for t in rest:
@@ -463,6 +473,17 @@ def serve(
         loop.run_until_complete(asyncio.gather(*rest, return_exceptions=True))
         loop.run_until_complete(loop.shutdown_asyncgens())
         loop.close()
+    if failed is not None:
+        raise SystemExit(str(failed))
+
+
+class CannotListen(Exception):
+    """The server could not take its address; the message says which, and why."""
+
+
+def address(host: str, port: int) -> str:
+    """``http://host:port``, an IPv6 address in brackets."""
+    return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
 
 
 def serve_workers(

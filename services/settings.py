@@ -12,6 +12,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
+from urllib.parse import unquote, urlsplit, urlunsplit
 
 DEFAULT_TRUSTED_PROXIES = "127.0.0.1/8,::1"
 
@@ -69,6 +70,46 @@ def parse_networks(raw: str) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Netw
             except ValueError:
                 raise SystemExit(f"VISITORSTATS_TRUSTED_PROXIES: bad network {part!r}") from None
     return tuple(nets)
+
+
+MAX_WORKERS = 64
+
+
+def redact(url: str) -> str:
+    """``url`` without the password of its user part, for messages."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    netloc = parts.netloc.rpartition("@")
+    user = netloc[0].partition(":")[0]
+    return urlunsplit(parts._replace(netloc=f"{user}:***@{netloc[2]}"))
+
+
+def clickhouse_url_problem(url: str) -> str | None:
+    """What is wrong with a ``VISITORSTATS_CLICKHOUSE_URL``, or None: ``chdb://PATH``, or
+    ``http(s)://[user[:password]@]host[:port][/database]``."""
+    parts = urlsplit(url)
+    scheme = parts.scheme.lower()
+    if scheme == "chdb":
+        return None
+    if scheme not in ("http", "https"):
+        return "must be chdb://PATH or http(s)://user:password@host:port/database"
+    try:
+        parts.port  # noqa: B018  (raises for a port that is not a number in range)
+    except ValueError:
+        return "has a port that is not a number from 1 to 65535"
+    if not parts.hostname:
+        return "names no host"
+    if parts.path.strip("/").count("/"):
+        return "has more than a database name as its path"
+    return None
+
+
+def database_of(url: str) -> str:
+    """The ClickHouse database a ``VISITORSTATS_CLICKHOUSE_URL`` names (``default`` if none)."""
+    if urlsplit(url).scheme.lower() == "chdb":
+        return "default"
+    return unquote(urlsplit(url).path.strip("/")) or "default"
 
 
 @dataclass(frozen=True)
@@ -167,6 +208,22 @@ class Settings:
             rate_limit_max_clients=_int(e, "VISITORSTATS_RATE_LIMIT_MAX_CLIENTS", 100_000),
         )
         return replace(s, **overrides) if overrides else s
+
+    def check(self) -> None:
+        """Raise ``SystemExit`` with a message naming the variable when a value cannot work."""
+        if not 1 <= self.port <= 65535:
+            raise SystemExit(f"VISITORSTATS_PORT must be from 1 to 65535, got {self.port}")
+        if not 1 <= self.workers <= MAX_WORKERS:
+            raise SystemExit(
+                f"VISITORSTATS_WORKERS must be from 1 to {MAX_WORKERS}, got {self.workers}"
+            )
+        problem = clickhouse_url_problem(self.clickhouse_url)
+        if problem:
+            raise SystemExit(
+                f"VISITORSTATS_CLICKHOUSE_URL {problem}, got {redact(self.clickhouse_url)!r}"
+            )
+        if not self.host.strip():
+            raise SystemExit("VISITORSTATS_HOST must name an address to listen on")
 
     def with_secret(self) -> Settings:
         """Return settings whose ``secret`` is set: from the environment, or generated once and

@@ -9,6 +9,7 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from services.memo import memo
@@ -60,6 +61,37 @@ def normalize_origin(origin: str) -> str:
     return origin
 
 
+# The keys a site's table may have: anything else is a typo (a misspelt baseline would be lost).
+KEYS = frozenset(
+    {
+        "name",
+        "origins",
+        "timezone",
+        "baseline_visits",
+        "baseline_pageviews",
+        "online_window_seconds",
+        "honor_dnt",
+        "honor_gpc",
+        "member_token_secret",
+    }
+)
+_ORIGIN = re.compile(r"https?://[^/?#@\s]+")
+
+
+def _origin_problem(origin: str) -> str | None:
+    """Why ``origin`` cannot be an origin (``scheme://host[:port]``, as a browser's ``Origin``
+    header has it), or None."""
+    if not _ORIGIN.fullmatch(origin.rstrip("/")):
+        return "an origin is http(s)://host[:port], without a path"
+    try:
+        port = urlsplit(origin).port
+    except ValueError:
+        return "its port is not a number from 1 to 65535"
+    if port == 0:
+        return "its port is not a number from 1 to 65535"
+    return None
+
+
 def _site(site_id: str, raw: Mapping[str, Any]) -> Site:
     def field(name: str, kind: type, default: Any) -> Any:
         value = raw.get(name, default)
@@ -69,10 +101,20 @@ def _site(site_id: str, raw: Mapping[str, Any]) -> Site:
 
     if not SITE_ID.fullmatch(site_id):
         raise RegistryError(f"sites.{site_id}: a site id is [a-z0-9][a-z0-9-]{{0,63}}")
+    if not isinstance(raw, Mapping):
+        raise RegistryError(f"sites.{site_id}: expected a table")
+    unknown = sorted(set(raw) - KEYS)
+    if unknown:
+        raise RegistryError(
+            f"sites.{site_id}.{unknown[0]}: unknown key (known: {', '.join(sorted(KEYS))})"
+        )
     origins = field("origins", list, [])
     for o in origins:
         if not isinstance(o, str):
             raise RegistryError(f"sites.{site_id}.origins: expected strings")
+        problem = _origin_problem(o)
+        if problem:
+            raise RegistryError(f"sites.{site_id}.origins: {o!r}: {problem}")
     tz = field("timezone", str, "UTC")
     try:
         ZoneInfo(tz)
@@ -116,15 +158,21 @@ class Registry:
         return len(self.sites)
 
     @classmethod
-    def parse(cls, text: str) -> Registry:
+    def parse(cls, text: str, name: str = "sites.toml") -> Registry:
         try:
             data = tomllib.loads(text)
         except tomllib.TOMLDecodeError as e:
-            raise RegistryError(f"sites.toml: {e}") from None
+            raise RegistryError(f"{name}: {e}") from None
         raw_sites = data.get("sites", {})
         if not isinstance(raw_sites, dict):
-            raise RegistryError("sites.toml: [sites] must be a table")
-        return cls({sid: _site(sid, raw) for sid, raw in raw_sites.items()})
+            raise RegistryError(f"{name}: [sites] must be a table")
+        others = sorted(set(data) - {"sites"})
+        if others:
+            raise RegistryError(f"{name}: unknown key {others[0]!r} (a site is a [sites.ID] table)")
+        try:
+            return cls({sid: _site(sid, raw) for sid, raw in raw_sites.items()})
+        except RegistryError as e:
+            raise RegistryError(f"{name}: {e}") from None
 
     @classmethod
     def load(cls, path: Path) -> Registry:
@@ -132,4 +180,6 @@ class Registry:
             text = path.read_text(encoding="utf-8")
         except FileNotFoundError:
             raise RegistryError(f"site registry not found: {path}") from None
-        return cls.parse(text)
+        except (OSError, UnicodeDecodeError) as e:
+            raise RegistryError(f"cannot read the site registry {path}: {e}") from None
+        return cls.parse(text, str(path))

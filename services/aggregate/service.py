@@ -4,6 +4,7 @@ and the pieces ``visitorstats run`` reuses with the in-process log instead of Ka
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import AsyncIterator, Callable
 
@@ -15,7 +16,7 @@ from services.aggregate.consume import Aggregator, Consumer
 from services.aggregate.counter import CounterService
 from services.aggregate.sources import KafkaSource, Source
 from services.aggregate.store import Store
-from services.settings import Settings
+from services.settings import Settings, redact
 from services.sites import Registry
 
 log = logging.getLogger(__name__)
@@ -40,10 +41,42 @@ def add_aggregate(
         silent=source.silent_seconds,
     )
     stopping = asyncio.Event()
+    migrated = asyncio.Event()
+
+    async def migrate() -> None:
+        """A ClickHouse server may come up after this process (or be restarting): the schema is
+        applied once it answers, and the service serves health, readiness and a counter that
+        says it is not available meanwhile. An embedded one that fails to open will not open
+        later: that fails the start."""
+        backoff = 0.5
+        while True:
+            try:
+                await store.migrate()
+                break
+            except Exception as e:
+                if settings.clickhouse_url.startswith("chdb://"):
+                    raise
+                log.warning(
+                    "ClickHouse %s cannot be reached (%s); retrying in %.1fs",
+                    redact(settings.clickhouse_url),
+                    str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__,
+                    backoff,
+                )
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, 10.0)
+        migrated.set()
 
     async def store_ctx(app: web.Application) -> AsyncIterator[None]:
-        await store.migrate()
+        if settings.clickhouse_url.startswith("chdb://"):
+            await migrate()
+            task = None
+        else:
+            task = asyncio.create_task(migrate(), name="migrate")
         yield
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
         await asyncio.get_running_loop().run_in_executor(None, store.close)
 
     async def counter_ctx(app: web.Application) -> AsyncIterator[None]:
@@ -60,6 +93,7 @@ def add_aggregate(
         consumer = Consumer(source, aggregator, settings, stopping)
 
         async def run() -> None:
+            await _first_of(migrated, stopping)
             backoff = 0.5
             while not stopping.is_set():
                 try:
@@ -90,6 +124,16 @@ def add_aggregate(
     http.add_ready_check(app, "clickhouse", clickhouse_ready)
     http.add_ready_check(app, "kafka" if isinstance(source, KafkaSource) else "log", source_ready)
     api.add_routes(app, counter, settings.stream_keepalive_seconds)
+
+
+async def _first_of(*events: asyncio.Event) -> None:
+    """Wait until any of ``events`` is set."""
+    waits = [asyncio.ensure_future(e.wait()) for e in events]
+    try:
+        await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for w in waits:
+            w.cancel()
 
 
 def create_aggregate_app(settings: Settings, registry: Registry) -> web.Application:

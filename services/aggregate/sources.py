@@ -16,6 +16,7 @@ from typing import Any, Protocol
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener, TopicPartition
 from aiokafka.errors import IllegalStateError, OffsetOutOfRangeError
+from aiokafka.protocol.group import JoinGroupRequest, LeaveGroupRequest
 
 from services import metrics
 from services.aggregate.counter import SILENT_SECONDS
@@ -461,9 +462,32 @@ class KafkaSource:
             log.warning("dead-letter publish failed (%s); %d records logged only", e, len(records))
 
     async def stop(self) -> None:
+        await self._leave_group()
         await self._consumer.stop()
         if self._dlq is not None:
             await self._dlq.stop()
+
+    async def _leave_group(self) -> None:
+        """Leave the group at once, so that its partitions go to the other members (or to this
+        process restarted) without waiting for the session to time out. aiokafka leaves on
+        stop only when its generation is above 0, as Kafka numbers them; Tansu (the test
+        broker) numbers the first generation 0, and a process restarted there got its
+        partitions back 18 s later instead of 5."""
+        coordinator = getattr(self._consumer, "_coordinator", None)
+        if (
+            coordinator is None
+            or coordinator.generation != 0
+            or coordinator.member_id == JoinGroupRequest.UNKNOWN_MEMBER_ID
+        ):
+            return  # aiokafka leaves by itself (or there is nothing to leave)
+        try:
+            await asyncio.wait_for(
+                coordinator._send_req(LeaveGroupRequest(self._group, coordinator.member_id)), 5
+            )
+        except Exception as e:  # the session times out instead
+            log.info("could not leave the group: %s", e)
+        else:
+            log.info("left the group")
 
     def ready(self) -> tuple[bool, str]:
         """Not ready when a fetch failed, or when the broker has not answered for

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from datetime import date
 from pathlib import Path
 from typing import Any, TypeVar
+from urllib.parse import urlsplit
 
 import clickhouse_connect
 import orjson
@@ -29,6 +30,7 @@ from services import metrics
 from services.aggregate.counting import Row
 from services.aggregate.migrate import migrations, render, schema_migrations_ddl
 from services.record import Event
+from services.settings import database_of
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -279,6 +281,9 @@ class Store:
                 "send_receive_timeout": 30,
                 "autogenerate_session_id": False,
                 "compress": False,
+                # clickhouse-connect reads host, port, user and database from the DSN but not
+                # its scheme: without this, https:// would send the password in the clear
+                "interface": urlsplit(self.url).scheme.lower(),
             }
         return clickhouse_connect.get_client(dsn=dsn_of(self.url), **options)
 
@@ -349,7 +354,7 @@ class Store:
             for mig in migrations():
                 if mig.version in done:
                     continue
-                for statement in render(mig, cluster):
+                for statement in render(mig, cluster, database_of(self.url)):
                     client.command(statement)
                 client.insert(
                     "schema_migrations", [[mig.version, mig.name]], column_names=["version", "name"]

@@ -6,7 +6,7 @@ from collections.abc import AsyncIterator
 
 from aiohttp import web
 
-from services import http
+from services import http, metrics
 from services.ingest import app as ingest_routes
 from services.ingest.pipeline import Pipeline
 from services.ingest.publish import KafkaPublisher, Publisher, SpoolFirstPublisher
@@ -18,6 +18,7 @@ from services.sites import Registry
 
 
 def make_pipeline(settings: Settings, registry: Registry, publisher: Publisher) -> Pipeline:
+    metrics.for_sites([site.id for site in registry])
     return Pipeline(
         registry,
         publisher,

@@ -93,3 +93,24 @@ def test_two_and_three_aggregate_processes_join_and_leave(
     a5 = d.aggregate()  # a fresh process over the same ClickHouse answers the same numbers
     again = assert_counter(a5.url, plan)
     assert numbers(again) == numbers(got)
+
+
+def test_a_stopped_aggregate_leaves_the_group_and_its_successor_joins_once(
+    deployment: Deployment,
+) -> None:
+    """SIGTERM: the process leaves the consumer group as it stops, so the process started
+    next gets every partition at its first join, not after the old member's session has timed
+    out and a second join (Tansu numbers the first generation 0, where aiokafka would not
+    leave by itself)."""
+    aggregate = deployment.aggregate()
+    every = set(range(PARTITIONS))
+    wait_for(lambda: owned_partitions(aggregate) == every, timeout=90, what="partitions")
+    aggregate.stop()
+    aggregate.start()
+    wait_for(lambda: owned_partitions(aggregate) == every, timeout=90, what="partitions again")
+    first, _, second = (
+        aggregate.log_path.read_text().partition("listening on")[2].partition("listening on")
+    )
+    assert "left the group" in first
+    joined = second.partition("Setting newly assigned partitions")[0]
+    assert joined.count("(Re-)joining group") == 1, second

@@ -1,6 +1,8 @@
 from __future__ import annotations
 
 import hmac
+import re
+from pathlib import Path
 
 import pytest
 from hypothesis import given
@@ -13,7 +15,7 @@ from services.ingest.visitor import (
     make_member_token,
     verify_member_token,
 )
-from services.settings import Settings
+from services.settings import Settings, database_of, redact
 from services.sites import Registry, RegistryError
 
 DAY_MS = 86_400_000
@@ -62,9 +64,34 @@ def test_registry_rejects_bad_entries_naming_the_field() -> None:
         ('[sites.a]\nbaseline_visits = "many"', "baseline_visits"),
         ("[sites.a]\nbaseline_visits = -1", "baselines"),
         ("[sites.a\n", "sites.toml"),
+        # a typo would silently lose what it sets (a legacy baseline)
+        ("[sites.a]\nbaselne_visits = 100", "sites.a.baselne_visits: unknown key"),
+        ('[site.a]\ntimezone = "UTC"', "unknown key 'site'"),
+        ('[sites.a]\norigins = ["not a url"]', "origins: 'not a url': an origin is"),
+        ('[sites.a]\norigins = ["https://a.example/path/"]', "without a path"),
+        ('[sites.a]\norigins = ["ftp://a.example"]', "an origin is http"),
+        ('[sites.a]\norigins = ["https://a.example:99999"]', "port"),
+        ('[sites.a]\norigins = ["https://user@a.example"]', "an origin is"),
     ):
         with pytest.raises(RegistryError, match=needle):
             Registry.parse(text)
+    fine = Registry.parse(
+        '[sites.a]\norigins = ["https://A.example:443/", "http://b.example:8080"]\n'
+    ).get("a")
+    assert fine is not None and fine.origins == {"https://a.example", "http://b.example:8080"}
+
+
+def test_registry_errors_name_the_file_they_are_in(tmp_path: Path) -> None:
+    path = tmp_path / "registry" / "portal.toml"
+    path.parent.mkdir()
+    path.write_text("[sites.a\n", encoding="utf-8")
+    with pytest.raises(RegistryError, match=re.escape(str(path))):
+        Registry.load(path)
+    path.write_text('[sites.a]\ntimezone = "Mars/Olympus"\n', encoding="utf-8")
+    with pytest.raises(RegistryError, match=re.escape(f"{path}: sites.a.timezone")):
+        Registry.load(path)
+    with pytest.raises(RegistryError, match="cannot read"):
+        Registry.load(tmp_path)  # a directory
 
 
 def test_settings_from_the_environment() -> None:
@@ -80,6 +107,42 @@ def test_settings_from_the_environment() -> None:
     assert Settings.from_env({}).clickhouse_url == "chdb://./data/clickhouse"
     with pytest.raises(SystemExit, match="VISITORSTATS_PORT"):
         Settings.from_env({"VISITORSTATS_PORT": "eighty"})
+
+
+@pytest.mark.parametrize(
+    ("env", "message"),
+    [
+        ({"VISITORSTATS_PORT": "70000"}, "VISITORSTATS_PORT must be from 1 to 65535, got 70000"),
+        ({"VISITORSTATS_PORT": "-1"}, "VISITORSTATS_PORT must be from 1 to 65535"),
+        ({"VISITORSTATS_PORT": "0"}, "VISITORSTATS_PORT must be from 1 to 65535"),
+        ({"VISITORSTATS_WORKERS": "0"}, "VISITORSTATS_WORKERS must be from 1 to 64, got 0"),
+        ({"VISITORSTATS_WORKERS": "1000"}, "VISITORSTATS_WORKERS must be from 1 to 64"),
+        ({"VISITORSTATS_CLICKHOUSE_URL": "garbage"}, "VISITORSTATS_CLICKHOUSE_URL must be"),
+        ({"VISITORSTATS_CLICKHOUSE_URL": "ftp://x/y"}, "VISITORSTATS_CLICKHOUSE_URL must be"),
+        ({"VISITORSTATS_CLICKHOUSE_URL": "http://"}, "VISITORSTATS_CLICKHOUSE_URL names no host"),
+        ({"VISITORSTATS_CLICKHOUSE_URL": "http://h:notaport/db"}, "port that is not a number"),
+        ({"VISITORSTATS_CLICKHOUSE_URL": "http://h/db/x"}, "more than a database name"),
+        ({"VISITORSTATS_HOST": " "}, "VISITORSTATS_HOST"),
+    ],
+)
+def test_settings_that_cannot_work_are_refused_naming_the_variable(
+    env: dict[str, str], message: str
+) -> None:
+    with pytest.raises(SystemExit, match=re.escape(message)):
+        Settings.from_env(env).check()
+
+
+def test_messages_never_show_the_clickhouse_password() -> None:
+    url = "http://writer:s3cr3t@ch.example:8123/x/y"
+    with pytest.raises(SystemExit) as e:
+        Settings.from_env({"VISITORSTATS_CLICKHOUSE_URL": url}).check()
+    assert "s3cr3t" not in str(e.value) and "writer:***@ch.example:8123" in str(e.value)
+    assert redact("https://u:p@h:8443/db") == "https://u:***@h:8443/db"
+    assert redact("chdb://./data/clickhouse") == "chdb://./data/clickhouse"
+    for fine in ("chdb://./data/clickhouse", "https://u:p@h:8443/stats", "http://h"):
+        Settings.from_env({"VISITORSTATS_CLICKHOUSE_URL": fine}).check()
+    assert database_of("https://u:p@h:8443/stats") == "stats"
+    assert database_of("http://h:8123") == database_of("chdb://./x") == "default"
 
 
 @given(key=st.binary(max_size=200), message=st.binary(max_size=300))

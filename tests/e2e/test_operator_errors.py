@@ -1,0 +1,160 @@
+"""What an operator meets when a setting cannot work or a part is not there: one line naming
+the variable or the address, and a non-zero exit, never a traceback; a ClickHouse server that
+comes up after the aggregate service is waited for; credentials never cross the network in the
+clear."""
+
+from __future__ import annotations
+
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.support.chdb_http import ChdbHttpServer
+from tests.support.procs import ROOT, Service, http, wait_counter, write_sites
+from tests.support.tansu import Tansu, free_port
+
+pytestmark = pytest.mark.e2e
+
+
+def visitorstats(workdir: Path, *args: str, env: dict[str, str] | None = None) -> tuple[int, str]:
+    """Run ``visitorstats ARGS`` to its end: (exit code, what it printed)."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    write_sites(workdir)
+    done = subprocess.run(
+        [sys.executable, "-m", "services.cli", *args],
+        cwd=workdir,
+        env={
+            "PATH": "/usr/bin:/bin",
+            "PYTHONPATH": str(ROOT),
+            "VISITORSTATS_SECRET": "test-secret",
+            **(env or {}),
+        },
+        capture_output=True,
+        timeout=60,
+    )
+    return done.returncode, (done.stdout + done.stderr).decode(errors="replace")
+
+
+@pytest.mark.parametrize(
+    ("args", "env", "says"),
+    [
+        (["run", "--port", "70000"], {}, "VISITORSTATS_PORT must be from 1 to 65535, got 70000"),
+        (["run"], {"VISITORSTATS_WORKERS": "0"}, "VISITORSTATS_WORKERS must be from 1 to 64"),
+        (["run"], {"VISITORSTATS_CLICKHOUSE_URL": "garbage"}, "VISITORSTATS_CLICKHOUSE_URL must"),
+        (["migrate", "--clickhouse-url", "http://h:port/db"], {}, "VISITORSTATS_CLICKHOUSE_URL"),
+        (["run", "--host", "not.a.host.invalid"], {}, "cannot listen on http://not.a.host"),
+        (
+            ["migrate"],
+            {"VISITORSTATS_CLICKHOUSE_URL": "http://writer:s3cr3t@127.0.0.1:9/default"},
+            "visitorstats migrate: cannot apply the schema to http://writer:***@127.0.0.1:9",
+        ),
+    ],
+)
+def test_a_setting_that_cannot_work_is_one_line_and_an_exit(
+    tmp_path: Path, args: list[str], env: dict[str, str], says: str
+) -> None:
+    code, out = visitorstats(tmp_path, *args, env=env)
+    assert code != 0, out
+    assert says in out, out
+    assert "Traceback" not in out and "s3cr3t" not in out, out
+
+
+def test_a_taken_port_and_a_taken_data_directory_are_said_so(tmp_path: Path) -> None:
+    first = Service("run", tmp_path)
+    write_sites(tmp_path)
+    first.start()
+    try:
+        # the same port: another process listens there
+        code, out = visitorstats(
+            tmp_path / "other", "run", env={"VISITORSTATS_PORT": str(first.port)}
+        )
+        assert code != 0 and f"cannot listen on http://127.0.0.1:{first.port}" in out, out
+        assert "Traceback" not in out, out
+        # the same data directory (embedded ClickHouse): one process only may open it
+        code, out = visitorstats(tmp_path, "run", env={"VISITORSTATS_PORT": str(free_port())})
+        assert code != 0, out
+        assert "is in use by another process (pid" in out and "Traceback" not in out, out
+        assert http("GET", f"{first.url}/readyz")[0] == 200  # the first one goes on
+    finally:
+        first.stop()
+
+
+def test_an_https_clickhouse_url_speaks_tls(tmp_path: Path) -> None:
+    """clickhouse-connect takes host, port and user from a DSN but not its scheme: an https://
+    URL must still be spoken to over TLS, or the password would cross the network readable."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    port = listener.getsockname()[1]
+    first_bytes: list[bytes] = []
+
+    def accept() -> None:
+        listener.settimeout(30)
+        try:
+            conn, _ = listener.accept()
+        except OSError:
+            return
+        with conn:
+            conn.settimeout(10)
+            try:
+                first_bytes.append(conn.recv(4096))
+            except OSError:
+                first_bytes.append(b"")
+
+    thread = threading.Thread(target=accept, daemon=True)
+    thread.start()
+    try:
+        code, out = visitorstats(
+            tmp_path,
+            "migrate",
+            env={"VISITORSTATS_CLICKHOUSE_URL": f"https://writer:s3cr3t@127.0.0.1:{port}/db"},
+        )
+    finally:
+        thread.join(35)
+        listener.close()
+    assert code != 0 and "cannot apply the schema" in out, out
+    assert first_bytes and first_bytes[0][:1] == b"\x16", first_bytes  # a TLS handshake
+    assert b"s3cr3t" not in first_bytes[0] and b"Authorization" not in first_bytes[0]
+
+
+def test_the_aggregate_waits_for_a_clickhouse_server_that_comes_up_later(
+    tmp_path: Path, tansu: Tansu
+) -> None:
+    clickhouse_port = free_port()
+    aggregate = Service(
+        "aggregate",
+        tmp_path,
+        {
+            "VISITORSTATS_KAFKA_BOOTSTRAP": tansu.bootstrap,
+            "VISITORSTATS_CLICKHOUSE_URL": f"http://default:@127.0.0.1:{clickhouse_port}/default",
+        },
+    )
+    write_sites(tmp_path)
+    aggregate.start(wait_ready=False)
+    server = ChdbHttpServer(tmp_path / "clickhouse", port=clickhouse_port)
+    try:
+        deadline = time.monotonic() + 30
+        while True:  # up, healthy, not ready, and saying why
+            try:
+                if http("GET", f"{aggregate.url}/healthz", timeout=2)[0] == 200:
+                    break
+            except OSError:
+                pass
+            assert aggregate.proc is not None and aggregate.proc.poll() is None, aggregate.log()
+            assert time.monotonic() < deadline, aggregate.log()
+            time.sleep(0.2)
+        status, _, body = http("GET", f"{aggregate.url}/readyz")
+        assert status == 503 and b"ClickHouse unreachable" in body, body
+        assert http("GET", f"{aggregate.url}/v1/sites/dongha/counter")[0] == 503
+        server.start()
+        aggregate.wait_ready(90)
+        got = wait_counter(aggregate.url, "dongha", lambda c: c["stale"] is False, timeout=30)
+        assert got and got["stale"] is False and got["visits"]["total"] == 23070412, got
+        log = aggregate.log()
+        assert "cannot be reached" in log and "Traceback" not in log, log
+    finally:
+        aggregate.stop()
+        server.stop()
