@@ -158,3 +158,25 @@ def test_the_aggregate_waits_for_a_clickhouse_server_that_comes_up_later(
     finally:
         aggregate.stop()
         server.stop()
+
+
+def test_migrate_prints_the_cluster_schema_of_the_urls_database(tmp_path: Path) -> None:
+    url = "http://writer:s3cr3t@ch.example:8123/stats"
+    code, out = visitorstats(
+        tmp_path, "migrate", "--cluster", "visitorstats", "--print", "--clickhouse-url", url
+    )
+    assert code == 0, out
+    assert "ReplicatedMergeTree('/clickhouse/tables/{shard}/stats/events'" in out, out
+    assert "/default/events" not in out
+    # read only in part (`| head`): no traceback of a broken pipe
+    write_sites(tmp_path)
+    head = subprocess.run(
+        f"{sys.executable} -m services.cli migrate --print | head -n 2",
+        shell=True,
+        cwd=tmp_path,
+        env={"PATH": "/usr/bin:/bin", "PYTHONPATH": str(ROOT)},
+        capture_output=True,
+        timeout=60,
+    )
+    assert head.stdout.decode().count("\n") == 2
+    assert b"Traceback" not in head.stderr and b"BrokenPipe" not in head.stderr, head.stderr
