@@ -179,6 +179,12 @@ def main(argv: list[str] | None = None) -> None:
     if not len(registry):
         sys.exit(f"visitorstats: no site in {settings.sites_path}")
     settings = settings.with_secret()
+    if len(settings.secret) < 16:
+        print(
+            f"visitorstats: VISITORSTATS_SECRET is {len(settings.secret)} bytes: visitor keys are "
+            "only as hard to guess as it is (unset, one of 32 random bytes is made and kept)",
+            file=sys.stderr,
+        )
     if args.command in ("run", "aggregate"):
         _claim_embedded(settings)  # held as long as the process (and its workers) live
     if args.command == "run" and settings.workers > 1 and not _run_can_fork(settings):

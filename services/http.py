@@ -508,10 +508,16 @@ def fork_workers(target: Callable[[], None], workers: int) -> None:
     on its own is replaced, and the live values of its metrics (the spool's depth, say) are
     dropped from what ``/metrics`` adds up; its spool is shipped by the others."""
     ctx = multiprocessing.get_context("fork")
-    procs = [ctx.Process(target=target) for _ in range(workers)]
+
+    def worker() -> None:
+        # not this process's handlers (a worker's signal is its own), until the worker's server
+        # sets its own
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        target()
+
+    procs = [ctx.Process(target=worker) for _ in range(workers)]
     started = [time.monotonic()] * workers
-    for p in procs:
-        p.start()
     stopping = False
 
     def forward(signum: int, frame: object) -> None:
@@ -521,8 +527,15 @@ def fork_workers(target: Callable[[], None], workers: int) -> None:
             if p.pid and p.exitcode is None:
                 os.kill(p.pid, signal.SIGTERM)
 
+    # before the first fork: a signal while the workers start stops the ones started, and no
+    # more are started (the workers set their own handlers)
     signal.signal(signal.SIGTERM, forward)
     signal.signal(signal.SIGINT, forward)
+    for i, p in enumerate(procs):
+        if stopping:
+            del procs[i:]
+            break
+        p.start()
     gone: set[int] = set()  # the workers seen dead
     while any(p.exitcode is None for p in procs):
         multiprocessing.connection.wait([p.sentinel for p in procs if p.exitcode is None], 1.0)
@@ -538,7 +551,7 @@ def fork_workers(target: Callable[[], None], workers: int) -> None:
                 log.error("worker %d exited (%s) right after its start", pid, p.exitcode)
                 continue
             log.warning("worker %d died (exit code %s); starting another", pid, p.exitcode)
-            procs[i] = ctx.Process(target=target)
+            procs[i] = ctx.Process(target=worker)
             started[i] = time.monotonic()
             procs[i].start()
 
