@@ -227,6 +227,33 @@ def test_in_page_navigation_is_one_more_page_view_and_no_new_visit(
     assert totals(service) == want
 
 
+def test_back_to_a_page_from_the_back_forward_cache_is_a_page_view_and_no_new_visit(
+    service: Service, portal: Portal, browsers: Browsers
+) -> None:
+    """The back button restores the page as it was (no load, no script run again): beacon.js
+    counts that page view (and, having sent a leave when the page was left, the reader is
+    online again)."""
+    restored = (
+        "<script>addEventListener('pageshow', function (e) "
+        "{ if (e.persisted) document.title = 'restored'; });</script>"
+    )
+    first = portal.page("first", portal_page(service.url, widgets=(), extra=restored))
+    second = portal.page("second", portal_page(service.url, widgets=()))
+    driver = browsers.open()
+    driver.get(first)
+    want = expect(guests=1, members=0, visits=1, pageviews=1)
+    assert wait_until(lambda: totals(service), lambda t: t == want) == want
+    driver.get(second)
+    want = expect(guests=1, members=0, visits=1, pageviews=2)
+    assert wait_until(lambda: totals(service), lambda t: t == want) == want
+    driver.back()
+    # the page came back from the cache (not loaded again)...
+    assert wait_until(lambda: driver.title, lambda t: t == "restored") == "restored"
+    # ...and counts as a page view of the same visit, with the reader online
+    want = expect(guests=1, members=0, visits=1, pageviews=3)
+    assert wait_until(lambda: totals(service), lambda t: t == want) == want
+
+
 def test_a_page_without_script_is_counted_through_the_pixel(
     service: Service, portal: Portal, browsers: Browsers
 ) -> None:

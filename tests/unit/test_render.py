@@ -354,6 +354,7 @@ def test_beacon_js_uses_the_right_browser_apis() -> None:
         "visibilitychange",
         "visibilityState",
         "pagehide",
+        "pageshow",
         "pushState",
         "popstate",
         "text/plain",

@@ -4,7 +4,6 @@
   var s = d.currentScript || d.querySelector("script[data-site][src*='beacon.js']");
   var site = s && s.getAttribute("data-site");
   if (!site) return;
-  // Beacons go back to the service that served this file.
   var base = s.src.split(/[?#]/)[0].replace(/\/[^\/]*$/, "");
   var endpoint = base + "/collect";
   var member = /^(1|true)$/i.test(s.getAttribute("data-member"));
@@ -14,9 +13,8 @@
 
   function uuid() {
     var c = w.crypto, b = new Uint8Array(16), h = "", i;
-    if (c && c.randomUUID) return c.randomUUID();
-    if (c && c.getRandomValues) c.getRandomValues(b);
-    else for (i = 0; i < 16; i++) b[i] = Math.random() * 256;
+    if (c.randomUUID) return c.randomUUID(); // not on http pages
+    c.getRandomValues(b);
     b[6] = (b[6] & 15) | 64; // version 4
     b[8] = (b[8] & 63) | 128;
     for (i = 0; i < 16; i++) h += (i > 3 && i < 11 && !(i % 2) ? "-" : "") + (b[i] + 256).toString(16).slice(1);
@@ -50,7 +48,7 @@
     left = type == "leave";
     if (left && beacon(body)) return;
     try {
-      // text/plain: no CORS preflight; a resent event_id counts once
+      // text/plain: no preflight
       fetch(endpoint, {
         method: "POST", body: body, keepalive: true, credentials: "omit", mode: "no-cors",
         headers: { "Content-Type": "text/plain" }
@@ -91,13 +89,16 @@
     };
     w.addEventListener("popstate", navigated);
     w.addEventListener("pagehide", leave);
+    w.addEventListener("pageshow", function (e) {
+      if (e.persisted) send("pageview", d.referrer); // back from the bfcache
+    });
     d.addEventListener("visibilitychange", function () {
       if (d.visibilityState == "hidden") leave();
       else if (!timer) beat(), start();
     });
   }
 
-  // A prerendered page counts when the reader opens it.
+  // prerendered: counted once opened
   if (d.prerendering) d.addEventListener("prerenderingchange", load, { once: true });
   else load();
 })(window, document, navigator);
