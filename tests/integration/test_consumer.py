@@ -121,6 +121,25 @@ def wait_stored(dsn: str, want: tuple[int, int, int, int], timeout: float = 90) 
     assert stored(dsn) == want
 
 
+def replaced_said(log: Path) -> int:
+    """How many times a consumer process logged a partition's log as lost and begun again."""
+    return log.read_text().count("was lost and begun again")
+
+
+def next_process_counts_on(
+    topic: Tansu, clickhouse: ChdbHttpServer, tmp_path: Path, first: int, n: int
+) -> None:
+    """``n`` more records; a consumer process started now stores every record once, on the
+    log as it finds it (the same log: it never says it was begun again)."""
+    asyncio.run(produce(topic.bootstrap, events(first, n)))
+    second = Runner(topic.bootstrap, clickhouse.dsn, 0.2, tmp_path / "second.log")
+    try:
+        wait_stored(clickhouse.dsn, expected(first + n))
+    finally:
+        second.kill()
+    assert replaced_said(tmp_path / "second.log") == 0
+
+
 @pytest.fixture
 def topic(tansu: Tansu) -> Tansu:
     asyncio.run(create_topic(tansu.bootstrap, TOPIC, 3))
@@ -137,13 +156,7 @@ def test_killed_with_a_pending_batch(
         first.wait_line(lambda line: line == "pending 600")
     finally:
         first.kill()
-    asyncio.run(produce(topic.bootstrap, events(600, 400)))
-    second = Runner(topic.bootstrap, clickhouse.dsn, 0.2, tmp_path / "second.log")
-    try:
-        wait_stored(clickhouse.dsn, expected(1000))
-    finally:
-        second.kill()
-    assert replaced_said(tmp_path / "second.log") == 0  # the same log, found so
+    next_process_counts_on(topic, clickhouse, tmp_path, 600, 400)
 
 
 def test_killed_while_its_insert_hangs_then_lands(
@@ -160,18 +173,7 @@ def test_killed_while_its_insert_hangs_then_lands(
     finally:
         first.kill()  # ...the process dies...
     clickhouse.resume()  # ...and ClickHouse carries the insert out after all
-    asyncio.run(produce(topic.bootstrap, events(600, 400)))
-    second = Runner(topic.bootstrap, clickhouse.dsn, 0.2, tmp_path / "second.log")
-    try:
-        wait_stored(clickhouse.dsn, expected(1000))
-    finally:
-        second.kill()
-    assert replaced_said(tmp_path / "second.log") == 0  # the same log, found so
-
-
-def replaced_said(log: Path) -> int:
-    """How many times a consumer process logged a partition's log as lost and begun again."""
-    return log.read_text().count("was lost and begun again")
+    next_process_counts_on(topic, clickhouse, tmp_path, 600, 400)
 
 
 def positions(dsn: str) -> list[tuple[int, int, int, int, int]]:
@@ -219,11 +221,5 @@ def test_a_log_lost_and_begun_again_is_counted_on(
         assert from_new_log > 0 and first_offset == 0 and last_offset == from_new_log - 1
     assert sum(p[2] for p in parts) == 400
 
-    asyncio.run(produce(topic.bootstrap, events(1000, 200)))
-    second = Runner(topic.bootstrap, clickhouse.dsn, 0.2, tmp_path / "second.log")
-    try:
-        wait_stored(clickhouse.dsn, expected(1200))
-    finally:
-        second.kill()
-    assert replaced_said(tmp_path / "second.log") == 0
+    next_process_counts_on(topic, clickhouse, tmp_path, 1000, 200)
     assert all(rows == next_position for rows, next_position, *_ in positions(clickhouse.dsn))
