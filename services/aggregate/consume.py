@@ -137,6 +137,10 @@ def _retrieve(task: asyncio.Future[dict[int, int]]) -> None:
         task.exception()
 
 
+class _BrokerError(Exception):
+    """A rebuild could not check its partitions' logs (``Source.replaced``)."""
+
+
 def insert_token(topic: str, partition: int, first_offset: int, attempt: int = 0) -> str:
     """The identity of a partition's insert: the same records counted from the same point,
     by any process, give the same token (see 3 above)."""
@@ -229,9 +233,12 @@ class Aggregator:
                 )
                 lost = {}
                 if replaced is not None:
-                    lost = await replaced(
-                        {p: (stored[p] - 1 - base, eid) for p, (base, eid) in last.items()}
-                    )
+                    try:
+                        lost = await replaced(
+                            {p: (stored[p] - 1 - base, eid) for p, (base, eid) in last.items()}
+                        )
+                    except Exception as e:
+                        raise _BrokerError(f"the broker did not tell ({e!r})") from e
                 stamps = await self.store.online_stamps(self.topic)
                 states = {}
                 for p in partitions:
@@ -244,7 +251,8 @@ class Aggregator:
                     states[p] = state
                 break
             except Exception as e:
-                metrics.CLICKHOUSE_ERRORS.labels("rebuild").inc()
+                if not isinstance(e, _BrokerError):
+                    metrics.CLICKHOUSE_ERRORS.labels("rebuild").inc()
                 if give_up():
                     raise
                 log.warning("cannot rebuild state (%s); retrying in %.1fs", e, backoff)
