@@ -157,6 +157,8 @@ async def counter_stream(request: web.Request) -> web.StreamResponse:
     prepared = _prepared(request)
     if isinstance(prepared, web.Response):
         return prepared
+    if request.method == "HEAD":  # the headers a GET would have, and no stream
+        return web.Response(headers={**_STREAM_HEADERS, **_CORS})
     site = request.match_info["site"]
     fanout = request.app[COUNTER].fanout
     response = web.StreamResponse(headers={**_STREAM_HEADERS, **_CORS})

@@ -25,7 +25,7 @@ import unicodedata
 import uuid
 from collections.abc import Mapping
 from typing import Any, NamedTuple
-from urllib.parse import unquote_plus, urlsplit
+from urllib.parse import unquote_plus, urlsplit, urlunsplit
 
 from services.memo import memo
 from services.record import _CANONICAL_UUID, EVENT_TYPES
@@ -112,7 +112,18 @@ def _url(raw: Mapping[str, Any], name: str, *, required: bool, web: bool = True)
     problem = _url_problem(value) if web else _referrer_problem(value)
     if problem is not None:
         raise BeaconError(name, f"{name} {problem}")
+    if "@" in value:
+        return _without_userinfo(value)
     return value
+
+
+def _without_userinfo(url: str) -> str:
+    """``url`` without a ``user:password@`` before its host: a password typed into an address
+    is not the page, and is never kept."""
+    parts = urlsplit(url)
+    if "@" not in parts.netloc:
+        return url
+    return urlunsplit(parts._replace(netloc=parts.netloc.rpartition("@")[2]))
 
 
 # Cached: the readers of one page all send its URL (and referrer), with every event.
@@ -202,7 +213,7 @@ def _bool(raw: Mapping[str, Any], name: str) -> bool:
         return value == 1
     if isinstance(value, str) and value in _BOOL_STRINGS:
         return value in _TRUE
-    raise BeaconError(name, f"{name} must be true or false")
+    raise BeaconError(name, f'{name} must be true or false (1, 0, "true", "false" also do)')
 
 
 def _check_nested(name: str, value: dict[Any, Any] | list[Any]) -> None:

@@ -141,6 +141,26 @@ async def test_unknown_site_stream_is_a_404_with_a_json_error(run: Service) -> N
         assert await response.json() == {"error": "unknown site", "field": "site"}
 
 
+async def test_a_head_request_of_the_stream_gets_its_headers_and_no_stream(run: Service) -> None:
+    """HEAD has no body: the stream's headers, and the connection free for the next request."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", run.port)
+    try:
+        path = f"/v1/sites/{SITE}/counter/stream"
+        writer.write(
+            f"HEAD {path} HTTP/1.1\r\nHost: x\r\n\r\n"
+            f"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n".encode()
+        )
+        await writer.drain()
+        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
+        assert head.startswith(b"HTTP/1.1 200") and b"text/event-stream" in head, head
+        # the pipelined request is answered next: nothing of a stream came in between
+        after = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
+        assert after.startswith(b"HTTP/1.1 200"), (head, after)
+        assert b"data:" not in head + after and b"retry:" not in head + after
+    finally:
+        writer.close()
+
+
 async def test_stopping_the_server_ends_open_streams(run: Service) -> None:
     url = f"{run.url}/v1/sites/{SITE}/counter/stream"
     async with aiohttp.ClientSession() as session, session.get(url) as response:

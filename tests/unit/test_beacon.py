@@ -238,6 +238,20 @@ def test_accepted_forms() -> None:
         assert b.referrer == referrer  # any absolute URL with a host
 
 
+def test_a_password_in_an_address_is_never_kept() -> None:
+    b = parse_beacon(
+        {
+            "site": "dongha",
+            "url": "https://user:secretpw@example.org/x?q=a@b",
+            "referrer": "https://u:refpw@r.example/@home",
+        }
+    )
+    assert (b.url, b.referrer) == ("https://example.org/x?q=a@b", "https://r.example/@home")
+    # an @ after the host is the page's own
+    b = parse_beacon({"site": "dongha", "url": "https://example.org/@user?mail=a@b.vn"})
+    assert b.url == "https://example.org/@user?mail=a@b.vn"
+
+
 @settings(max_examples=500)
 @given(st.text(alphabet="ab=&+%2F0x;é \u00a0", max_size=30))
 def test_query_fields_read_as_parse_qsl(query: str) -> None:
