@@ -28,12 +28,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import faulthandler
 import gc
 import logging
 import multiprocessing
 import multiprocessing.connection
 import os
 import signal
+import threading
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, cast
@@ -461,6 +463,7 @@ def serve(
     try:
         loop.run_until_complete(task)
     except (web.GracefulExit, KeyboardInterrupt):
+        _stop_within(STOP_SECONDS)
         task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             loop.run_until_complete(task)
@@ -475,6 +478,27 @@ def serve(
         loop.close()
     if failed is not None:
         raise SystemExit(str(failed))
+
+
+# A graceful stop writes the last batch (consume.STOP_WRITE_SECONDS, 30 s at most while
+# ClickHouse refuses it) and drains the spool; one that takes longer than this is stuck
+STOP_SECONDS = 75.0
+
+
+def _stop_within(seconds: float) -> None:
+    """Make sure the process ends: if the graceful stop has not ended it within ``seconds``,
+    print every thread's stack (where it was stuck) and exit. What it had accepted is safe all
+    the same: in the spool or the journal on disk, or in Kafka (read again from the last
+    commit)."""
+
+    def give_up() -> None:
+        log.error("the graceful stop is stuck after %.0f s: exiting; where it was:", seconds)
+        faulthandler.dump_traceback(all_threads=True)
+        os._exit(70)
+
+    timer = threading.Timer(seconds, give_up)
+    timer.daemon = True
+    timer.start()
 
 
 class CannotListen(Exception):

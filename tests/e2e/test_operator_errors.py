@@ -180,3 +180,26 @@ def test_migrate_prints_the_cluster_schema_of_the_urls_database(tmp_path: Path) 
     )
     assert head.stdout.decode().count("\n") == 2
     assert b"Traceback" not in head.stderr and b"BrokenPipe" not in head.stderr, head.stderr
+
+
+def test_a_graceful_stop_that_is_stuck_ends_the_process_saying_where(tmp_path: Path) -> None:
+    """A stop that never finishes (here: a sleep where the cleanup would be) must not leave a
+    process that ignores SIGTERM: past its limit it prints every thread's stack and exits."""
+    code = (
+        "import time, logging; logging.basicConfig()\n"
+        "from services import http\n"
+        "http._stop_within(0.5)\n"
+        "def stuck_cleanup():\n"
+        "    time.sleep(60)\n"
+        "stuck_cleanup()\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=tmp_path,
+        env={"PATH": "/usr/bin:/bin", "PYTHONPATH": str(ROOT)},
+        capture_output=True,
+        timeout=50,
+    )
+    err = done.stderr.decode()
+    assert done.returncode == 70, err
+    assert "the graceful stop is stuck" in err and "stuck_cleanup" in err, err
