@@ -231,6 +231,9 @@ class Aggregator:
                 last = await self.store.last_stored(
                     self.topic, {p: stored[p] for p in partitions if p in stored}
                 )
+                unseen = [p for p in partitions if p in stored and p not in last]
+                if unseen:  # its base unknown, its position in Kafka would be a guess
+                    raise RuntimeError(f"the last rows of partitions {unseen} were not found")
                 lost = {}
                 if replaced is not None:
                     try:
