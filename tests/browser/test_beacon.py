@@ -189,6 +189,48 @@ def test_a_hidden_page_stops_its_heartbeats(
     assert totals(service) == one
 
 
+def test_a_reader_moving_between_two_tabs_of_the_portal_stays_online(
+    service: Service, portal: Portal, browsers: Browsers
+) -> None:
+    """Each switch hides one tab (its leave) and shows the other (its heartbeat). The heartbeat
+    goes a second late, after the leave: were they to cross, the leave would be the latest
+    event and the reader, reading on in the other tab, would show as gone until the next
+    heartbeat."""
+    # heartbeats minutes apart: a reader shown gone would stay so for minutes
+    first = portal.page("article-1", portal_page(service.url, widgets=(), heartbeat="300"))
+    second = portal.page("article-2", portal_page(service.url, widgets=(), heartbeat="300"))
+    driver = browsers.open()
+    tabs = [open_tab(driver, first), open_tab(driver, second)]
+    one = expect(guests=1, members=0, visits=1, pageviews=2)
+    assert wait_until(lambda: totals(service), lambda t: t == one) == one
+    for switch in range(8):
+        before = accepted(service, SITE)
+        driver.switch_to.window(tabs[switch % 2])
+        # the hidden tab's leave and the shown tab's heartbeat, both in ...
+        assert wait_until(lambda: accepted(service, SITE), lambda n: n >= before + 2) >= before + 2
+        # ... and the reader online (not gone until the next heartbeat, minutes later)
+        got = wait_until(lambda: totals(service), lambda t: t == one, timeout=20)
+        assert got == one, switch
+
+
+def test_a_login_without_a_page_load_counts_the_reader_as_a_member(
+    service: Service, portal: Portal, browsers: Browsers
+) -> None:
+    """A single-page portal logs the reader in where they are: it sets data-member on the
+    script tag and moves on with pushState. The next beacon says member."""
+    url = portal.page("spa-login", portal_page(service.url, widgets=()))
+    driver = browsers.open()
+    driver.get(url)
+    guest = expect(guests=1, members=0, visits=1, pageviews=1)
+    assert wait_until(lambda: totals(service), lambda t: t == guest) == guest
+    driver.execute_script(
+        "document.querySelector('script[data-site]').setAttribute('data-member', '1');"
+        "history.pushState({}, '', '/spa-login?account=1')"
+    )
+    member = expect(guests=0, members=1, visits=1, pageviews=2)
+    assert wait_until(lambda: totals(service), lambda t: t == member) == member
+
+
 def test_in_page_navigation_is_one_more_page_view_and_no_new_visit(
     service: Service, portal: Portal, browsers: Browsers
 ) -> None:

@@ -389,3 +389,27 @@ def test_a_page_streams_two_sites_at_most_and_polls_the_others(
         states[site] = got["state"]
     assert sorted(states.values()) == ["live", "live", "polling"], states
     assert wait_counter(service.url, SITE, lambda c: c["pageviews"]["today"] == 1)
+
+
+def test_back_to_a_page_with_the_widget_comes_from_the_back_forward_cache(
+    service: Service, portal: Portal, browsers: Browsers
+) -> None:
+    """The widget holds no stream and no channel while its page is in the back/forward cache
+    (a BroadcastChannel message would evict it: Back would load the page again), and is live
+    again once the page is back."""
+    marker = (
+        "<script>addEventListener('pageshow', function (e) "
+        "{ if (e.persisted) document.title = 'restored'; });</script>"
+    )
+    first = portal.page("first", portal_page(service.url, beacon=False, extra=marker))
+    second = portal.page("second", portal_page(service.url, beacon=False))
+    driver = browsers.open()
+    driver.get(first)
+    wait_until(lambda: widget(driver), lambda w: w.get("state") == "live")
+    driver.get(second)
+    wait_until(lambda: widget(driver), lambda w: w.get("state") == "live")
+    driver.back()
+    assert wait_until(lambda: driver.title, lambda t: t == "restored") == "restored"
+    arrive(service, 1)
+    got = wait_shown(driver, shown(1, 0, 1, BASELINE + 1))
+    assert got["state"] == "live"

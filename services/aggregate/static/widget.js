@@ -409,10 +409,11 @@
       paint(fresh);
     }
 
-    function share() {
+    function join() {
       try {
         chan = new BroadcastChannel("visitorstats " + url);
       } catch (e) {
+        chan = null;
         return openStream();
       }
       chan.onmessage = function (e) {
@@ -422,22 +423,32 @@
       heard = Date.now();
       say({ hello: 1 });
       later();
+    }
+
+    function share() {
+      join();
       watch = setInterval(function () {
         // a leader that went quiet (a frozen tab): someone takes over
-        if (self.relay != "leader" && !gone && Date.now() - heard > RELAY_LOST_MS) {
+        if (chan && self.relay != "leader" && !gone && Date.now() - heard > RELAY_LOST_MS) {
           heard = Date.now();
           later();
         }
       }, RELAY_BEAT_MS);
       w.addEventListener("pagehide", function () {
+        // Gone, or into the back/forward cache: no stream and no channel held there (a
+        // message to a cached page would evict it, and Back would load the page again).
         if (self.relay == "leader") say({ bye: 1 });
+        quiet();
+        clearInterval(beat);
+        clearTimeout(claim);
+        self.relay = "";
+        if (chan) chan.close();
+        chan = null;
       });
       w.addEventListener("pageshow", function (e) {
         if (e.persisted && !gone) {
-          // back from the back/forward cache: another tab may lead by now
-          follow();
-          say({ hello: 1 });
-          later();
+          load(); // back from the cache: current numbers at once, then the relay again
+          join();
         }
       });
     }

@@ -6,7 +6,6 @@
   if (!site) return;
   var base = s.src.split(/[?#]/)[0].replace(/\/[^\/]*$/, "");
   var endpoint = base + "/collect";
-  var member = /^(1|true)$/i.test(s.getAttribute("data-member"));
   var visitor = s.getAttribute("data-visitor");
   var every = Math.max(parseFloat(s.getAttribute("data-heartbeat")) || 60, 1);
   var timer = 0, left = 0, page = location.href;
@@ -15,7 +14,7 @@
     var c = w.crypto, b = new Uint8Array(16), h = "", i;
     if (c.randomUUID) return c.randomUUID(); // not on http pages
     c.getRandomValues(b);
-    b[6] = (b[6] & 15) | 64; // version 4
+    b[6] = (b[6] & 15) | 64;
     b[8] = (b[8] & 63) | 128;
     for (i = 0; i < 16; i++) h += (i > 3 && i < 11 && !(i % 2) ? "-" : "") + (b[i] + 256).toString(16).slice(1);
     return h;
@@ -34,7 +33,10 @@
   }
 
   function send(type, referrer) {
-    var ev = { site: site, type: type, url: cut(location.href, 2048), member: member, event_id: uuid() };
+    var ev = {
+      site: site, type: type, url: cut(location.href, 2048), event_id: uuid(),
+      member: /^(1|true)$/i.test(s.getAttribute("data-member"))
+    };
     var q = [], k, body;
     if (/^https?:/i.test(referrer)) ev.referrer = cut(referrer, 2048);
     if (d.title) ev.title = cut(d.title, 512);
@@ -90,11 +92,12 @@
     w.addEventListener("popstate", navigated);
     w.addEventListener("pagehide", leave);
     w.addEventListener("pageshow", function (e) {
-      if (e.persisted) send("pageview", d.referrer); // back from the bfcache
+      if (e.persisted) setTimeout(send, 1e3, "pageview", d.referrer); // bfcache
     });
     d.addEventListener("visibilitychange", function () {
       if (d.visibilityState == "hidden") leave();
-      else if (!timer) beat(), start();
+      // 1 s late: after the leave of the tab hidden
+      else if (!timer) setTimeout(beat, 1e3), start();
     });
   }
 
