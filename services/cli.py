@@ -12,7 +12,7 @@ import tempfile
 from pathlib import Path
 from typing import IO
 
-from services.settings import Settings, database_of, redact
+from services.settings import Settings, database_of, reason, redact
 from services.sites import Registry, RegistryError
 
 
@@ -71,12 +71,6 @@ def _run_can_fork(settings: Settings) -> bool:
     return False
 
 
-def _reason(e: BaseException) -> str:
-    """An exception's first line, with its type: enough to act on, no traceback."""
-    text = str(e).strip().splitlines()
-    return f"{type(e).__name__}: {text[0]}" if text else type(e).__name__
-
-
 def _claim_embedded(settings: Settings) -> IO[bytes] | None:
     """Only one process may open an embedded ClickHouse (chDB) directory: take it, or exit
     saying which process has it. The lock is held while the returned file stays open."""
@@ -101,11 +95,7 @@ def _claim_embedded(settings: Settings) -> IO[bytes] | None:
     lock.truncate(0)
     lock.write(str(os.getpid()).encode())
     lock.flush()
-    _held.append(lock)
     return lock
-
-
-_held: list[IO[bytes]] = []  # the locks of this process, open until it exits
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -163,7 +153,7 @@ def main(argv: list[str] | None = None) -> None:
         except Exception as e:
             sys.exit(
                 f"visitorstats migrate: cannot apply the schema to "
-                f"{redact(settings.clickhouse_url)}: {_reason(e)}"
+                f"{redact(settings.clickhouse_url)}: {reason(e)}"
             )
         finally:
             store.close()
@@ -185,8 +175,8 @@ def main(argv: list[str] | None = None) -> None:
             "only as hard to guess as it is (unset, one of 32 random bytes is made and kept)",
             file=sys.stderr,
         )
-    if args.command in ("run", "aggregate"):
-        _claim_embedded(settings)  # held as long as the process (and its workers) live
+    # held while this function runs: as long as the server (and its workers) run
+    lock = _claim_embedded(settings) if args.command in ("run", "aggregate") else None
     if args.command == "run" and settings.workers > 1 and not _run_can_fork(settings):
         settings = dataclasses.replace(settings, workers=1)
     metrics_dir = _multiprocess_metrics(settings) if args.command in ("ingest", "run") else None

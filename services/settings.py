@@ -85,6 +85,12 @@ def redact(url: str) -> str:
     return urlunsplit(parts._replace(netloc=f"{user}:***@{netloc[2]}"))
 
 
+def reason(e: BaseException) -> str:
+    """An exception's first line, with its type: enough for an operator to act on."""
+    text = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {text[0]}" if text else type(e).__name__
+
+
 def clickhouse_url_problem(url: str) -> str | None:
     """What is wrong with a ``VISITORSTATS_CLICKHOUSE_URL``, or None: ``chdb://PATH``, or
     ``http(s)://[user[:password]@]host[:port][/database]``."""
@@ -107,9 +113,10 @@ def clickhouse_url_problem(url: str) -> str | None:
 
 def database_of(url: str) -> str:
     """The ClickHouse database a ``VISITORSTATS_CLICKHOUSE_URL`` names (``default`` if none)."""
-    if urlsplit(url).scheme.lower() == "chdb":
+    parts = urlsplit(url)
+    if parts.scheme.lower() == "chdb":
         return "default"
-    return unquote(urlsplit(url).path.strip("/")) or "default"
+    return unquote(parts.path.strip("/")) or "default"
 
 
 @dataclass(frozen=True)

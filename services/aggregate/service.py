@@ -16,7 +16,7 @@ from services.aggregate.consume import Aggregator, Consumer
 from services.aggregate.counter import CounterService
 from services.aggregate.sources import KafkaSource, Source
 from services.aggregate.store import Store
-from services.settings import Settings, redact
+from services.settings import Settings, reason, redact
 from services.sites import Registry
 
 log = logging.getLogger(__name__)
@@ -59,7 +59,7 @@ def add_aggregate(
                 log.warning(
                     "ClickHouse %s cannot be reached (%s); retrying in %.1fs",
                     redact(settings.clickhouse_url),
-                    str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__,
+                    reason(e),
                     backoff,
                 )
                 await asyncio.sleep(backoff)
