@@ -61,20 +61,9 @@ def normalize_origin(origin: str) -> str:
     return origin
 
 
-# The keys a site's table may have: anything else is a typo (a misspelt baseline would be lost).
-KEYS = frozenset(
-    {
-        "name",
-        "origins",
-        "timezone",
-        "baseline_visits",
-        "baseline_pageviews",
-        "online_window_seconds",
-        "honor_dnt",
-        "honor_gpc",
-        "member_token_secret",
-    }
-)
+# The keys a site's table may have (the fields of ``Site`` but its id and zone object): anything
+# else is a typo, and a misspelt baseline would be lost.
+KEYS = frozenset(f.name for f in dataclasses.fields(Site) if f.init) - {"id"}
 _ORIGIN = re.compile(r"https?://[^/?#@\s]+")
 
 

@@ -468,15 +468,15 @@ class CounterService:
                 left = tick - time.monotonic()
                 if left <= 0:
                     break
-                await _first(stopping, landed, left)
+                await first_set(stopping, landed, left)
             left = soon - time.monotonic()
             if left > 0 and not stopping.is_set():
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(stopping.wait(), left)
 
 
-async def _first(a: asyncio.Event, b: asyncio.Event, timeout: float) -> None:
-    """Wait until ``a`` or ``b`` is set, at most ``timeout`` seconds."""
+async def first_set(a: asyncio.Event, b: asyncio.Event, timeout: float | None = None) -> None:
+    """Wait until ``a`` or ``b`` is set, at most ``timeout`` seconds (None: no limit)."""
     waits = [asyncio.ensure_future(a.wait()), asyncio.ensure_future(b.wait())]
     try:
         await asyncio.wait(waits, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)

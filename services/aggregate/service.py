@@ -13,7 +13,7 @@ from aiohttp import web
 from services import http
 from services.aggregate import api
 from services.aggregate.consume import Aggregator, Consumer
-from services.aggregate.counter import CounterService
+from services.aggregate.counter import CounterService, first_set
 from services.aggregate.sources import KafkaSource, Source
 from services.aggregate.store import Store
 from services.settings import Settings, reason, redact
@@ -42,6 +42,7 @@ def add_aggregate(
     )
     stopping = asyncio.Event()
     migrated = asyncio.Event()
+    embedded = settings.clickhouse_url.startswith("chdb://")
 
     async def migrate() -> None:
         """A ClickHouse server may come up after this process (or be restarting): the schema is
@@ -54,7 +55,7 @@ def add_aggregate(
                 await store.migrate()
                 break
             except Exception as e:
-                if settings.clickhouse_url.startswith("chdb://"):
+                if embedded:
                     raise
                 log.warning(
                     "ClickHouse %s cannot be reached (%s); retrying in %.1fs",
@@ -67,7 +68,7 @@ def add_aggregate(
         migrated.set()
 
     async def store_ctx(app: web.Application) -> AsyncIterator[None]:
-        if settings.clickhouse_url.startswith("chdb://"):
+        if embedded:
             await migrate()
             task = None
         else:
@@ -93,7 +94,7 @@ def add_aggregate(
         consumer = Consumer(source, aggregator, settings, stopping)
 
         async def run() -> None:
-            await _first_of(migrated, stopping)
+            await first_set(migrated, stopping)
             backoff = 0.5
             while not stopping.is_set():
                 try:
@@ -124,16 +125,6 @@ def add_aggregate(
     http.add_ready_check(app, "clickhouse", clickhouse_ready)
     http.add_ready_check(app, "kafka" if isinstance(source, KafkaSource) else "log", source_ready)
     api.add_routes(app, counter, settings.stream_keepalive_seconds)
-
-
-async def _first_of(*events: asyncio.Event) -> None:
-    """Wait until any of ``events`` is set."""
-    waits = [asyncio.ensure_future(e.wait()) for e in events]
-    try:
-        await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        for w in waits:
-            w.cancel()
 
 
 def create_aggregate_app(settings: Settings, registry: Registry) -> web.Application:
