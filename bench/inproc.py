@@ -150,6 +150,9 @@ class _MemorySource:
     async def replaced(self, last: dict[int, tuple[int, str]]) -> dict[int, int]:
         return {}
 
+    def shrunk(self) -> list[int]:
+        return []
+
 
 def _timed_aggregator() -> Any:
     from services.aggregate.consume import Aggregator

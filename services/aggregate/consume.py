@@ -54,7 +54,9 @@ How exactly-once holds (see README, "Guarantees"):
    counted. So a rebuild checks that the log still holds, where the last stored row says, the
    record of that row (``Source.replaced``); when it does not, the new log is counted from its
    first record on, at the position after the last stored row. Each rebuild checks again
-   until a row of the new log is stored, and decides the same.
+   until a row of the new log is stored, and decides the same. A log replaced while the group
+   stays as it is (no rebalance, no rebuild) shows in the fetches: its end falls below where
+   this process reads (``Source.shrunk``), and the partition is rebuilt, so checked.
 """
 
 from __future__ import annotations
@@ -748,6 +750,11 @@ class Consumer:
                 records = await source.fetch(
                     settings.flush_interval_seconds / 2, settings.flush_max_events
                 )
+            shrunk = source.shrunk()
+            if shrunk:
+                log.warning("partitions %s: their log ends before this reads; rebuilding", shrunk)
+                async with self.lock:
+                    agg.needs_reset.update(p for p in shrunk if p in agg.states)
             bad: list[tuple[InRecord, str]] = []
             if records:
                 async with self.lock:

@@ -67,6 +67,7 @@ class Source(Protocol):
     def silent_seconds(self) -> float: ...
     def rebase(self, bases: dict[int, int]) -> None: ...
     async def replaced(self, last: dict[int, tuple[int, str]]) -> dict[int, int]: ...
+    def shrunk(self) -> list[int]: ...
 
 
 class LocalLog:
@@ -179,6 +180,9 @@ class LocalLog:
     async def replaced(self, last: dict[int, tuple[int, str]]) -> dict[int, int]:
         return {}  # never lost while the process runs; the journal is read back whole
 
+    def shrunk(self) -> list[int]:
+        return []
+
 
 class _Listener(ConsumerRebalanceListener):  # type: ignore[misc]
     def __init__(self, source: KafkaSource, on_assign: OnAssign, on_revoke: OnRevoke) -> None:
@@ -214,6 +218,8 @@ class KafkaSource:
         self._ok = False
         self._position: dict[int, int] = {}  # partition -> next offset to read (for the lag)
         self._bases: dict[int, int] = {}  # partition -> position - Kafka offset
+        # owned partitions whose log ends before where this process reads (``shrunk``)
+        self._shrunk: set[int] = set()
         # when the broker last answered a fetch of an owned partition (or, before the group
         # was joined, when this source was made): ``silent_seconds``
         self._heard_at = time.monotonic()
@@ -302,6 +308,8 @@ class KafkaSource:
             pos = self._position.get(tp.partition)
             if high is not None and pos is not None:
                 metrics.CONSUMER_LAG.labels(str(tp.partition)).set(max(0, high - pos))
+                if high < pos:
+                    self._shrunk.add(tp.partition)
             polled = self._consumer.last_poll_timestamp(tp)
             if polled is not None and polled > self._last_poll:
                 self._last_poll = polled
@@ -339,6 +347,14 @@ class KafkaSource:
     def rebase(self, bases: dict[int, int]) -> None:
         """Each partition's base from now on: position - Kafka offset (consume.py)."""
         self._bases.update(bases)
+
+    def shrunk(self) -> list[int]:
+        """The owned partitions whose log, by a fetch's answer, now ends before where this
+        process reads: a log can only grow, so it was lost and begun again while the group
+        stayed as it was (a topic deleted and made anew); the consume loop rebuilds them,
+        which checks it (``replaced``). Each is told once."""
+        out, self._shrunk = sorted(self._shrunk), set()
+        return out
 
     async def replaced(self, last: dict[int, tuple[int, str]]) -> dict[int, int]:
         """Which partitions' logs were lost and begun again, and for each its first offset

@@ -17,6 +17,7 @@ from pathlib import Path
 import clickhouse_connect
 import pytest
 from aiokafka import AIOKafkaProducer
+from aiokafka.admin import AIOKafkaAdminClient
 
 from services.record import Event, encode
 from tests.support.chdb_http import ChdbHttpServer
@@ -223,3 +224,49 @@ def test_a_log_lost_and_begun_again_is_counted_on(
 
     next_process_counts_on(topic, clickhouse, tmp_path, 1000, 200)
     assert all(rows == next_position for rows, next_position, *_ in positions(clickhouse.dsn))
+
+
+# Tansu makes a topic it is asked about and does not have with 4 partitions: a topic deleted
+# under running clients is made again at once, so the test's topic has those 4 from the start
+REMADE_PARTITIONS = 4
+
+
+@pytest.fixture
+def topic4(tansu: Tansu) -> Tansu:
+    asyncio.run(create_topic(tansu.bootstrap, TOPIC, REMADE_PARTITIONS))
+    return tansu
+
+
+async def remake_topic(bootstrap: str) -> None:
+    """Delete the topic and make it anew: the same partitions, empty, offsets from 0 again."""
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
+    await admin.start()
+    try:
+        await admin.delete_topics([TOPIC])
+    finally:
+        await admin.close()
+    await create_topic(bootstrap, TOPIC, REMADE_PARTITIONS)  # (unless a client's ask made it)
+
+
+def test_a_topic_made_anew_under_a_running_consumer_is_counted_on(
+    topic4: Tansu, clickhouse: ChdbHttpServer, tmp_path: Path
+) -> None:
+    """The topic deleted and made anew while the consumer stays in its group (no rebalance
+    tells it): its fetches answer that the log now ends before where it reads, which it takes
+    for a log begun again, checks, and counts on."""
+    topic = topic4
+    asyncio.run(produce(topic.bootstrap, events(0, 600)))
+    first = Runner(topic.bootstrap, clickhouse.dsn, 0.2, tmp_path / "first.log")
+    try:
+        first.wait_line(lambda line: line.startswith("written"))
+        wait_stored(clickhouse.dsn, expected(600))
+        asyncio.run(remake_topic(topic.bootstrap))
+        asyncio.run(produce(topic.bootstrap, events(600, 300)))
+        wait_stored(clickhouse.dsn, expected(900))
+    finally:
+        first.kill()
+    log = (tmp_path / "first.log").read_text()
+    assert "their log ends before this reads" in log
+    assert replaced_said(tmp_path / "first.log") == REMADE_PARTITIONS
+    for rows, next_position, *_ in positions(clickhouse.dsn):
+        assert next_position == rows  # none skipped, none twice
