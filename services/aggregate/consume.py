@@ -750,11 +750,12 @@ class Consumer:
                 records = await source.fetch(
                     settings.flush_interval_seconds / 2, settings.flush_max_events
                 )
-            shrunk = source.shrunk()
+            # (told at every fetch until the rebuild has moved it: said once)
+            shrunk = [p for p in source.shrunk() if p in agg.states and p not in agg.needs_reset]
             if shrunk:
                 log.warning("partitions %s: their log ends before this reads; rebuilding", shrunk)
                 async with self.lock:
-                    agg.needs_reset.update(p for p in shrunk if p in agg.states)
+                    agg.needs_reset.update(shrunk)
             bad: list[tuple[InRecord, str]] = []
             if records:
                 async with self.lock:
