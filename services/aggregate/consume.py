@@ -73,9 +73,9 @@ from typing import Any
 
 from services import gcpause, metrics
 from services.aggregate.counting import PartitionState, Row
+from services.aggregate.countrun import count_run
 from services.aggregate.sources import InRecord, Source
 from services.aggregate.store import Store, online_rows
-from services.record import RecordError, decode
 from services.settings import Settings
 from services.sites import Registry
 
@@ -354,29 +354,10 @@ class Aggregator:
             pending = parts.get(partition)
             if pending is None:
                 pending = Pending(base=self.bases.get(partition, 0))
-            rows = pending.rows
-            apply = state.apply
-            for rec in run:
-                offset = rec.offset
-                if offset < after:
-                    continue  # already counted (redelivery, stale prefetch)
-                if offset > after and self._gap(partition, after, offset):
-                    break  # the rest of this run is read again from ``after``
-                after = offset + 1
-                try:
-                    event = decode(rec.value)
-                except RecordError as e:
-                    bad.append((rec, str(e)))
-                    continue
-                site = sites.get(event.site)
-                if site is None:
-                    bad.append((rec, f"unknown site {event.site!r}"))
-                    continue
-                row = apply(event, site.tz, partition, offset)
-                if row is None:
-                    duplicates += 1
-                    continue
-                rows.append(row)
+            after, dups = count_run(
+                state, partition, run, after, sites, pending.rows, bad, self._gap
+            )
+            duplicates += dups
             if after != first:
                 self.next_offset[partition] = after
                 pending.last = after - 1

@@ -49,7 +49,7 @@ from collections.abc import Mapping
 from datetime import UTC, date, datetime, timedelta
 from heapq import heappop, heappush
 from itertools import islice
-from typing import NamedTuple
+from typing import Any, NamedTuple
 from zoneinfo import ZoneInfo
 
 from services.record import Event
@@ -111,6 +111,10 @@ _new_row = tuple.__new__  # Row(...) without the named tuple's Python-level __ne
 # A visitor or an event id of one site: an int (site number << 128 | the 128-bit key or UUID)
 # or, for any other shape, the string "site:key".
 Key = int | str
+# A visitor's value as one int object, stored under two keys (the visitor and its latest event
+# id): typed ``Any`` where it is handed on, because compiled (mypyc) code holds an ``int``
+# unboxed and would box it anew for each store, two objects where the memory bound counts one.
+Shared = Any
 
 
 def _visitor_of(key: Key) -> str:
@@ -344,8 +348,9 @@ class PartitionState:
         if kept >= 0:
             flags = (1 if kind_of_event == "leave" else 0) | (2 if event.member else 0)
             bots = self._bots
+            shared: Shared
             if bots and key in bots:
-                value = self._fold_human(key, old, site, stamp, flags)
+                shared = self._fold_human(key, old, site, stamp, flags)
             else:
                 # ``_judge_human`` inlined
                 cutoff = self._cutoffs.get(site)  # now - the site's window
@@ -357,8 +362,9 @@ class PartitionState:
                 if kind and not kept & 16:
                     self._schedule(key, ts - cutoff + self._now + 1)  # type: ignore[operator]
                     value |= 16
-                visitors[key] = value
-            seen[seen_key] = value  # the same object: one int per visitor
+                shared = value
+                visitors[key] = shared
+            seen[seen_key] = shared  # the same object: one int per visitor
         if len(visitors) > self._max_visitors:
             self._forget_visitors()
         if key != own:
@@ -417,8 +423,8 @@ class PartitionState:
         else:
             self._runs.add(key)
         if old is None or stamp >= old >> _FLAG_BITS:
-            value = self._fold_human(key, old, site, stamp, flags | event.member << 1)
-            self._seen[seen_key] = value
+            shared = self._fold_human(key, old, site, stamp, flags | event.member << 1)
+            self._seen[seen_key] = shared
         else:
             visitors[key] = old
             self._seen[seen_key] = stamp << _FLAG_BITS
@@ -478,12 +484,12 @@ class PartitionState:
     def _window(self, site: str) -> int | None:
         return self._windows.get(site, self._default_window)
 
-    def _fold_human(self, key: Key, old: int | None, site: str, stamp: int, flags: int) -> int:
+    def _fold_human(self, key: Key, old: int | None, site: str, stamp: int, flags: int) -> Shared:
         """Store a visitor's new latest row (``stamp`` >= the stored one); return their value."""
         bots = self._bots
         if bots and key in bots:
             # the bot entry holds the count: the visitor's own value counts nothing
-            value = stamp << _FLAG_BITS | flags
+            value: Shared = stamp << _FLAG_BITS | flags
             self._visitors[key] = value
             b = bots[key]
             if b & _NEWER and stamp >= b >> _FLAG_BITS:
@@ -494,7 +500,7 @@ class PartitionState:
             flags |= old & (_WHEEL | _KIND)
         return self._judge_human(key, site, stamp << _FLAG_BITS | flags)
 
-    def _judge_human(self, key: Key, site: str, value: int) -> int:
+    def _judge_human(self, key: Key, site: str, value: int) -> Shared:
         """Count a visitor without a bot entry for what ``value`` says at ``now``; store it (and
         return it) with its count, making sure the wheel brings it back when its window ends."""
         ts = value >> _SHIFT
@@ -511,8 +517,9 @@ class PartitionState:
             assert window is not None
             self._schedule(key, ts + window + 1)
             value |= _WHEEL
-        self._visitors[key] = value
-        return value
+        shared: Shared = value
+        self._visitors[key] = shared
+        return shared
 
     def _fold_bot(self, key: Key, site: str, stamp: int, flags: int) -> None:
         """A bot row of ``key`` (its visitor as stored, not linked) of time ``stamp``."""

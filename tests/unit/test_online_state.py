@@ -182,13 +182,29 @@ def test_the_visitor_cap_and_expiry_take_visitors_out_of_the_tally() -> None:
 
 
 def test_the_value_is_shared_with_the_event_id() -> None:
-    """One int per visitor: the latest event id maps to the very object (the memory bound)."""
+    """One int per visitor: the latest event id maps to the very object (the memory bound),
+    whether decided, replayed, or of a visitor a bot row also holds; compiled too (mypyc holds
+    an int unboxed and boxes it at each store unless it is handed on as an object)."""
     s = PartitionState(0, windows=WINDOWS)
     s.advance(T0)
-    s.apply(ev(KEYS[0], T0), UTC, 0, 0)
-    (value,) = s._visitors.values()
-    (seen,) = s._seen.values()
-    assert value is seen and value >> 15 == T0
+    first, later = ev(KEYS[0], T0), ev(KEYS[0], T0 + 5)
+    s.apply(first, UTC, 0, 0)
+    assert (
+        s._visitors[int(KEYS[0], 16) | 1 << 128]
+        is s._seen[int(first.event_id.replace("-", ""), 16) | 1 << 128]
+    )
+    s.apply(ev(KEYS[1], T0, bot=True), UTC, 0, 1)
+    s.apply(ev(KEYS[1], T0 + 1), UTC, 0, 2)  # a human row of a key a bot row holds
+    replayed = PartitionState(0, windows=WINDOWS)
+    replayed.advance(T0)
+    replayed.replay(later, KEYS[0])
+    for state, keys, event_ids in ((s, KEYS[:2], 3), (replayed, KEYS[:1], 1)):
+        values = {key: state._visitors[int(key, 16) | 1 << 128] for key in keys}
+        seen = list(state._seen.values())
+        assert len(seen) == event_ids
+        for value in values.values():
+            assert any(value is v for v in seen)
+    assert values[KEYS[0]] >> 15 == T0 + 5
 
 
 def test_equal_ms_rows_of_a_bot_and_a_human_key_go_by_log_order() -> None:
