@@ -17,10 +17,13 @@ ROOT = Path(__file__).resolve().parent.parent
 # Each is typed strictly and used as plain functions, classes and named tuples: nothing
 # subclasses them from interpreted code or patches them at run time. Left out:
 # ``services/record.py``: compiled, the aggregate decoded and counted slower (fresh
-# ``bench.inproc aggregate``: 81-93k against 115k events/s), for 0.4 µs a beacon at ingest;
-# its decoder reads a msgspec struct's fields, which compiled code reads through the generic
-# attribute look-up (twelfth session: 2.0 -> 4.4 µs a record). The aggregate's counting and
-# its loop over a fetch (counting.py, countrun.py) gain: 4.0 -> 2.8 µs an event counted.
+# ``bench.inproc aggregate``: 81-93k against 115k events/s), for 0.4 µs a beacon at ingest.
+# (Twelfth session: compiled, the class body of its msgspec struct evaluates the annotations
+# where the field ``type`` shadows the builtin, so every record missed the fast path: 4.4 µs
+# a record. With the struct made by ``msgspec.defstruct`` the compiled decoder is still
+# slower than the interpreted one, 1.75-1.85 against 1.57 µs: compiled code reads the
+# struct's fields through the generic attribute look-up.) The aggregate's counting and its
+# loop over a fetch (counting.py, countrun.py) gain: 4.0 -> 2.8 µs an event counted.
 MODULES = [
     "services/fastlane.py",
     "services/memo.py",
