@@ -396,6 +396,8 @@ _NOT_IN_LANE = frozenset(("transfer-encoding", "expect", "upgrade"))
 
 TOO_MANY = (
     b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\n"
-    b"Retry-After: 1\r\nConnection: close\r\nContent-Length: 51\r\n\r\n"
+    b"Retry-After: 1\r\nAccess-Control-Allow-Origin: *\r\n"
+    b"Access-Control-Expose-Headers: Retry-After\r\nConnection: close\r\n"
+    b"Content-Length: 51\r\n\r\n"
     b'{"error":"too many open connections","field":null}\n'
 )

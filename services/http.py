@@ -102,9 +102,11 @@ def _metrics_registry() -> CollectorRegistry:
 
 
 async def metrics_endpoint(request: web.Request) -> web.Response:
-    return web.Response(
+    response = web.Response(
         body=generate_latest(_metrics_registry()), headers={"Content-Type": CONTENT_TYPE_LATEST}
     )
+    response.enable_compression()  # gzip when asked (Prometheus asks), else as it is
+    return response
 
 
 async def openapi_endpoint(request: web.Request) -> web.Response:

@@ -6,8 +6,9 @@ every documented operation is registered; schemathesis checks the running servic
 Each operation lists every status it answers with. Two refusals can come before any route is
 chosen and are documented on every operation: ``400`` for a malformed HTTP request (bad
 syntax, a request line or header over the limit, too many headers) and ``503`` when the process
-already holds its maximum of open connections. ``HEAD`` is served wherever ``GET`` is, except
-on ``/collect.gif`` (a HEAD request is not a page view).
+already holds its maximum of open connections. ``HEAD`` is served wherever ``GET`` is; on
+``/collect.gif`` it answers the image's headers and counts nothing (a link checker's HEAD
+request is not a page view).
 
 The beacon schemas describe what is accepted at least as broadly as the validation in
 ``services/ingest/beacon.py``: anything outside them is refused with ``400`` (or ``403``,
@@ -58,7 +59,7 @@ _RETRY_AFTER = {
 _CORS_ORIGIN = {
     "Access-Control-Allow-Origin": {"schema": {"type": "string"}},
 }
-_ETAG = {"ETag": {"description": "a strong entity tag", "schema": {"type": "string"}}}
+_ETAG = {"ETag": {"description": "an entity tag", "schema": {"type": "string"}}}
 
 # Refusals that may come before any route is chosen (see the module docstring).
 _PROTOCOL: dict[str, Any] = {
@@ -141,8 +142,13 @@ def _static(summary: str, media: str, operation_id: str, tags: list[str]) -> dic
         summary,
         {
             "200": {
-                "description": "the file (cacheable; ETag)",
-                "headers": _ETAG,
+                "description": "the file (cacheable; a strong ETag per representation; gzip "
+                "when Accept-Encoding admits it)",
+                "headers": {
+                    **_ETAG,
+                    "Content-Encoding": {"schema": {"const": "gzip"}},
+                    "Vary": {"schema": {"const": "Accept-Encoding"}},
+                },
                 "content": {media: {"schema": {"type": "string"}}},
             },
             "304": {"description": "not modified", "headers": _ETAG},
@@ -326,9 +332,13 @@ def _paths() -> dict[str, Any]:
                     },
                 },
                 operation_id="collect",
-                description="sendBeacon/fetch from beacon.js (text/plain: no CORS preflight).",
+                description="sendBeacon/fetch from beacon.js (text/plain: no CORS preflight). "
+                "A request with an Origin is answered with that origin named and credentials "
+                "allowed (Access-Control-Allow-Credentials: true, Vary: Origin): "
+                "navigator.sendBeacon sends credentials, and with a JSON Blob the browser asks "
+                "first and refuses a wildcard.",
             ),
-            "options": _preflight("collectPreflight", "POST, GET, OPTIONS"),
+            "options": _preflight("collectPreflight", "POST, OPTIONS"),
         },
         "/collect.gif": {
             "get": _op(
@@ -390,13 +400,19 @@ def _paths() -> dict[str, Any]:
                 "the counter block as an SVG image",
                 {
                     "200": {
-                        "description": "the image",
+                        "description": "the image (a weak ETag of the numbers and language)",
+                        "headers": _ETAG,
                         "content": {"image/svg+xml": {"schema": {"type": "string"}}},
                     },
+                    "304": {"description": "not modified", "headers": _ETAG},
                     **_COUNTER_RESPONSES,
+                    "404": {
+                        "description": "unknown site: an image that says so",
+                        "content": {"image/svg+xml": {"schema": {"type": "string"}}},
+                    },
                 },
                 tags=["counter"],
-                parameters=[_LANG],
+                parameters=[_LANG, _IF_NONE_MATCH],
                 operation_id="counterSvg",
             ),
         },
@@ -412,7 +428,10 @@ def _paths() -> dict[str, Any]:
                         "description": "the page",
                         "content": {"text/html": {"schema": {"type": "string"}}},
                     },
-                    "404": _error("unknown site"),
+                    "404": {
+                        "description": "unknown site: a page that says so",
+                        "content": {"text/html": {"schema": {"type": "string"}}},
+                    },
                 },
                 tags=["widget"],
                 parameters=[_LANG],

@@ -5,7 +5,6 @@
 from __future__ import annotations
 
 import asyncio
-import hashlib
 from importlib import resources
 
 import orjson
@@ -15,6 +14,7 @@ from services import http, metrics
 from services.aggregate import render
 from services.aggregate.counter import KEEPALIVE, SINK_BACKLOG_BYTES, CounterService, Prepared
 from services.fastlane import LaneProtocol, RawRequest, Reply, chunk, reply_head
+from services.static import Script, etag_matches
 
 COUNTER = web.AppKey("counter", CounterService)
 
@@ -31,8 +31,7 @@ _CORS = {
 }
 _CACHE = "public, max-age=1"
 STREAM_WRITE_TIMEOUT_SECONDS = 30.0
-_WIDGET_JS = resources.files("services.aggregate").joinpath("static/widget.js").read_bytes()
-_WIDGET_JS_ETAG = '"' + hashlib.sha256(_WIDGET_JS).hexdigest()[:20] + '"'
+_WIDGET_JS = Script(resources.files("services.aggregate").joinpath("static/widget.js").read_bytes())
 
 
 def _json_error(status: int, message: str, field: str | None = None) -> web.Response:
@@ -53,15 +52,6 @@ def _prepared(request: web.Request) -> Prepared | web.Response:
     if prepared is None:
         return _json_error(503, "the counter is not available yet")
     return prepared
-
-
-def _etag_matches(etag: str, if_none_match: str | None) -> bool:
-    """``If-None-Match`` by the weak comparison (RFC 9110 13.1.2): a ``W/`` tag, as a proxy
-    may have made of ours, matches it too."""
-    if not if_none_match:
-        return False
-    tags = {t.strip().removeprefix("W/") for t in if_none_match.split(",")}
-    return "*" in tags or etag in tags
 
 
 class _CounterLane:
@@ -88,7 +78,7 @@ class _CounterLane:
             self._ok = reply_head(200, etag + self._HEADERS)
             self._not_modified = reply_head(304, etag + self._HEADERS[1:])
             self._for = prepared
-        if _etag_matches(prepared.etag, req.headers.get("if-none-match")):
+        if etag_matches(prepared.etag, req.headers.get("if-none-match")):
             return Reply(self._not_modified, b"")
         return Reply(self._ok, prepared.body)
 
@@ -133,7 +123,7 @@ async def counter(request: web.Request) -> web.Response:
     if isinstance(prepared, web.Response):
         return prepared
     headers = {"ETag": prepared.etag, "Cache-Control": _CACHE, **_CORS}
-    if _etag_matches(prepared.etag, request.headers.get("If-None-Match")):
+    if etag_matches(prepared.etag, request.headers.get("If-None-Match")):
         return web.Response(status=304, headers=headers)
     return web.Response(body=prepared.body, content_type="application/json", headers=headers)
 
@@ -181,24 +171,28 @@ async def counter_stream(request: web.Request) -> web.StreamResponse:
 
 
 async def counter_svg(request: web.Request) -> web.Response:
+    site = request.match_info["site"]
+    service = request.app[COUNTER]
+    lang = _lang(request)
+    if service.registry.get(site) is None:
+        return web.Response(
+            status=404,
+            text=render.render_unknown_svg(site, lang),
+            content_type="image/svg+xml",
+            headers=_CORS,
+        )
     prepared = _prepared(request)
     if isinstance(prepared, web.Response):
         return prepared
+    # of the numbers and the language (weak: the image's ``desc`` carries ``as_of``)
+    etag = f'W/"{prepared.etag.removeprefix("W/").strip(chr(34))}-{lang}"'
+    headers = {"ETag": etag, "Cache-Control": "public, max-age=10", **_CORS}
+    if etag_matches(etag, request.headers.get("If-None-Match")):
+        return web.Response(status=304, headers=headers)
     return web.Response(
-        text=render.render_svg(prepared.payload, _lang(request)),
+        text=render.render_svg(prepared.payload, lang),
         content_type="image/svg+xml",
-        headers={"Cache-Control": "public, max-age=10", **_CORS},
-    )
-
-
-async def widget_js(request: web.Request) -> web.Response:
-    if _etag_matches(_WIDGET_JS_ETAG, request.headers.get("If-None-Match")):
-        return web.Response(status=304, headers={"ETag": _WIDGET_JS_ETAG})
-    return web.Response(
-        body=_WIDGET_JS,
-        content_type="application/javascript",
-        charset="utf-8",
-        headers={"Cache-Control": "public, max-age=3600", "ETag": _WIDGET_JS_ETAG, **_CORS},
+        headers=headers,
     )
 
 
@@ -206,7 +200,12 @@ async def widget_page(request: web.Request) -> web.Response:
     site = request.match_info["site"]
     known = request.app[COUNTER].registry.get(site)
     if known is None:
-        return _json_error(404, "unknown site", "site")
+        return web.Response(
+            status=404,
+            text=render.render_unknown_page(site, _lang(request)),
+            content_type="text/html",
+            headers=_CORS,
+        )
     return web.Response(
         text=render.render_widget_page(site, _lang(request), known.name),
         content_type="text/html",
@@ -238,5 +237,5 @@ def add_routes(
     app.router.add_get("/v1/sites/{site}/counter/stream", counter_stream)
     app.router.add_route("OPTIONS", "/v1/sites/{site}/counter/stream", counter_preflight)
     app.router.add_get("/v1/sites/{site}/counter.svg", counter_svg)
-    app.router.add_get("/widget.js", widget_js)
+    app.router.add_get("/widget.js", _WIDGET_JS.handle)
     app.router.add_get("/widget/{site}", widget_page)

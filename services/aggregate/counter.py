@@ -107,9 +107,10 @@ def _iso(ms: int, site: Site) -> str:
 
 def prepare(payload: dict[str, Any]) -> Prepared:
     body = orjson.dumps(payload)
-    # The ETag covers the numbers, not ``as_of``: an unchanged counter revalidates as 304.
+    # The ETag covers the numbers, not ``as_of``: an unchanged counter revalidates as 304. So
+    # it is weak (RFC 9110 8.8.1): two bodies of one tag differ by their ``as_of`` alone.
     numbers = {k: v for k, v in payload.items() if k != "as_of"}
-    etag = '"' + hashlib.sha256(orjson.dumps(numbers)).hexdigest()[:24] + '"'
+    etag = 'W/"' + hashlib.sha256(orjson.dumps(numbers)).hexdigest()[:24] + '"'
     event = b"data: " + body + b"\n\n"
     return Prepared(payload, body, etag, event, chunk(event))
 

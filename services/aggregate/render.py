@@ -26,6 +26,7 @@ LABELS: dict[str, dict[str, str]] = {
         "visits_today": "Truy cập hôm nay",
         "visits_total": "Tổng lượt truy cập",
         "stale": "số liệu chưa cập nhật",
+        "unknown": "Không có trang",
     },
     "en": {
         "title": "Visitor statistics",
@@ -37,6 +38,7 @@ LABELS: dict[str, dict[str, str]] = {
         "visits_today": "Visits today",
         "visits_total": "Total visits",
         "stale": "numbers not up to date",
+        "unknown": "No such site",
     },
 }
 
@@ -183,6 +185,24 @@ def render_svg(counter: Mapping[str, Any], lang: str) -> str:
     return "\n".join(out) + "\n"
 
 
+def render_unknown_svg(site: str, lang: str) -> str:
+    """The image in place of the block for a site the registry does not know (what the
+    widget shows in that case): a portal that misspelt its site id sees why."""
+    lang = normalize_lang(lang)
+    message = f"{LABELS[lang]['unknown']}: {site}"
+    width = 240
+    return (
+        f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="40" '
+        f'viewBox="0 0 {width} 40" role="img" xml:lang="{lang}" font-family="{_text(_FONT)}" '
+        f'font-size="{_SIZE}" fill="{_FG}">\n'
+        f"<title>{_text(message)}</title>\n"
+        f'<rect x="0.5" y="0.5" width="{width - 1}" height="39" rx="6" fill="{_BG}" '
+        f'stroke="{_BORDER}"/>\n'
+        f'<text x="{_PAD}" y="25" fill="{_WARN}">{_text(message)}</text>\n'
+        "</svg>\n"
+    )
+
+
 # --- HTML pages -----------------------------------------------------------------------------
 
 _PAGE_STYLE = """\
@@ -218,6 +238,29 @@ def render_widget_page(site: str, lang: str, name: str = "") -> str:
 <body>
 <div data-visitorstats-widget data-site="{s}" data-lang="{lang}"></div>
 <noscript><img src="{_text(_svg_url(site, lang))}" alt="{_text(labels["title"])}"></noscript>
+</body>
+</html>
+"""
+
+
+def render_unknown_page(site: str, lang: str) -> str:
+    """The iframe page for a site the registry does not know: says so, as the widget does."""
+    lang = normalize_lang(lang)
+    message = _text(f"{LABELS[lang]['unknown']}: {site}")
+    return f"""\
+<!doctype html>
+<html lang="{lang}">
+<head>
+<meta charset="utf-8">
+<meta name="robots" content="noindex">
+<title>{message}</title>
+<link rel="icon" href="data:,">
+<style>
+{_PAGE_STYLE}
+</style>
+</head>
+<body>
+<p>{message}</p>
 </body>
 </html>
 """

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import hashlib
 import json
 import math
 import re
@@ -47,14 +46,19 @@ from services.ingest.publish_types import OutRecord
 from services.memo import forget_oldest
 from services.settings import Settings
 from services.sites import normalize_origin
+from services.static import Script
 
 PIPELINE = web.AppKey("pipeline", Pipeline)
 SETTINGS = web.AppKey("settings", Settings)
 
 MAX_BODY = 8 * 1024
 _GIF = base64.b64decode("R0lGODlhAQABAIAAAAAAAP///yH5BAEAAAAALAAAAAABAAEAAAIBRAA7")
-_CORS = {"Access-Control-Allow-Origin": "*"}
 _CORS_HEADER = ("Access-Control-Allow-Origin", "*")
+# An Origin header as browsers send it (scheme://host[:port]), safe to answer with as it is.
+_ORIGIN_SHAPE = re.compile(
+    r"https?://[A-Za-z0-9.\-]{1,253}(?::[0-9]{1,5})?|https?://\[[0-9A-Fa-f:.]+\](?::[0-9]{1,5})?"
+).fullmatch
+_ORIGIN_CACHE_SIZE = 1024
 _JSON_TYPES = ("text/plain", "application/json")
 _JSON_CONTENT_TYPES = frozenset(
     (
@@ -65,8 +69,7 @@ _JSON_CONTENT_TYPES = frozenset(
         "application/json; charset=utf-8",
     )
 )
-_BEACON_JS = resources.files("services.ingest").joinpath("static/beacon.js").read_bytes()
-_BEACON_JS_ETAG = '"' + hashlib.sha256(_BEACON_JS).hexdigest()[:20] + '"'
+_BEACON_JS = Script(resources.files("services.ingest").joinpath("static/beacon.js").read_bytes())
 # The beacon fields (beacon.py): a pixel may not give one of them twice; others are ignored.
 _FIELDS = frozenset(
     ("site", "type", "url", "referrer", "member", "event_id", "visitor", "title", "member_token")
@@ -102,13 +105,48 @@ class Answer(NamedTuple):
     def reply(self) -> Reply:
         return Reply(reply_head(self.status, self.headers), self.body)
 
+    def for_origin(self, origin: str | None) -> Answer:
+        """The answer to a request from ``origin``: ``Access-Control-Allow-Origin: *`` named as
+        that origin, with credentials allowed (``cors_for``)."""
+        cors = cors_for(origin)
+        if len(cors) == 1:  # any origin: as it is
+            return self
+        return Answer(
+            self.status,
+            self.body,
+            tuple(h for h in self.headers if h[0] != "Access-Control-Allow-Origin") + cors,
+        )
+
+
+def cors_for(origin: str | None) -> tuple[tuple[str, str], ...]:
+    """The CORS headers of an answer to ``POST /collect`` (and its preflight) from ``origin``.
+
+    ``navigator.sendBeacon`` sends credentials, always; with a body of another type than
+    ``text/plain`` (a portal's own ``Blob`` of ``application/json``) the browser asks first
+    (a preflight), and refuses to send the beacon when the answer allows any origin (``*``):
+    a request with credentials needs its own origin named, and credentials allowed. This
+    service keeps no cookie nor any other state of a browser, so allowing credentials gives a
+    page nothing it could not have without them; which origins may count for a site is the
+    site's ``origins``, checked on the beacon itself. Without an Origin (or ``null``, or one
+    not shaped as an origin): any origin, ``*``."""
+    if origin and _ORIGIN_SHAPE(origin):
+        return (
+            ("Access-Control-Allow-Origin", origin),
+            ("Access-Control-Allow-Credentials", "true"),
+            ("Vary", "Origin"),
+        )
+    return (_CORS_HEADER,)
+
 
 def error_answer(
     status: int, message: str, field: str | None, retry_after: float | None = None
 ) -> Answer:
     headers: tuple[tuple[str, str], ...] = (("Content-Type", "application/json"), _CORS_HEADER)
     if retry_after is not None:
-        headers += (("Retry-After", str(max(1, round(retry_after + 0.5)))),)
+        headers += (
+            ("Retry-After", str(max(1, round(retry_after + 0.5)))),
+            ("Access-Control-Expose-Headers", "Retry-After"),  # readable by the page
+        )
     return Answer(status, orjson.dumps({"error": message, "field": field}), headers)
 
 
@@ -122,6 +160,13 @@ _ACCEPTED = {
 }
 # the accepted answers as the lane writes them, built once
 _ACCEPTED_REPLY = {endpoint: answer.reply() for endpoint, answer in _ACCEPTED.items()}
+# Every series of the closed label sets exists from the start, at 0: an alert on the rate of
+# refusals then sees the first ones (``increase`` needs a sample before them).
+for _endpoint in ("collect", "pixel"):
+    for _outcome in ("accepted", "error", *_OUTCOME_LABELS.values()):
+        metrics.INGEST_REQUESTS.labels(_endpoint, _outcome)
+for _status in (400, 408, 413, 415):  # the statuses of ``_Refused``
+    metrics.BEACONS_DROPPED.labels(_OUTCOME_LABELS[_status])
 
 
 def _text(value: str) -> str:
@@ -221,6 +266,8 @@ class _Ingest:
         self.read_timeout = settings.read_timeout_seconds
         # (peer, X-Forwarded-For) -> (the client address, whether its rate is limited)
         self._addresses: dict[tuple[str | None, str | None], tuple[str, bool]] = {}
+        # Origin -> the accepted answer of ``collect`` naming it (``cors_for``), built once
+        self._accepted_for: dict[str, Reply] = {}
 
     def context(self, headers: dict[str, str], peer: str | None) -> ClientContext:
         origin = headers.get("origin")
@@ -309,34 +356,54 @@ class _Ingest:
                 raise _Refused(415, "send text/plain or application/json", "content-type")
             body = await _read_body(request, self.read_timeout)
         except _Refused as r:
-            return _refused("collect", r).response()
-        return await self._publish("collect", self.collect(headers, request.remote, body))
+            return _refused("collect", r).for_origin(request.headers.get("Origin")).response()
+        decided = self.collect(headers, request.remote, body)
+        return await self._publish("collect", decided, headers.get("origin"))
 
     async def pixel_request(self, request: web.Request) -> web.Response:
         query = request.rel_url.raw_query_string
         decided = self.pixel(_headers_of(request), request.remote, query)
-        return await self._publish("pixel", decided)
+        return await self._publish("pixel", decided, None)
 
-    async def _publish(self, endpoint: str, decided: Answer | OutRecord) -> web.Response:
-        if isinstance(decided, Answer):
-            return decided.response()
-        return _answer(endpoint, await self.pipeline.publish_and_settle(decided)).response()
+    async def _publish(
+        self, endpoint: str, decided: Answer | OutRecord, origin: str | None
+    ) -> web.Response:
+        if isinstance(decided, OutRecord):
+            decided = _answer(endpoint, await self.pipeline.publish_and_settle(decided))
+        return decided.for_origin(origin).response()
 
     # -- the lane's path ------------------------------------------------------------------------
     def collect_lane(self, req: RawRequest, conn: LaneProtocol) -> Reply | None:
-        return self._lane("collect", self.collect(req.headers, req.peer, req.body), conn)
+        decided = self.collect(req.headers, req.peer, req.body)
+        return self._lane("collect", decided, conn, req.headers.get("origin"))
 
     def pixel_lane(self, req: RawRequest, conn: LaneProtocol) -> Reply | None:
-        return self._lane("pixel", self.pixel(req.headers, req.peer, req.query), conn)
+        return self._lane("pixel", self.pixel(req.headers, req.peer, req.query), conn, None)
 
-    def _lane(self, endpoint: str, decided: Answer | OutRecord, conn: LaneProtocol) -> Reply | None:
+    def _accepted(self, endpoint: str, origin: str | None) -> Reply:
+        """The lane's accepted answer of ``endpoint`` to a request from ``origin``."""
+        if origin is None:
+            return _ACCEPTED_REPLY[endpoint]
+        reply = self._accepted_for.get(origin)
+        if reply is None:
+            answer = _ACCEPTED[endpoint]
+            named = answer.for_origin(origin)
+            reply = _ACCEPTED_REPLY[endpoint] if named is answer else named.reply()
+            if len(self._accepted_for) >= _ORIGIN_CACHE_SIZE:
+                forget_oldest(self._accepted_for)
+            self._accepted_for[origin] = reply
+        return reply
+
+    def _lane(
+        self, endpoint: str, decided: Answer | OutRecord, conn: LaneProtocol, origin: str | None
+    ) -> Reply | None:
         if isinstance(decided, Answer):
-            return _lane_reply(decided, endpoint)
+            return _lane_reply(decided, endpoint, origin)
         pipeline = self.pipeline
-        accepted = _ACCEPTED_REPLY[endpoint]
+        accepted = self._accepted(endpoint, origin)
 
         def refused(exc: BaseException) -> Reply:
-            return _lane_reply(_answer(endpoint, pipeline.settle(exc)), endpoint)
+            return _lane_reply(_answer(endpoint, pipeline.settle(exc)), endpoint, origin)
 
         def done(exc: BaseException | None) -> None:
             # (an accepted record is counted by the publisher)
@@ -353,10 +420,10 @@ def _media_type(ctype: str | None) -> str:
     return (ctype or "").partition(";")[0].strip().lower()
 
 
-def _lane_reply(answer: Answer, endpoint: str) -> Reply:
-    if answer is _ACCEPTED[endpoint]:
+def _lane_reply(answer: Answer, endpoint: str, origin: str | None) -> Reply:
+    if answer is _ACCEPTED[endpoint] and origin is None:
         return _ACCEPTED_REPLY[endpoint]
-    return answer.reply()
+    return answer.for_origin(origin).reply()
 
 
 def _answer(endpoint: str, outcome: Outcome) -> Answer:
@@ -383,35 +450,36 @@ async def collect_expect(request: web.Request) -> web.Response | None:
             raise _Refused(415, "send text/plain or application/json", "content-type")
         _check_body_headers(request.content_length, request.headers.get("Content-Encoding"))
     except _Refused as r:
-        return _refused("collect", r).response()
+        return _refused("collect", r).for_origin(request.headers.get("Origin")).response()
     await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
     return None
 
 
 async def collect_preflight(request: web.Request) -> web.Response:
-    return web.Response(
-        status=204,
-        headers={
-            **_CORS,
-            "Access-Control-Allow-Methods": "POST, GET, OPTIONS",
+    """``OPTIONS /collect``: a browser's preflight of a beacon with a JSON body (see
+    ``cors_for``), or a plain question of what the resource allows."""
+    headers = CIMultiDict(cors_for(request.headers.get("Origin")))
+    headers.update(
+        {
+            "Allow": "POST, OPTIONS",
+            "Access-Control-Allow-Methods": "POST, OPTIONS",
             "Access-Control-Allow-Headers": "Content-Type",
             "Access-Control-Max-Age": "86400",
-        },
+        }
     )
+    return web.Response(status=204, headers=headers)
 
 
-async def beacon_js(request: web.Request) -> web.Response:
-    if request.headers.get("If-None-Match") == _BEACON_JS_ETAG:
-        return web.Response(status=304, headers={"ETag": _BEACON_JS_ETAG})
+async def pixel_head(request: web.Request) -> web.Response:
+    """``HEAD /collect.gif``: the headers of the image, and nothing counted (a link checker's
+    request is not a page view)."""
     return web.Response(
-        body=_BEACON_JS,
-        content_type="application/javascript",
-        charset="utf-8",
         headers={
-            "Cache-Control": "public, max-age=3600",
-            "ETag": _BEACON_JS_ETAG,
-            **_CORS,
-        },
+            "Content-Type": "image/gif",
+            "Content-Length": str(len(_GIF)),
+            "Cache-Control": "no-store",
+            "Access-Control-Allow-Origin": "*",
+        }
     )
 
 
@@ -421,8 +489,8 @@ def add_routes(app: web.Application, pipeline: Pipeline, settings: Settings) -> 
     ingest = _Ingest(pipeline, settings)
     app.router.add_post("/collect", ingest.collect_request, expect_handler=collect_expect)
     app.router.add_route("OPTIONS", "/collect", collect_preflight)
-    # no HEAD: a link checker's HEAD request is not a page view
     app.router.add_get("/collect.gif", ingest.pixel_request, allow_head=False)
-    app.router.add_get("/beacon.js", beacon_js)
+    app.router.add_route("HEAD", "/collect.gif", pixel_head)
+    app.router.add_get("/beacon.js", _BEACON_JS.handle)
     http.add_lane_route(app, "POST", "/collect", ingest.collect_lane)
     http.add_lane_route(app, "GET", "/collect.gif", ingest.pixel_lane)

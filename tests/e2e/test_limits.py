@@ -259,6 +259,9 @@ def test_busy_connections_are_capped(capped: Service) -> None:
         with connect(capped) as extra:
             answer = read_all(extra)
         assert answer.startswith(b"HTTP/1.1 503 "), answer
+        # readable by a page: a portal's script sees the 503 and when to come back
+        assert b"\r\nAccess-Control-Allow-Origin: *\r\n" in answer
+        assert b"\r\nAccess-Control-Expose-Headers: Retry-After\r\n" in answer
         body = json.loads(answer.partition(b"\r\n\r\n")[2])
         assert body == {"error": "too many open connections", "field": None}
     finally:
