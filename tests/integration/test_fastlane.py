@@ -403,9 +403,10 @@ async def test_the_counter_in_the_lane_answers_as_aiohttp_does(tmp_path: Path) -
         for name in ("content-type", "etag", "cache-control", "access-control-allow-origin"):
             assert lane[1][name] == full[1][name], name
         # If-None-Match with the current ETag: 304 from both (the very answer if it changed)
-        # (also as a weak tag in a list, as a proxy may send it back)
+        # (the tag is weak: also in a list, and as a strong one, by the weak comparison)
         etag = lane[1]["etag"]
-        for tags in (etag, f'"other", W/{etag}'):
+        assert etag.startswith('W/"')
+        for tags in (etag, f'"other", {etag}', etag.removeprefix("W/")):
             conditional = get.replace(b"\r\n\r\n", f"\r\nIf-None-Match: {tags}\r\n\r\n".encode())
             (lane304,) = split_answers(await srv.exchange(conditional))
             (full304,) = split_answers(await srv.exchange(conditional[:10], conditional[10:]))
