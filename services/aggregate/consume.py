@@ -181,6 +181,10 @@ class Aggregator:
         self.next_offset: dict[int, int] = {}  # per owned partition: the first offset not counted
         # per owned partition: its log base, position - Kafka offset (see 10 above)
         self.bases: dict[int, int] = {}
+        # partition -> the base of the last new log told of (logged and counted once: every
+        # rebuild until a row of it is stored decides it again, and a broker's return often
+        # brings two rebalances)
+        self._told_bases: dict[int, int] = {}
         self.batch = Batch()
         self.needs_reset: set[int] = set()  # partitions to rebuild from ClickHouse
         # A fetch that skipped offsets (see ``_count``): partition -> the offset to read again
@@ -269,6 +273,9 @@ class Aggregator:
                 # what was stored of the lost log stays counted; the new log follows it
                 self.bases[p] = stored[p] - lost[p]
                 resume[p] = stored[p]
+                if self._told_bases.get(p) == self.bases[p]:
+                    continue
+                self._told_bases[p] = self.bases[p]
                 metrics.LOGS_REPLACED.inc()
                 log.warning(
                     "partition %d: its log was lost and begun again (the record stored last, "

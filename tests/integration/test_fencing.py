@@ -8,6 +8,7 @@ import uuid
 from datetime import date
 
 import pytest
+from prometheus_client import REGISTRY
 
 from services.aggregate.consume import Aggregator
 from services.aggregate.sources import InRecord
@@ -15,6 +16,11 @@ from services.aggregate.store import Online, Store, online_rows
 from services.record import Event, encode
 from services.settings import Settings
 from services.sites import Registry
+
+
+def metric_value(name: str) -> float:
+    return REGISTRY.get_sample_value(name) or 0.0
+
 
 pytestmark = pytest.mark.integration
 
@@ -259,3 +265,30 @@ async def test_a_fenced_former_owners_late_tally_does_not_override_the_new_owner
     # the owner's own tick moves it on
     await owner.tick()
     assert await online(store, int(clock[0] * 1000)) == Online(0, 0, 0)
+
+
+async def test_a_log_begun_again_is_told_once_however_often_it_is_decided(
+    store: Store, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Every rebuild until a row of the new log is stored decides it again (a broker's return
+    often brings two rebalances): the same base each time, logged and counted once."""
+    agg = aggregator(store)
+    await agg.rebuild([0], {})
+    agg.process(records(0, 9))
+    await agg.write()
+    asked: list[dict[int, tuple[int, str]]] = []
+
+    async def lost(last: dict[int, tuple[int, str]]) -> dict[int, int]:
+        asked.append(last)
+        return {0: 0}  # the log holds no such record: begun again from offset 0
+
+    told = metric_value("visitorstats_partition_logs_replaced_total")
+    for _ in range(3):
+        agg.forget([0])  # a revoke, then the partition assigned again
+        assert await agg.rebuild([0], {}, replaced=lost) == {0: 10}
+        assert agg.bases[0] == 10
+    assert asked == [{0: (9, str(uuid.UUID(int=10)))}] * 3
+    assert metric_value("visitorstats_partition_logs_replaced_total") == told + 1
+    assert caplog.text.count("was lost and begun again") == 1
+    agg.process([InRecord(0, 10, records(10, 10)[0].value)])  # the new log's first record
+    assert await agg.write() == {0: 11}
