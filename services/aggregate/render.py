@@ -214,13 +214,9 @@ def _svg_url(site: str, lang: str) -> str:
     return f"/v1/sites/{quote(site, safe='')}/counter.svg?lang={lang}"
 
 
-def render_widget_page(site: str, lang: str, name: str = "") -> str:
-    """A page holding only the block, for ``<iframe src=".../widget/{site}">``; its title names
-    the site (its ``name`` in the registry, else its id)."""
-    lang = normalize_lang(lang)
-    labels = LABELS[lang]
-    s = _text(site)
-    title = _text(name or site)
+def _page(lang: str, title: str, head: str, body: str) -> str:
+    """A small page of its own (for an iframe): ``title``, ``head`` and ``body`` are markup,
+    escaped by the caller."""
     return f"""\
 <!doctype html>
 <html lang="{lang}">
@@ -228,42 +224,40 @@ def render_widget_page(site: str, lang: str, name: str = "") -> str:
 <meta charset="utf-8">
 <meta name="viewport" content="width=device-width, initial-scale=1">
 <meta name="robots" content="noindex">
-<title>{_text(labels["title"])} — {title}</title>
+<title>{title}</title>
 <link rel="icon" href="data:,">
 <style>
 {_PAGE_STYLE}
 </style>
-<script defer src="/widget.js"></script>
-</head>
+{head}</head>
 <body>
-<div data-visitorstats-widget data-site="{s}" data-lang="{lang}"></div>
-<noscript><img src="{_text(_svg_url(site, lang))}" alt="{_text(labels["title"])}"></noscript>
+{body}
 </body>
 </html>
 """
+
+
+def render_widget_page(site: str, lang: str, name: str = "") -> str:
+    """A page holding only the block, for ``<iframe src=".../widget/{site}">``; its title names
+    the site (its ``name`` in the registry, else its id)."""
+    lang = normalize_lang(lang)
+    labels = LABELS[lang]
+    s = _text(site)
+    return _page(
+        lang,
+        f"{_text(labels['title'])} — {_text(name or site)}",
+        '<script defer src="/widget.js"></script>\n',
+        f'<div data-visitorstats-widget data-site="{s}" data-lang="{lang}"></div>\n'
+        f'<noscript><img src="{_text(_svg_url(site, lang))}" '
+        f'alt="{_text(labels["title"])}"></noscript>',
+    )
 
 
 def render_unknown_page(site: str, lang: str) -> str:
     """The iframe page for a site the registry does not know: says so, as the widget does."""
     lang = normalize_lang(lang)
     message = _text(f"{LABELS[lang]['unknown']}: {site}")
-    return f"""\
-<!doctype html>
-<html lang="{lang}">
-<head>
-<meta charset="utf-8">
-<meta name="robots" content="noindex">
-<title>{message}</title>
-<link rel="icon" href="data:,">
-<style>
-{_PAGE_STYLE}
-</style>
-</head>
-<body>
-<p>{message}</p>
-</body>
-</html>
-"""
+    return _page(lang, message, "", f"<p>{message}</p>")
 
 
 def _code(snippet: str) -> str:
