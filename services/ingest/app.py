@@ -266,8 +266,8 @@ class _Ingest:
         self.read_timeout = settings.read_timeout_seconds
         # (peer, X-Forwarded-For) -> (the client address, whether its rate is limited)
         self._addresses: dict[tuple[str | None, str | None], tuple[str, bool]] = {}
-        # Origin -> the accepted answer of ``collect`` naming it (``cors_for``), built once
-        self._accepted_for: dict[str, Reply] = {}
+        # (endpoint, Origin) -> the accepted answer naming it (``cors_for``), built once
+        self._accepted_for: dict[tuple[str, str], Reply] = {}
 
     def context(self, headers: dict[str, str], peer: str | None) -> ClientContext:
         origin = headers.get("origin")
@@ -384,14 +384,14 @@ class _Ingest:
         """The lane's accepted answer of ``endpoint`` to a request from ``origin``."""
         if origin is None:
             return _ACCEPTED_REPLY[endpoint]
-        reply = self._accepted_for.get(origin)
+        reply = self._accepted_for.get((endpoint, origin))
         if reply is None:
             answer = _ACCEPTED[endpoint]
             named = answer.for_origin(origin)
             reply = _ACCEPTED_REPLY[endpoint] if named is answer else named.reply()
             if len(self._accepted_for) >= _ORIGIN_CACHE_SIZE:
                 forget_oldest(self._accepted_for)
-            self._accepted_for[origin] = reply
+            self._accepted_for[endpoint, origin] = reply
         return reply
 
     def _lane(
