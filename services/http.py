@@ -29,6 +29,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import faulthandler
+import functools
 import gc
 import logging
 import multiprocessing
@@ -37,7 +38,7 @@ import os
 import signal
 import threading
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from typing import Any, cast
 
 import orjson
@@ -49,9 +50,12 @@ from prometheus_client import (
     CONTENT_TYPE_LATEST,
     REGISTRY,
     CollectorRegistry,
+    ProcessCollector,
     generate_latest,
     multiprocess,
 )
+from prometheus_client.metrics_core import Metric
+from prometheus_client.registry import Collector
 
 from services import gcpause, metrics, openapi
 from services.fastlane import TOO_MANY, LaneHandler, LaneProtocol
@@ -98,7 +102,49 @@ def _metrics_registry() -> CollectorRegistry:
         return REGISTRY
     registry = CollectorRegistry()
     multiprocess.MultiProcessCollector(registry, directory)  # type: ignore[no-untyped-call]
+    registry.register(WorkersProcessCollector(directory))
     return registry
+
+
+_PROCESS_FIRST = {"process_start_time_seconds", "process_max_fds"}  # the least over workers
+
+
+class WorkersProcessCollector(Collector):
+    """``process_*`` (CPU seconds, memory, open files) of every live worker process, added up
+    (the start time and the open-file limit: the least of them). In multiprocess mode
+    prometheus_client has no process metrics at all, and a scrape reaches one worker of the
+    port's ``SO_REUSEPORT`` group, not a chosen one. The workers are the processes that write
+    into the multiprocess directory (``*_<pid>.db``), those still running."""
+
+    def __init__(self, directory: str) -> None:
+        self._directory = directory
+
+    def pids(self) -> list[int]:
+        found = set()
+        for name in os.listdir(self._directory):
+            stem, _, pid = name.removesuffix(".db").rpartition("_")
+            if stem and pid.isdigit():
+                found.add(int(pid))
+        return sorted(p for p in found if os.path.exists(f"/proc/{p}"))
+
+    def collect(self) -> Iterable[Metric]:
+        families: dict[str, Metric] = {}
+        for pid in self.pids():
+            for family in ProcessCollector(
+                pid=functools.partial(int, pid), registry=None
+            ).collect():
+                known = families.get(family.name)
+                if known is None:
+                    families[family.name] = family
+                    continue
+                value = family.samples[0].value
+                sample = known.samples[0]
+                if family.name in _PROCESS_FIRST:
+                    value = min(value, sample.value)
+                else:
+                    value += sample.value
+                known.samples[0] = sample._replace(value=value)
+        return list(families.values())
 
 
 async def metrics_endpoint(request: web.Request) -> web.Response:

@@ -43,12 +43,32 @@ def test_metrics_add_up_every_worker(tmp_path: Path, tansu: Tansu) -> None:
             ) == float(N)
             assert sample(text, "visitorstats_beacons_accepted_total", 'site="dongha"') == N
             assert "visitorstats_http_connections " in text  # gauges too
+            # process_* of the workers added up: more than any one of them has
+            assert ingest.proc is not None
+            rss = [resident_bytes(pid) for pid in children(ingest.proc.pid)]
+            assert len(rss) == 2
+            assert sample_of(text, "process_resident_memory_bytes") > 1.2 * max(rss)
+            assert sample_of(text, "process_cpu_seconds_total") > 0
+            assert sample_of(text, "process_open_fds") > 2 * 3
         metrics_dirs = list((tmp_path / "data").glob("metrics-*"))
         assert len(metrics_dirs) == 1
         assert len(list(metrics_dirs[0].glob("counter_*.db"))) >= 2  # one file per worker
     finally:
         assert ingest.stop() == 0
     assert not list((tmp_path / "data").glob("metrics-*"))  # removed at exit
+
+
+def sample_of(text: str, name: str) -> float:
+    match = re.search(rf"^{re.escape(name)} (\S+)$", text, re.M)
+    assert match, f"{name} not in /metrics:\n{text[:2000]}"
+    return float(match.group(1))
+
+
+def resident_bytes(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    raise AssertionError(f"no VmRSS for {pid}")
 
 
 def children(pid: int) -> set[int]:

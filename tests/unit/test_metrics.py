@@ -4,13 +4,23 @@ gives: the publisher counts a batch at once."""
 from __future__ import annotations
 
 import asyncio
+import os
+import subprocess
+from pathlib import Path
 from typing import Any
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Histogram,
+    ProcessCollector,
+    generate_latest,
+)
 
 from services import metrics
+from services.http import WorkersProcessCollector
 from services.ingest.publish import LocalPublisher
 from services.ingest.publish_types import OutRecord
 
@@ -75,3 +85,31 @@ async def test_the_standalone_publisher_counts_what_it_handed_on_once_the_loop_t
     await publisher.stop()  # what stop finds uncounted is counted
     assert b._value.get() == 2
     assert metrics.BEACONS_PUBLISHED._value.get() == published + 4
+
+
+def test_workers_process_metrics_add_up_the_live_writers(tmp_path: Path) -> None:
+    """``WorkersProcessCollector``: the processes that wrote into the multiprocess directory
+    and still run, their CPU, memory and open files added up, the least start time."""
+    sleeper = subprocess.Popen(["sleep", "30"])
+    gone = subprocess.Popen(["true"])
+    gone.wait()
+    try:
+        for pid in (os.getpid(), sleeper.pid, gone.pid):
+            (tmp_path / f"counter_{pid}.db").write_bytes(b"")
+        (tmp_path / f"gauge_livesum_{os.getpid()}.db").write_bytes(b"")
+        collector = WorkersProcessCollector(str(tmp_path))
+        assert collector.pids() == sorted([os.getpid(), sleeper.pid])
+        got = {f.name: f.samples[0].value for f in collector.collect()}
+        alone = {
+            f.name: f.samples[0].value
+            for f in ProcessCollector(pid=lambda: sleeper.pid, registry=None).collect()
+        }
+        mine = {f.name: f.samples[0].value for f in ProcessCollector(registry=None).collect()}
+        assert got["process_resident_memory_bytes"] > mine["process_resident_memory_bytes"]
+        assert got["process_resident_memory_bytes"] > alone["process_resident_memory_bytes"]
+        assert got["process_open_fds"] >= mine["process_open_fds"] + alone["process_open_fds"] - 2
+        assert got["process_start_time_seconds"] == mine["process_start_time_seconds"]
+        assert got["process_max_fds"] == min(mine["process_max_fds"], alone["process_max_fds"])
+    finally:
+        sleeper.kill()
+        sleeper.wait()
