@@ -65,6 +65,10 @@ SPOOL_BYTES = Gauge(
     "Bytes used by the on-disk spool.",
     multiprocess_mode="livesum",
 )
+SPOOL_DAMAGED = Counter(
+    "visitorstats_spool_damaged_total",
+    "Damaged stretches of the on-disk spool (or run's journal) found at start and skipped.",
+)
 SPOOL_OLDEST = Gauge(
     "visitorstats_spool_oldest_seconds",
     "Age of the oldest record in the spool that the broker has not acknowledged (0: none).",

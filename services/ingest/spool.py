@@ -1,23 +1,36 @@
 """A bounded on-disk spool for records the broker has not acknowledged: those it could not take
 (broker away), or, with ``VISITORSTATS_PUBLISH_ACK=spool``, every record on its way to it.
 
-Segments are append-only files ``NNNNNNNNNN.spool`` of length-prefixed records; the oldest is
-drained first, so order per visitor is kept. A segment is deleted once every record in it was
+Segments are append-only files ``NNNNNNNNNN.spool``: a magic, then records, each a marker, a
+CRC-32 of the rest, and the length-prefixed record; the oldest is drained first, so order per
+visitor is kept. A segment is deleted once every record in it was
 acknowledged by the broker; ``head`` notes how many of the oldest segment's were, so a
 restarted process takes back only the others. Records are written with ``write()`` (no
 fsync): they survive a crash of the process, like Kafka's own page-cache durability; not a
 power loss of the machine. A crash in the middle of a drain may send some records twice (those
 sent since ``head`` was last written): the aggregate service counts an ``event_id`` once, so
 that changes no count.
+
+Damage found on load: the end of the newest segment cut short (or zero-filled) is a write the
+crash cut, never answered, and is dropped quietly. Anything else that does not check (a record
+whose CRC or marker is wrong, bytes between records, a cut in an older segment) is damage:
+the records around it are kept (the loader finds the next record that checks), the skipped
+bytes are logged with the file and the byte range, counted
+(``visitorstats_spool_damaged_total``), and the segment is copied beside itself as
+``NNNNNNNNNN.spool.damaged`` before it is drained and deleted. Segments written before the
+checksums (no magic) are read as they were written.
 """
 
 from __future__ import annotations
 
 import fcntl
 import itertools
+import logging
 import os
+import shutil
 import struct
 import time
+import zlib
 from collections import deque
 from pathlib import Path
 
@@ -25,7 +38,17 @@ from services import metrics
 from services.ingest.publish_types import OutRecord
 
 _HEADER = struct.Struct(">IHI")  # shard, key length, value length
+# A record: marker, CRC-32 of (header, key, value), header; then the key and the value.
+_CHECKED = struct.Struct(">HI")
+_MARK = 0xA55A
+_MARK_BYTES = _CHECKED.pack(_MARK, 0)[:2]
+_RECORD_HEAD = _CHECKED.size + _HEADER.size
+# The first bytes of a segment with checked records (one of before has none: its first
+# bytes are a shard number, below 2**24)
+_MAGIC = b"VSSPOOL\x02"
 _SEGMENT_BYTES = 4 * 1024 * 1024
+
+log = logging.getLogger(__name__)
 
 
 class SpoolFullError(Exception):
@@ -99,18 +122,21 @@ class Spool:
         self._records: deque[tuple[int, OutRecord]] = deque()
         self._bytes = 0
         self._refused = False
+        self._record_size = 1  # the largest record loaded, or mean record of an append
         self._tail: int = 0
         self._tail_file: int | None = None
         self._tail_size = 0
         # the oldest segment still held, and how many of its records were popped: kept in
         # ``head`` so that a restarted process does not take them back
         self._head_segment, self._head_popped = self._read_head()
-        for path in sorted(self._dir.glob("*.spool")):
+        segments = sorted(self._dir.glob("*.spool"))
+        for path in segments:
             segment = int(path.stem)
             if segment < self._head_segment:
                 path.unlink()  # every record popped; the process died before deleting it
                 continue
-            self._load(path, self._head_popped if segment == self._head_segment else 0)
+            skip = self._head_popped if segment == self._head_segment else 0
+            self._load(path, skip, newest=path == segments[-1])
         if self._records and self._records[0][0] != self._head_segment:
             self._head_segment, self._head_popped = self._records[0][0], 0
         # new segments come after the head, even when every earlier one was popped and deleted
@@ -131,10 +157,44 @@ class Spool:
             self._head_fd = os.open(self._dir / "head", os.O_RDWR | os.O_CREAT, 0o600)
         os.pwrite(self._head_fd, b"%020d %020d\n" % (self._head_segment, self._head_popped), 0)
 
-    def _load(self, path: Path, skip: int) -> None:
-        """The records of one segment, but its first ``skip`` (popped before a restart)."""
+    def _load(self, path: Path, skip: int, newest: bool) -> None:
+        """The records of one segment, but its first ``skip`` (popped before a restart).
+        ``newest``: the segment written last, whose end may be a write the crash cut."""
         segment = int(path.stem)
         data = path.read_bytes()
+        self._tail = max(self._tail, segment + 1)
+        if not data.startswith(_MAGIC):
+            if len(data) > len(_MAGIC) or not _MAGIC.startswith(data):
+                self._load_unchecked(segment, data, skip)
+            elif not newest:  # a segment gets its magic as it is made: this one lost it all
+                log.error("%s: %d bytes, its records are lost", path, len(data))
+                metrics.SPOOL_DAMAGED.inc()
+            return
+        records, damage = _read_checked(data, newest)
+        for rec in records[skip:]:
+            self._records.append((segment, rec))
+            size = _RECORD_HEAD + len(rec.key) + len(rec.value)
+            self._bytes += size
+            self._record_size = max(self._record_size, size)
+        if damage:
+            copy = path.with_name(path.name + ".damaged")
+            if not copy.exists():
+                shutil.copyfile(path, copy)
+            for start, end in damage:
+                log.error(
+                    "%s: bytes %d-%d are damaged and were skipped (%d records of this file "
+                    "kept; a copy of it is kept as %s)",
+                    path,
+                    start,
+                    end - 1,
+                    len(records),
+                    copy.name,
+                )
+            metrics.SPOOL_DAMAGED.inc(len(damage))
+
+    def _load_unchecked(self, segment: int, data: bytes, skip: int) -> None:
+        """A segment written before records were checked: length-prefixed records, read
+        until one runs past the end of the file."""
         pos = 0
         while pos + _HEADER.size <= len(data):
             shard, klen, vlen = _HEADER.unpack_from(data, pos)
@@ -147,17 +207,19 @@ class Spool:
                 key = data[pos + _HEADER.size : pos + _HEADER.size + klen]
                 value = data[pos + _HEADER.size + klen : end]
                 self._records.append((segment, OutRecord(key, value, shard)))
-                self._bytes += end - pos
+                # it goes back out as a checked record if it is written again: counted so
+                self._bytes += _RECORD_HEAD + klen + vlen
+                self._record_size = max(self._record_size, _RECORD_HEAD + klen + vlen)
             pos = end
-        self._tail = max(self._tail, segment + 1)
 
     def empty(self) -> bool:
         return not self._records
 
     def full(self) -> bool:
-        """True once an append was refused, until something was drained: the spool cannot take
-        a typical flush any more (not only once the very last byte is used)."""
-        return self._refused or self._bytes >= self._max
+        """True once an append was refused, until something was drained, and when the room
+        left cannot take a record of the size met so far (a spool loaded nearly full at start
+        is full before its first refusal)."""
+        return self._refused or self._max - self._bytes < self._record_size
 
     def __len__(self) -> int:
         return len(self._records)
@@ -174,12 +236,15 @@ class Spool:
 
     def append(self, records: list[OutRecord]) -> None:
         """Write records durably to the tail segment; all or none."""
-        chunks = []
+        chunks: list[bytes] = []
+        crc32, pack, check = zlib.crc32, _HEADER.pack, _CHECKED.pack
         for rec in records:
-            chunks.append(_HEADER.pack(rec.shard, len(rec.key), len(rec.value)))
-            chunks.append(rec.key)
-            chunks.append(rec.value)
+            key, value = rec.key, rec.value
+            header = pack(rec.shard, len(key), len(value))
+            chunks += (check(_MARK, crc32(value, crc32(key, crc32(header)))), header, key, value)
         blob = b"".join(chunks)
+        if records:
+            self._record_size = max(self._record_size, len(blob) // len(records))
         # once refused, refused until something was drained: answers and readiness agree
         if self._refused or self._bytes + len(blob) > self._max:
             self._refused = True
@@ -199,8 +264,10 @@ class Spool:
             os.close(self._tail_file)
         path = self._dir / f"{self._tail:010d}.spool"
         self._tail_file = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+        if os.fstat(self._tail_file).st_size == 0:
+            os.write(self._tail_file, _MAGIC)
         self._tail += 1
-        self._tail_size = 0
+        self._tail_size = len(_MAGIC)
 
     def peek(self, n: int) -> list[OutRecord]:
         return [rec for _, rec in itertools.islice(self._records, n)]
@@ -212,7 +279,7 @@ class Spool:
         n = min(n, len(self._records))
         for _ in range(n):
             segment, rec = self._records.popleft()
-            self._bytes -= _HEADER.size + len(rec.key) + len(rec.value)
+            self._bytes -= _RECORD_HEAD + len(rec.key) + len(rec.value)
             if segment != self._head_segment:
                 self._head_segment, self._head_popped = segment, 0
             self._head_popped += 1
@@ -246,3 +313,45 @@ class Spool:
             return
         metrics.SPOOL_DEPTH.set(len(self._records))
         metrics.SPOOL_BYTES.set(self._bytes)
+
+
+def _record_at(data: bytes, pos: int) -> tuple[OutRecord, int] | None:
+    """The checked record that starts at ``pos`` and where it ends, or None if none does."""
+    if len(data) - pos < _RECORD_HEAD:
+        return None
+    mark, crc = _CHECKED.unpack_from(data, pos)
+    if mark != _MARK:
+        return None
+    at = pos + _CHECKED.size
+    shard, klen, vlen = _HEADER.unpack_from(data, at)
+    key_at = at + _HEADER.size
+    end = key_at + klen + vlen
+    if end > len(data):
+        return None
+    view = memoryview(data)
+    if zlib.crc32(view[key_at:end], zlib.crc32(view[at:key_at])) != crc:
+        return None
+    return OutRecord(data[key_at : key_at + klen], data[key_at + klen : end], shard), end
+
+
+def _read_checked(data: bytes, newest: bool) -> tuple[list[OutRecord], list[tuple[int, int]]]:
+    """The records of a checked segment, and the damaged byte ranges skipped. A stretch that
+    does not check is skipped to the next record that does; with none after it, it is the
+    end of the newest segment cut short (or zero-filled) by a crash, not damage: those bytes
+    were never a record a client was answered for."""
+    records: list[OutRecord] = []
+    damage: list[tuple[int, int]] = []
+    pos = len(_MAGIC)
+    while pos < len(data):
+        found = _record_at(data, pos)
+        if found is not None:
+            records.append(found[0])
+            pos = found[1]
+            continue
+        start, nxt = pos, data.find(_MARK_BYTES, pos + 1)
+        while nxt != -1 and _record_at(data, nxt) is None:
+            nxt = data.find(_MARK_BYTES, nxt + 1)
+        pos = len(data) if nxt == -1 else nxt
+        if nxt != -1 or not newest:
+            damage.append((start, pos))
+    return records, damage

@@ -4,8 +4,9 @@ gives: the publisher counts a batch at once."""
 from __future__ import annotations
 
 import asyncio
-import os
+import functools
 import subprocess
+import time
 from pathlib import Path
 from typing import Any
 
@@ -89,27 +90,39 @@ async def test_the_standalone_publisher_counts_what_it_handed_on_once_the_loop_t
 
 def test_workers_process_metrics_add_up_the_live_writers(tmp_path: Path) -> None:
     """``WorkersProcessCollector``: the processes that wrote into the multiprocess directory
-    and still run, their CPU, memory and open files added up, the least start time."""
-    sleeper = subprocess.Popen(["sleep", "30"])
+    and still run, their CPU, memory and open files added up, the least start time. Two
+    sleeping processes as the workers (their numbers hold still), and one that is gone."""
+    workers = [subprocess.Popen(["sleep", "30"]) for _ in range(2)]
     gone = subprocess.Popen(["true"])
     gone.wait()
     try:
-        for pid in (os.getpid(), sleeper.pid, gone.pid):
+        for pid in (*(w.pid for w in workers), gone.pid):
             (tmp_path / f"counter_{pid}.db").write_bytes(b"")
-        (tmp_path / f"gauge_livesum_{os.getpid()}.db").write_bytes(b"")
+        (tmp_path / f"gauge_livesum_{workers[0].pid}.db").write_bytes(b"")
+        while any(Path(f"/proc/{w.pid}/stat").read_text().split()[2] != "S" for w in workers):
+            time.sleep(0.01)  # until both sleep
         collector = WorkersProcessCollector(str(tmp_path))
-        assert collector.pids() == sorted([os.getpid(), sleeper.pid])
+        assert collector.pids() == sorted(w.pid for w in workers)
         got = {f.name: f.samples[0].value for f in collector.collect()}
-        alone = {
-            f.name: f.samples[0].value
-            for f in ProcessCollector(pid=lambda: sleeper.pid, registry=None).collect()
-        }
-        mine = {f.name: f.samples[0].value for f in ProcessCollector(registry=None).collect()}
-        assert got["process_resident_memory_bytes"] > mine["process_resident_memory_bytes"]
-        assert got["process_resident_memory_bytes"] > alone["process_resident_memory_bytes"]
-        assert got["process_open_fds"] >= mine["process_open_fds"] + alone["process_open_fds"] - 2
-        assert got["process_start_time_seconds"] == mine["process_start_time_seconds"]
-        assert got["process_max_fds"] == min(mine["process_max_fds"], alone["process_max_fds"])
+        each = [
+            {
+                f.name: f.samples[0].value
+                for f in ProcessCollector(
+                    pid=functools.partial(int, w.pid), registry=None
+                ).collect()
+            }
+            for w in workers
+        ]
+        for name in (
+            "process_resident_memory_bytes",
+            "process_virtual_memory_bytes",
+            "process_cpu_seconds",  # a counter family: its samples end in _total
+            "process_open_fds",
+        ):
+            assert got[name] == each[0][name] + each[1][name], name
+        for name in ("process_start_time_seconds", "process_max_fds"):
+            assert got[name] == min(each[0][name], each[1][name]), name
     finally:
-        sleeper.kill()
-        sleeper.wait()
+        for w in workers:
+            w.kill()
+            w.wait()
