@@ -8,6 +8,7 @@ from __future__ import annotations
 import ipaddress
 import os
 import secrets
+import sys
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -234,14 +235,66 @@ class Settings:
 
     def with_secret(self) -> Settings:
         """Return settings whose ``secret`` is set: from the environment, or generated once and
-        kept under the data directory (so restarts keep counting the same visitors)."""
+        kept under the data directory (so restarts keep counting the same visitors), written
+        to disk durably (fsync) before it is used. A kept secret found empty (emptied, or cut
+        by a power loss before this wrote durably), or missing while the data directory holds
+        earlier data, is made anew, and said: visitors met before count as new ones once."""
         if self.secret:
             return self
         path = self.data_dir / "secret"
-        if not path.exists():
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_suffix(".tmp")
-            tmp.write_text(secrets.token_hex(32))
-            tmp.chmod(0o600)
-            os.replace(tmp, path)
-        return replace(self, secret=path.read_text().strip().encode())
+        try:
+            kept = path.read_text(encoding="utf-8").strip()
+        except FileNotFoundError:
+            kept = None
+        except (OSError, UnicodeDecodeError) as e:
+            raise SystemExit(
+                f"visitorstats: cannot read the visitor hashing secret {path}: {e}"
+            ) from None
+        if kept:
+            return replace(self, secret=kept.encode())
+        if kept is not None:
+            why = f"{path} is empty"
+        elif _holds_data(self.data_dir):
+            why = f"{path} is missing while {self.data_dir} holds earlier data"
+        else:
+            why = ""
+        if why:
+            print(
+                f"visitorstats: {why}: a new visitor hashing secret is made; visitors met before "
+                "count as new visitors once (set VISITORSTATS_SECRET or restore the file to keep "
+                "the old one)",
+                file=sys.stderr,
+            )
+        secret = secrets.token_hex(32)
+        _write_durably(path, secret)
+        return replace(self, secret=secret.encode())
+
+
+def _holds_data(directory: Path) -> bool:
+    """Whether ``directory`` holds what an earlier run left (not a fresh data directory)."""
+    try:
+        return any(
+            p.name not in ("secret", "secret.tmp") and not p.name.startswith("metrics-")
+            for p in directory.iterdir()
+        )
+    except OSError:
+        return False
+
+
+def _write_durably(path: Path, text: str) -> None:
+    """``text`` into ``path`` whole or not at all, on disk before this returns: a temporary
+    file written and synced, renamed over ``path``, and the directory synced."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        os.write(fd, text.encode())
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(tmp, path)
+    directory = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(directory)
+    finally:
+        os.close(directory)

@@ -203,3 +203,35 @@ def test_a_graceful_stop_that_is_stuck_ends_the_process_saying_where(tmp_path: P
     err = done.stderr.decode()
     assert done.returncode == 70, err
     assert "the graceful stop is stuck" in err and "stuck_cleanup" in err, err
+
+
+def test_the_kept_secret_is_made_once_and_a_lost_one_is_said(tmp_path: Path) -> None:
+    """Without VISITORSTATS_SECRET a secret is made once into data/secret and kept. One found
+    empty (a power loss cut its write, before it was written durably) no longer stops every
+    start with a traceback, and one missing while the data directory holds earlier data is
+    not made anew silently: both are made anew and said, naming the file."""
+    unset = {"VISITORSTATS_SECRET": ""}
+    stop_after_settings = ("run", "--host", "not.a.host.invalid")  # exits once it would listen
+    secret = tmp_path / "data" / "secret"
+
+    code, out = visitorstats(tmp_path, *stop_after_settings, env=unset)
+    assert code != 0 and "cannot listen" in out and "secret" not in out, out
+    first = secret.read_text()
+    assert len(first) == 64 and int(first, 16) >= 0
+    assert secret.stat().st_mode & 0o777 == 0o600
+
+    code, out = visitorstats(tmp_path, *stop_after_settings, env=unset)
+    assert "secret" not in out and secret.read_text() == first  # kept
+
+    secret.write_text("")
+    code, out = visitorstats(tmp_path, *stop_after_settings, env=unset)
+    assert "Traceback" not in out and "cannot listen" in out, out
+    assert "data/secret is empty: a new visitor hashing secret is made" in out, out
+    second = secret.read_text()
+    assert len(second) == 64 and second != first
+
+    (tmp_path / "data" / "journal").mkdir(exist_ok=True)
+    secret.unlink()
+    code, out = visitorstats(tmp_path, *stop_after_settings, env=unset)
+    assert "data/secret is missing while data holds earlier data" in out, out
+    assert len(secret.read_text()) == 64
