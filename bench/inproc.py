@@ -144,6 +144,9 @@ class _MemorySource:
     def silent_seconds(self) -> float:
         return 0.0
 
+    def rebalancing_seconds(self) -> float:
+        return 0.0
+
     def rebase(self, bases: dict[int, int]) -> None:
         pass
 

@@ -301,6 +301,9 @@ PEAK_WRITE_SECONDS = 1.0
 # Seconds without an answer from the broker after which the numbers are marked ``stale``: the
 # consumer's fetches come back every fetch_max_wait_ms (50 ms) even with nothing new.
 SILENT_SECONDS = 10.0
+# Seconds of a consumer group's rebalance after which the numbers are marked ``stale``: no
+# member reads during a rebalance, so beacons accepted since do not show (the spec: within 2 s).
+REBALANCE_STALE_SECONDS = 2.0
 
 
 class CounterService:
@@ -313,9 +316,11 @@ class CounterService:
         topic: str = "",
         peak_write_seconds: float = PEAK_WRITE_SECONDS,
         silent: Callable[[], float] = lambda: 0.0,
+        rebalancing: Callable[[], float] = lambda: 0.0,
     ) -> None:
         self.store = store
         self.silent = silent  # seconds since the broker last answered (Source.silent_seconds)
+        self.rebalancing = rebalancing  # seconds of the group's rebalance, 0 when stable
         self.registry = registry
         self.topic = topic  # whose consumers' online tallies count ("": every topic's)
         self.interval = interval_seconds
@@ -370,10 +375,16 @@ class CounterService:
         # beacons (they wait in ingest's spool), and who is online would only wear away. The
         # last good numbers stay, with their as_of, marked stale (fresh ones, marked, for a
         # site that has none yet).
-        silence = self.silent()
-        silent = silence > SILENT_SECONDS
+        silence, rebalancing = self.silent(), self.rebalancing()
+        silent = silence > SILENT_SECONDS or rebalancing > REBALANCE_STALE_SECONDS
         if silent and not self._silent_logged:
-            log.warning("the broker has not answered for %.0f s: numbers are stale", silence)
+            if rebalancing:
+                log.warning(
+                    "the consumer group has been rebalancing for %.0f s: numbers are stale",
+                    rebalancing,
+                )
+            else:
+                log.warning("the broker has not answered for %.0f s: numbers are stale", silence)
         self._silent_logged = silent
         new_peaks = (
             [] if silent else [site for site in self.registry if self._peak(site, snap, now_ms)]

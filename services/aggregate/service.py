@@ -39,6 +39,7 @@ def add_aggregate(
         settings.counter_interval_seconds,
         topic=source.topic,
         silent=source.silent_seconds,
+        rebalancing=source.rebalancing_seconds,
     )
     stopping = asyncio.Event()
     migrated = asyncio.Event()

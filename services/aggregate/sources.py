@@ -16,6 +16,7 @@ from typing import Any, Protocol
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener, TopicPartition
 from aiokafka.errors import IllegalStateError, OffsetOutOfRangeError
+from aiokafka.protocol.admin import DescribeGroupsRequest
 from aiokafka.protocol.group import JoinGroupRequest, LeaveGroupRequest
 
 from services import metrics
@@ -65,6 +66,7 @@ class Source(Protocol):
     async def stop(self) -> None: ...
     def ready(self) -> tuple[bool, str]: ...
     def silent_seconds(self) -> float: ...
+    def rebalancing_seconds(self) -> float: ...
     def rebase(self, bases: dict[int, int]) -> None: ...
     async def replaced(self, last: dict[int, tuple[int, str]]) -> dict[int, int]: ...
     def shrunk(self) -> list[int]: ...
@@ -174,6 +176,9 @@ class LocalLog:
     def silent_seconds(self) -> float:
         return 0.0  # ingest appends in the same process: never cut off
 
+    def rebalancing_seconds(self) -> float:
+        return 0.0  # no group
+
     def rebase(self, bases: dict[int, int]) -> None:
         """Its offsets are positions already (``seek`` renumbers what waits)."""
 
@@ -189,6 +194,7 @@ class _Listener(ConsumerRebalanceListener):  # type: ignore[misc]
         self._source, self._on_assign, self._on_revoke = source, on_assign, on_revoke
 
     async def on_partitions_revoked(self, revoked: Any) -> None:
+        self._source.rebalance_began()
         parts = sorted(tp.partition for tp in revoked if tp.topic == self._source.topic)
         if parts:
             await self._on_revoke(parts)
@@ -197,6 +203,7 @@ class _Listener(ConsumerRebalanceListener):  # type: ignore[misc]
         parts = sorted(tp.partition for tp in assigned if tp.topic == self._source.topic)
         if parts:
             await self._on_assign(parts)
+        self._source.rebalance_ended()
 
 
 class KafkaSource:
@@ -224,6 +231,9 @@ class KafkaSource:
         # was joined, when this source was made): ``silent_seconds``
         self._heard_at = time.monotonic()
         self._last_poll = 0
+        # since when the group has been rebalancing (from the first revoke of a rebalance to
+        # its assignment; from the start until the first one); None while stable
+        self._rebalancing_since: float | None = time.monotonic()
 
     def _new_consumer(self) -> AIOKafkaConsumer:
         return AIOKafkaConsumer(
@@ -314,6 +324,20 @@ class KafkaSource:
             if polled is not None and polled > self._last_poll:
                 self._last_poll = polled
                 self._heard_at = time.monotonic()
+
+    def rebalance_began(self) -> None:
+        if self._rebalancing_since is None:
+            self._rebalancing_since = time.monotonic()
+
+    def rebalance_ended(self) -> None:
+        self._rebalancing_since = None
+
+    def rebalancing_seconds(self) -> float:
+        """Seconds the consumer group has been rebalancing (0 while stable): no member reads
+        then (aiokafka's rebalances stop every member), so the counter's numbers stop
+        following the beacons, however well the broker answers."""
+        since = self._rebalancing_since
+        return 0.0 if since is None else time.monotonic() - since
 
     def silent_seconds(self) -> float:
         """Seconds since the broker last answered a fetch of a partition this process owns:
@@ -490,18 +514,30 @@ class KafkaSource:
             await self._dlq.stop()
 
     async def _leave_group(self) -> None:
-        """Leave the group at once, so that its partitions go to the other members (or to this
-        process restarted) without waiting for the session to time out. aiokafka leaves on
-        stop only when its generation is above 0, as Kafka numbers them; Tansu (the test
-        broker) numbers the first generation 0, and a process restarted there got its
-        partitions back 18 s later instead of 5."""
+        """Leave the group at once when this process is its one member and it is stable, so
+        that the process restarted gets the partitions without waiting for the session to
+        time out. aiokafka leaves on stop only when its generation is above 0, as Kafka
+        numbers them; Tansu (the test broker) numbers the first generation 0, and a process
+        restarted there got its partitions back 18 s later instead of 5.
+
+        With other members, or a rebalance under way, it does not leave (nor lets aiokafka
+        leave): its session times out and the group rebalances then, as after a crash. Tansu
+        loses a group whose members leave while a rebalance is under way: with two processes
+        stopped at once, the processes started next joined it and never got an assignment (no
+        leader), for good (``tests/faults/test_tier_restart.py``)."""
         coordinator = getattr(self._consumer, "_coordinator", None)
-        if (
-            coordinator is None
-            or coordinator.generation != 0
-            or coordinator.member_id == JoinGroupRequest.UNKNOWN_MEMBER_ID
-        ):
-            return  # aiokafka leaves by itself (or there is nothing to leave)
+        if coordinator is None or coordinator.member_id == JoinGroupRequest.UNKNOWN_MEMBER_ID:
+            return  # nothing to leave
+        if not await self._alone_and_stable(coordinator):
+
+            async def stay() -> None:
+                coordinator.reset_generation()
+
+            coordinator._maybe_leave_group = stay  # what aiokafka's close would send
+            log.info("staying in the group: its session times out (other members, or a rebalance)")
+            return
+        if coordinator.generation != 0:
+            return  # aiokafka leaves by itself
         try:
             await asyncio.wait_for(
                 coordinator._send_req(LeaveGroupRequest(self._group, coordinator.member_id)), 5
@@ -511,6 +547,22 @@ class KafkaSource:
         else:
             log.info("left the group")
 
+    async def _alone_and_stable(self, coordinator: Any) -> bool:
+        """Whether the group is stable with this member its only one (the broker says)."""
+        try:
+            response = await asyncio.wait_for(
+                coordinator._send_req(DescribeGroupsRequest([self._group])), 5
+            )
+        except Exception as e:
+            log.info("could not describe the group: %s", e)
+            return False
+        # each group: error, id, state, protocol type, protocol, members (each: its id first)
+        for error, group, state, *_, members in (g[:6] for g in response.groups):
+            if group == self._group:
+                ids = [m[0] for m in members]
+                return error == 0 and state == "Stable" and ids == [coordinator.member_id]
+        return False
+
     def ready(self) -> tuple[bool, str]:
         """Not ready when a fetch failed, or when the broker has not answered for
         ``SILENT_SECONDS`` (a consumer's fetches come back empty, not failed, while the broker
@@ -519,5 +571,8 @@ class KafkaSource:
             return False, "broker unreachable"
         silence = self.silent_seconds()
         if silence > SILENT_SECONDS:
+            rebalancing = self.rebalancing_seconds()
+            if rebalancing:  # the broker answers: the group has not given out partitions
+                return False, f"consumer group rebalancing for {rebalancing:.0f} s"
             return False, f"broker silent for {silence:.0f} s"
         return True, "ok"

@@ -20,7 +20,7 @@ from zoneinfo import ZoneInfo
 import pytest
 
 from services.aggregate.consume import Aggregator
-from services.aggregate.counter import SILENT_SECONDS, CounterService
+from services.aggregate.counter import REBALANCE_STALE_SECONDS, SILENT_SECONDS, CounterService
 from services.aggregate.sources import InRecord
 from services.aggregate.store import Store
 from services.record import Event, encode
@@ -415,6 +415,38 @@ async def test_the_numbers_are_stale_while_the_broker_is_silent(rig: Rig) -> Non
     assert now["stale"] is False
     assert now["pageviews"]["total"] == good["pageviews"]["total"] + 1
     assert now["online"]["total"] == 0 and now["as_of"] != good["as_of"]
+
+
+async def test_the_numbers_are_stale_while_the_group_rebalances(rig: Rig) -> None:
+    """No member of the consumer group reads while it rebalances, however well the broker
+    answers: after ``REBALANCE_STALE_SECONDS`` the last good numbers are marked stale (a new
+    page view does not show), and the current ones come back with the assignment."""
+    rebalancing = [0.0]
+    service = CounterService(
+        rig.store,
+        rig.registry,
+        clock=lambda: rig.now,
+        topic=rig.topic,
+        rebalancing=lambda: rebalancing[0],
+    )
+    await rig.send("hcm", "a", t=T0)
+    await tick_at(rig, T0 + 1)
+    await service.refresh()
+    good = service.prepared["hcm"].payload
+    assert good["stale"] is False
+    rebalancing[0] = REBALANCE_STALE_SECONDS - 0.5  # a short one goes unmarked
+    await service.refresh()
+    assert service.prepared["hcm"].payload["stale"] is False
+    rebalancing[0] = REBALANCE_STALE_SECONDS + 0.1
+    await rig.send("hcm", "b", t=T0 + 1)
+    await tick_at(rig, T0 + 2)
+    await service.refresh()
+    assert service.prepared["hcm"].payload == {**good, "stale": True}
+    rebalancing[0] = 0.0
+    await service.refresh()
+    now = service.prepared["hcm"].payload
+    assert now["stale"] is False
+    assert now["pageviews"]["total"] == good["pageviews"]["total"] + 1
 
 
 async def test_a_counter_with_no_numbers_yet_serves_the_stored_ones_stale_while_silent(
