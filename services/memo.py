@@ -7,6 +7,10 @@ Here the entries live in a plain dict, which the collector does not track as lon
 values are atomic (strings, numbers, ``None``, tuples of those); when it is full its oldest
 sixteenth is forgotten (``forget_oldest``: emptying all at once made a pause of its own).
 
+Entries are bounded in size too: a string argument longer than ``LONGEST_KEPT`` characters is
+answered and not kept (hostile clients send the longest URLs and headers allowed, each one new:
+65,536 of 8 KiB made a cache of half a gigabyte; the usual values are far shorter).
+
 The memo is a class rather than a closure so that ``make native`` compiles its look-up: a
 call from compiled code then runs no interpreted frame (round 12 in BENCHMARKS.md).
 """
@@ -19,6 +23,9 @@ from typing import Any, Generic, TypeVar
 
 K = TypeVar("K")
 V = TypeVar("V")
+
+# The longest string a cache of the hot paths keeps as (part of) a key.
+LONGEST_KEPT = 512
 
 
 def forget_oldest(cache: dict[Any, Any], share: int = 16) -> None:
@@ -42,6 +49,8 @@ class Memo(Generic[K, V]):
         cache = self.cache
         if arg in cache:
             return cache[arg]
+        if isinstance(arg, str) and len(arg) > LONGEST_KEPT:
+            return self.fn(arg)
         if len(cache) >= self.maxsize:
             forget_oldest(cache)
         value = cache[arg] = self.fn(arg)

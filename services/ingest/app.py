@@ -43,7 +43,7 @@ from services.ingest.pipeline import (
 )
 from services.ingest.publish import Unavailable
 from services.ingest.publish_types import OutRecord
-from services.memo import forget_oldest
+from services.memo import LONGEST_KEPT, forget_oldest
 from services.settings import Settings
 from services.sites import normalize_origin
 from services.static import Script
@@ -281,9 +281,11 @@ class _Ingest:
             # A trusted proxy that names no client is the load balancer (or this host) itself:
             # every reader behind it would share one budget, so it is not rate-limited.
             limited = fwd is not None or not is_trusted(peer, self.trusted)
-            if len(self._addresses) >= _ADDRESS_CACHE_SIZE:
-                forget_oldest(self._addresses)
-            known = self._addresses[key] = (address, limited)
+            known = (address, limited)
+            if fwd is None or len(fwd) <= LONGEST_KEPT:
+                if len(self._addresses) >= _ADDRESS_CACHE_SIZE:
+                    forget_oldest(self._addresses)
+                self._addresses[key] = known
         address, limited = known
         return ClientContext(  # (by position: half the cost of by keyword)
             address,

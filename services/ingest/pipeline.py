@@ -106,11 +106,19 @@ IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 Networks = tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]
 
 
-@lru_cache(maxsize=65536)
+_LONGEST_ADDRESS = 100  # an IPv6 address with a zone, in brackets, with a port, and spaces
+
+
 def parse_ip(text: str) -> IPAddress | None:
     """An address as written in a peer name or an ``X-Forwarded-For`` hop (``1.2.3.4``,
     ``1.2.3.4:80``, ``2001:db8::1``, ``[2001:db8::1]:443``), IPv4-mapped IPv6 as IPv4;
-    ``None`` for anything else. Cached: the same few addresses come again and again."""
+    ``None`` for anything else. Cached: the same few addresses come again and again (a hop
+    longer than any address is none, and not kept)."""
+    return None if len(text) > _LONGEST_ADDRESS else _parse_ip(text)
+
+
+@lru_cache(maxsize=65536)
+def _parse_ip(text: str) -> IPAddress | None:
     text = text.strip()
     if text.startswith("["):
         text = text[1 : text.find("]")]

@@ -21,7 +21,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 
-from services.memo import forget_oldest
+from services.memo import LONGEST_KEPT, forget_oldest
 
 KEY_CACHE_SIZE = 65_536
 _BLOCK = 64  # SHA-256's block size in bytes
@@ -100,7 +100,9 @@ class VisitorHasher:
         prev = None
         if linked:
             prev = self._salt(period - 1)(material)[:16].hex()
-        key = self._keys[cache_key] = (visitor, prev, self._shard(material))
+        key = (visitor, prev, self._shard(material))
+        if len(user_agent) <= LONGEST_KEPT:
+            self._keys[cache_key] = key
         return key
 
     def portal_key(self, site: str, portal_visitor: str) -> VisitorKey:

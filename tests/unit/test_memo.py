@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import gc
 
-from services.memo import forget_oldest, memo
+from services.memo import LONGEST_KEPT, forget_oldest, memo
 
 
 def test_memo_answers_as_the_function_and_stays_bounded() -> None:
@@ -43,3 +43,22 @@ def test_a_full_cache_forgets_its_oldest_sixteenth() -> None:
     small = {"a": 1, "b": 2}
     forget_oldest(small)
     assert small == {"b": 2}  # at least one
+
+
+def test_a_long_string_is_answered_and_not_kept() -> None:
+    """Hostile clients send the longest values allowed, each one new: they are not kept, so a
+    cache's size is bounded in bytes, not only in entries."""
+    calls: list[str] = []
+
+    @memo(1000)
+    def size(s: str) -> int:
+        calls.append(s)
+        return len(s)
+
+    long = "x" * (LONGEST_KEPT + 1)
+    assert size(long) == LONGEST_KEPT + 1
+    assert size(long) == LONGEST_KEPT + 1
+    assert len(calls) == 2 and long not in size.cache
+    edge = "y" * LONGEST_KEPT
+    assert size(edge) == size(edge) == LONGEST_KEPT
+    assert calls.count(edge) == 1 and edge in size.cache

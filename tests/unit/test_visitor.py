@@ -184,3 +184,13 @@ def test_a_full_key_cache_forgets_its_oldest_sixteenth_and_keys_stay_the_same() 
     assert h.key("s", "10.1.0.0", "UA", now) == newest
     h.key("s", "10.0.0.0", "UA", now + DAY_MS)  # a new salt period empties it
     assert len(h._keys) == 1
+
+
+def test_a_long_user_agent_is_hashed_and_not_kept() -> None:
+    h = VisitorHasher(b"secret", 86400, 3600)
+    long = "Mozilla/5.0 " + "x" * 8000
+    first = h.key("s", "1.2.3.4", long, 5 * DAY_MS)
+    assert h.key("s", "1.2.3.4", long, 5 * DAY_MS) == first  # the same key, made again
+    assert not [k for k in h._keys if k[2] == long]
+    h.key("s", "1.2.3.4", "Mozilla/5.0 short", 5 * DAY_MS)
+    assert [k for k in h._keys if k[2] == "Mozilla/5.0 short"]
