@@ -97,6 +97,7 @@ class LaneProtocol(asyncio.Protocol):
         "_stream_lost",
         "_transport",
         "_unread",
+        "_unread_at",
         "handed_over",
     )
 
@@ -118,6 +119,7 @@ class LaneProtocol(asyncio.Protocol):
         self._close_after = False
         self._paused = False  # reading paused: a pipelining client waits for an answer
         self._unread = False  # reading paused: the client does not read its answers
+        self._unread_at = 0.0  # since when
         self._serving = False
         self._peer: str | None = None
         self._last = time.monotonic()
@@ -132,6 +134,13 @@ class LaneProtocol(asyncio.Protocol):
     def idle_for(self, now: float) -> float:
         return now - self._last if self.idle() else 0.0
 
+    def stalled_for(self, now: float) -> float:
+        """How long the client has not read its answers (writing paused), 0 if it reads."""
+        return now - self._unread_at if self._unread else 0.0
+
+    def stalled(self) -> bool:
+        return self._unread
+
     def close_when_idle(self) -> None:
         if self.idle() or self._stream_lost is not None:
             self.force_close()
@@ -141,6 +150,12 @@ class LaneProtocol(asyncio.Protocol):
     def force_close(self) -> None:
         if self._transport is not None:
             self._transport.close()
+
+    def abort(self) -> None:
+        """Close without writing what is buffered: for a client that does not read it (a close
+        would wait for it to be read)."""
+        if self._transport is not None:
+            self._transport.abort()
 
     # -- asyncio.Protocol -----------------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -163,6 +178,7 @@ class LaneProtocol(asyncio.Protocol):
 
     def pause_writing(self) -> None:  # a client that does not read its answers
         self._unread = True
+        self._unread_at = time.monotonic()
         if self._transport is not None:
             self._transport.pause_reading()
 
@@ -332,7 +348,7 @@ class LaneProtocol(asyncio.Protocol):
         if transport is None:
             return False
         if transport.get_write_buffer_size() > limit:
-            transport.close()
+            transport.abort()  # a close would wait for the client to read what it has not
             return False
         transport.write(chunk)
         return True

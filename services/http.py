@@ -8,7 +8,8 @@ Limits against slow and oversized clients, per process (``Settings``; defaults i
   header lines [100]: beyond them ``400`` (JSON) and the connection is closed;
 * a connection that has not sent a complete request head within ``read_timeout_seconds`` [10]
   of opening (or of its previous response) is closed: slowloris gets nowhere. The same
-  timeout closes idle keep-alive connections, and bounds the reading of a body (``408``);
+  timeout closes idle keep-alive connections, bounds the reading of a body (``408``), and
+  drops a connection whose client has not read its answers for as long (``_Gate.sweep``);
 * at most ``max_connections`` [10000] open connections (and the open-file limit is raised to
   make room for them). At the limit a new connection replaces the oldest idle one (between
   requests, or still sending its request head); when every one is busy, it is answered ``503``
@@ -269,13 +270,17 @@ class _Gate:
             conn.close_when_idle()
 
     async def sweep(self, timeout: float) -> None:
-        """Close the fast lane's connections idle for ``timeout`` seconds (aiohttp's own
-        connections keep their own time)."""
+        """Close the fast lane's connections idle for ``timeout`` seconds (aiohttp's keep their
+        own time), and drop any whose client has not read its answers for as long (a
+        pipelining client that never reads, a stream nobody reads: each held its place at the
+        gate for good)."""
         while True:
             await asyncio.sleep(min(1.0, timeout / 4))
             now = time.monotonic()
-            for conn in [c for c in self.conns if isinstance(c, LaneProtocol)]:
-                if conn.idle_for(now) >= timeout:
+            for conn in list(self.conns):
+                if conn.stalled_for(now) >= timeout:
+                    conn.abort()
+                elif isinstance(conn, LaneProtocol) and conn.idle_for(now) >= timeout:
                     conn.force_close()
 
     def _evict_idle(self) -> bool:
@@ -286,6 +291,10 @@ class _Gate:
             if oldest.idle():
                 metrics.CONNECTIONS_EVICTED.inc()
                 oldest.force_close()
+                return True
+            if oldest.stalled():
+                metrics.CONNECTIONS_EVICTED.inc()  # its client does not read what it is sent
+                oldest.abort()
                 return True
             conns[oldest] = None  # busy: to the back
         return False
@@ -298,12 +307,29 @@ class _Handler(web.RequestHandler):
     """aiohttp's connection handler with a cap on open connections, and errors for malformed
     requests that are JSON and logged without the client's address."""
 
-    __slots__ = ("_gate", "_started")
+    __slots__ = ("_gate", "_started", "_unread_at")
 
     def __init__(self, manager: web.Server, *, gate: _Gate, **kwargs: Any) -> None:
         super().__init__(manager, **kwargs)
         self._gate = gate
         self._started = False
+        self._unread_at = 0.0
+
+    def pause_writing(self) -> None:  # a client that does not read its answers
+        super().pause_writing()
+        self._unread_at = time.monotonic()
+
+    def stalled(self) -> bool:
+        return self.writing_paused
+
+    def stalled_for(self, now: float) -> float:
+        """How long the client has not read its answers (writing paused), 0 if it reads."""
+        return now - self._unread_at if self.writing_paused else 0.0
+
+    def abort(self) -> None:
+        """Close without writing what is buffered (a close would wait for the client)."""
+        if self.transport is not None:
+            self.transport.abort()
 
     def idle(self) -> bool:
         """Waiting for (the rest of) a request head, nothing being handled."""
@@ -437,17 +463,16 @@ async def start_server(
     gate = _Gate(connection_limit(settings.max_connections))
     # the lane writes no access log: with one asked for, every request goes through aiohttp
     lane = None if settings.access_log else app.get(LANE_ROUTES)
-    if lane:
 
-        async def sweeping(app: web.Application) -> AsyncIterator[None]:
-            task = asyncio.create_task(gate.sweep(settings.read_timeout_seconds))
-            yield
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
-            gate.close_lane()
+    async def sweeping(app: web.Application) -> AsyncIterator[None]:
+        task = asyncio.create_task(gate.sweep(settings.read_timeout_seconds))
+        yield
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        gate.close_lane()
 
-        app.cleanup_ctx.append(sweeping)
+    app.cleanup_ctx.append(sweeping)
     runner = web.AppRunner(app, handler_cancellation=True, shutdown_timeout=10, **runner_args)
     await runner.setup()
     server = runner.server

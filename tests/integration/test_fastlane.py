@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import socket
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, replace
@@ -511,3 +512,32 @@ async def test_the_stream_in_the_lane_is_the_stream_of_aiohttp(tmp_path: Path) -
     assert rest.endswith(b"0\r\n\r\n")  # a clean end, not a cut-off body
     lane_w.close()
     full_w.close()
+
+
+async def test_a_client_that_does_not_read_its_answers_is_dropped(tmp_path: Path) -> None:
+    """A client pipelining beacons without ever reading the answers held its connection, and
+    its place at the gate, for good (an outside audit: 50 such clients at a cap of 50 shut
+    everyone else out). Once the answers wait unread for the read timeout, it is dropped."""
+    srv = await start(tmp_path, read_timeout_seconds=1.0)
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # reads nothing: fills soon
+    sock.connect(("127.0.0.1", srv.port))
+    sock.settimeout(60)  # a send blocks while the server, its answers unread, stops reading
+    requests = pixel("site=open&type=pageview&url=https%3A%2F%2Fa.vn%2Fx") * 100
+
+    def send_until_dropped() -> int:
+        sent = 0
+        while sent < 200_000:
+            try:
+                sock.sendall(requests)
+            except (ConnectionResetError, BrokenPipeError):
+                return sent
+            sent += 100
+        raise AssertionError(f"still open after {sent} requests")
+
+    try:
+        sent = await asyncio.to_thread(send_until_dropped)
+        assert 0 < len(srv.records) < sent  # served until its answers went unread
+    finally:
+        sock.close()
+        await srv.runner.cleanup()
