@@ -185,6 +185,7 @@ class Aggregator:
         # rebuild until a row of it is stored decides it again, and a broker's return often
         # brings two rebalances)
         self._told_bases: dict[int, int] = {}
+        self._rebuilding_since: float | None = None  # see ``rebuilding_seconds``
         self.batch = Batch()
         self.needs_reset: set[int] = set()  # partitions to rebuild from ClickHouse
         # A fetch that skipped offsets (see ``_count``): partition -> the offset to read again
@@ -210,12 +211,32 @@ class Aggregator:
         state.advance(now_ms)
         return state
 
+    def rebuilding_seconds(self) -> float:
+        """How long a rebuild has been under way (0 when none is): its partitions are not read
+        meanwhile, so the counter's numbers stop following the beacons."""
+        since = self._rebuilding_since
+        return 0.0 if since is None else time.monotonic() - since
+
     async def rebuild(
         self,
         partitions: list[int],
         floor: dict[int, int],
         give_up: Callable[[], bool] = lambda: False,
         replaced: Replaced | None = None,
+    ) -> dict[int, int]:
+        if self._rebuilding_since is None:
+            self._rebuilding_since = time.monotonic()
+        try:
+            return await self._rebuild(partitions, floor, give_up, replaced)
+        finally:
+            self._rebuilding_since = None
+
+    async def _rebuild(
+        self,
+        partitions: list[int],
+        floor: dict[int, int],
+        give_up: Callable[[], bool],
+        replaced: Replaced | None,
     ) -> dict[int, int]:
         """Rebuild the state of ``partitions`` from ClickHouse; return where each resumes:
         after its last stored row, or ``floor`` (the committed Kafka offset) when later. Sets
@@ -253,10 +274,11 @@ class Aggregator:
                 for p in partitions:
                     now = self.now_ms()
                     state = self._new_state(p, now)
-                    # the rows that decide who is online now, too (even behind a future row)
-                    rows = await self.store.recent_rows(self.topic, p, horizon_ms, now - longest_ms)
-                    for event, visitor, starts_visit, in_visit in rows:
-                        state.replay(event, visitor, starts_visit, in_visit)
+                    # the rows that decide who is online now, too (even behind a future row);
+                    # replayed on the store's thread (the state is this rebuild's own)
+                    await self.store.replay_recent(
+                        self.topic, p, horizon_ms, now - longest_ms, state.replay
+                    )
                     states[p] = state
                 break
             except Exception as e:

@@ -320,7 +320,8 @@ class CounterService:
     ) -> None:
         self.store = store
         self.silent = silent  # seconds since the broker last answered (Source.silent_seconds)
-        self.rebalancing = rebalancing  # seconds of the group's rebalance, 0 when stable
+        # seconds no partition has been read for (a rebalance, a rebuild), 0 when reading
+        self.rebalancing = rebalancing
         self.registry = registry
         self.topic = topic  # whose consumers' online tallies count ("": every topic's)
         self.interval = interval_seconds
@@ -380,7 +381,8 @@ class CounterService:
         if silent and not self._silent_logged:
             if rebalancing:
                 log.warning(
-                    "the consumer group has been rebalancing for %.0f s: numbers are stale",
+                    "no partition read for %.0f s (a rebalance of the consumer group, or the "
+                    "counting state rebuilt): numbers are stale",
                     rebalancing,
                 )
             else:

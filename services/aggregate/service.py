@@ -93,6 +93,10 @@ def add_aggregate(
             store, registry, settings, source.topic, on_flushed=counter.note_flushed
         )
         consumer = Consumer(source, aggregator, settings, stopping)
+        # a rebuild reads no partition either (``run`` has no group, and rebuilds at start)
+        counter.rebalancing = lambda: max(
+            source.rebalancing_seconds(), aggregator.rebuilding_seconds()
+        )
 
         async def run() -> None:
             await first_set(migrated, stopping)
