@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
 import faulthandler
 import functools
 import gc
@@ -606,11 +607,14 @@ def fork_workers(target: Callable[[], None], workers: int) -> None:
     dropped from what ``/metrics`` adds up; its spool is shipped by the others."""
     ctx = multiprocessing.get_context("fork")
 
+    parent = os.getpid()
+
     def worker() -> None:
         # not this process's handlers (a worker's signal is its own), until the worker's server
         # sets its own
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
         signal.signal(signal.SIGINT, signal.default_int_handler)
+        _stop_with_parent(parent)
         target()
 
     procs = [ctx.Process(target=worker) for _ in range(workers)]
@@ -651,6 +655,19 @@ def fork_workers(target: Callable[[], None], workers: int) -> None:
             procs[i] = ctx.Process(target=worker)
             started[i] = time.monotonic()
             procs[i].start()
+
+
+def _stop_with_parent(parent: int) -> None:
+    """A worker whose parent dies (SIGKILL, out of memory) gets SIGTERM and drains, instead of
+    serving on, orphaned, beside the workers of the next start (Linux: ``PR_SET_PDEATHSIG``)."""
+    with contextlib.suppress(OSError, AttributeError):
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+    if os.getppid() != parent:  # it died before that was asked
+        os.kill(os.getpid(), signal.SIGTERM)
+
+
+_PR_SET_PDEATHSIG = 1
 
 
 def _mark_dead(pid: int) -> None:

@@ -124,3 +124,23 @@ def test_a_worker_that_dies_is_replaced_and_its_spool_leaves_the_metrics(
         assert asyncio.run(count_records(tansu.bootstrap, "pageviews")) == N
     finally:
         assert ingest.stop() == 0
+
+
+def test_workers_stop_when_their_parent_is_killed(tmp_path: Path, tansu: Tansu) -> None:
+    """The parent SIGKILLed (out of memory, say): its workers drain and exit, instead of
+    serving on, orphaned, beside the workers of the next start; what they accepted reaches
+    the broker."""
+    tansu.create_topic("pageviews", 4)
+    before = asyncio.run(count_records(tansu.bootstrap, "pageviews"))  # the broker is shared
+    write_sites(tmp_path)
+    env = {"VISITORSTATS_KAFKA_BOOTSTRAP": tansu.bootstrap, "VISITORSTATS_WORKERS": "2"}
+    ingest = Service("ingest", tmp_path, env).start()
+    assert ingest.proc is not None
+    workers = children(ingest.proc.pid)
+    assert len(workers) == 2
+    for i in range(N):
+        assert send_beacon(ingest.url, "dongha", client=f"198.51.100.{i}") == 202
+    ingest.proc.kill()
+    ingest.proc.wait()
+    assert wait_for(lambda: not any(Path(f"/proc/{w}").exists() for w in workers), timeout=60)
+    assert asyncio.run(count_records(tansu.bootstrap, "pageviews")) == before + N
