@@ -247,15 +247,20 @@ SELECT event_id, site, type, toUnixTimestamp64Milli(ts), micros, visitor_key,
 FROM events
 WHERE topic = {topic:String} AND kafka_partition = {p:UInt32}
   AND kafka_offset >= {start:UInt64}
-  AND ts >= least(
-      (
-          SELECT max(ts) FROM events
-          WHERE topic = {topic:String} AND kafka_partition = {p:UInt32}
-      ) - toIntervalMillisecond({h:UInt64}),
-      fromUnixTimestamp64Milli({since:Int64}, 'UTC')
-  )
+  AND ts >= fromUnixTimestamp64Milli({bound:Int64}, 'UTC')
 ORDER BY kafka_offset
 LIMIT {page:UInt32}
+"""
+# Where the rows a rebuild replays begin (ms), found once for all its pages: the partition's
+# latest row minus the horizon, or ``since`` when earlier.
+REPLAY_BOUND_QUERY = """
+SELECT toUnixTimestamp64Milli(least(
+    (
+        SELECT max(ts) FROM events
+        WHERE topic = {topic:String} AND kafka_partition = {p:UInt32}
+    ) - toIntervalMillisecond({h:UInt64}),
+    fromUnixTimestamp64Milli({since:Int64}, 'UTC')
+))
 """
 REPLAY_PAGE = 100_000
 
@@ -624,6 +629,10 @@ class Store:
         since = max(0, since_ms) if since_ms is not None else 9_000_000_000_000
 
         def replay(c: Any) -> int:
+            bound = c.query(
+                REPLAY_BOUND_QUERY,
+                parameters={"topic": topic, "p": partition, "h": horizon_ms, "since": since},
+            ).result_rows[0][0]
             replayed, start = 0, 0
             while True:
                 rows = c.query(
@@ -631,8 +640,7 @@ class Store:
                     parameters={
                         "topic": topic,
                         "p": partition,
-                        "h": horizon_ms,
-                        "since": since,
+                        "bound": int(bound),
                         "start": start,
                         "page": REPLAY_PAGE,
                     },
