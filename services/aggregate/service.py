@@ -39,7 +39,6 @@ def add_aggregate(
         settings.counter_interval_seconds,
         topic=source.topic,
         silent=source.silent_seconds,
-        rebalancing=source.rebalancing_seconds,
     )
     stopping = asyncio.Event()
     migrated = asyncio.Event()
@@ -93,7 +92,8 @@ def add_aggregate(
             store, registry, settings, source.topic, on_flushed=counter.note_flushed
         )
         consumer = Consumer(source, aggregator, settings, stopping)
-        # a rebuild reads no partition either (``run`` has no group, and rebuilds at start)
+        # a rebalance, or a rebuild (``run`` has no group, and rebuilds at start), reads no
+        # partition: set here, where both are known, before the counter's first tick
         counter.rebalancing = lambda: max(
             source.rebalancing_seconds(), aggregator.rebuilding_seconds()
         )
