@@ -12,7 +12,7 @@ import tempfile
 from pathlib import Path
 from typing import IO
 
-from services.settings import Settings, database_of, reason, redact
+from services.settings import CannotStart, Settings, database_of, reason, redact
 from services.sites import Registry, RegistryError
 
 
@@ -150,6 +150,8 @@ def main(argv: list[str] | None = None) -> None:
         store = Store(settings.clickhouse_url)
         try:
             applied = store.migrate_sync(args.cluster)
+        except CannotStart as e:
+            sys.exit(f"visitorstats migrate: {e}")
         except Exception as e:
             sys.exit(
                 f"visitorstats migrate: cannot apply the schema to "

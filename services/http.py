@@ -61,7 +61,7 @@ from prometheus_client.registry import Collector
 
 from services import gcpause, metrics, openapi
 from services.fastlane import TOO_MANY, LaneHandler, LaneProtocol
-from services.settings import Settings
+from services.settings import CannotStart, Settings
 
 ReadyCheck = Callable[[], Awaitable[tuple[bool, str]]]
 READY_CHECKS = web.AppKey("ready_checks", dict[str, ReadyCheck])
@@ -513,7 +513,7 @@ def serve(
             runner = await start_server(app, settings, reuse_port=reuse_port, handle_signals=True)
         except OSError as e:  # the address: taken, not this machine's, not a name that resolves
             raise CannotListen(
-                f"visitorstats: cannot listen on {where}: {e.strerror or e} "
+                f"cannot listen on {where}: {e.strerror or e} "
                 "(VISITORSTATS_HOST, VISITORSTATS_PORT)"
             ) from None
         # Everything made so far (modules, the app, the clients) lives as long as the process:
@@ -533,7 +533,7 @@ def serve(
     loop = uvloop.new_event_loop()
     asyncio.set_event_loop(loop)
     task = loop.create_task(main())
-    failed: CannotListen | None = None
+    failed: CannotStart | None = None
     try:
         loop.run_until_complete(task)
     except (web.GracefulExit, KeyboardInterrupt):
@@ -541,7 +541,7 @@ def serve(
         task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             loop.run_until_complete(task)
-    except CannotListen as e:
+    except CannotStart as e:  # said in one line, not a traceback
         failed = e
     finally:
         rest = asyncio.all_tasks(loop)
@@ -551,7 +551,7 @@ def serve(
         loop.run_until_complete(loop.shutdown_asyncgens())
         loop.close()
     if failed is not None:
-        raise SystemExit(str(failed))
+        raise SystemExit(f"visitorstats: {failed}")
 
 
 # A graceful stop writes the last batch (consume.STOP_WRITE_SECONDS, 30 s at most while
@@ -575,7 +575,7 @@ def _stop_within(seconds: float) -> None:
     timer.start()
 
 
-class CannotListen(Exception):
+class CannotListen(CannotStart):
     """The server could not take its address; the message says which, and why."""
 
 

@@ -76,6 +76,10 @@ def parse_networks(raw: str) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Netw
 MAX_WORKERS = 64
 
 
+class CannotStart(Exception):
+    """A start that cannot succeed until the operator acts; the message says what, and where."""
+
+
 def redact(url: str) -> str:
     """``url`` without the password of its user part, for messages."""
     parts = urlsplit(url)

@@ -36,6 +36,18 @@ def migrations() -> list[Migration]:
     return sorted(found, key=lambda mig: mig.version)
 
 
+_MADE = re.compile(r"CREATE TABLE IF NOT EXISTS \{table:([a-z_]+)\}")
+
+
+def tables_made() -> dict[str, int]:
+    """Each table the migrations make, with the version of the migration that makes it."""
+    made: dict[str, int] = {}
+    for mig in migrations():
+        for name in _MADE.findall(mig.sql):
+            made.setdefault(name, mig.version)
+    return made
+
+
 _IDENTIFIER = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,127}")
 
 

@@ -16,7 +16,7 @@ from services.aggregate.consume import Aggregator, Consumer
 from services.aggregate.counter import CounterService, first_set
 from services.aggregate.sources import KafkaSource, Source
 from services.aggregate.store import Store
-from services.settings import Settings, reason, redact
+from services.settings import CannotStart, Settings, reason, redact
 from services.sites import Registry
 
 log = logging.getLogger(__name__)
@@ -43,12 +43,14 @@ def add_aggregate(
     stopping = asyncio.Event()
     migrated = asyncio.Event()
     embedded = settings.clickhouse_url.startswith("chdb://")
+    not_migrated = "schema not applied yet"  # and why, until it is
 
     async def migrate() -> None:
         """A ClickHouse server may come up after this process (or be restarting): the schema is
         applied once it answers, and the service serves health, readiness and a counter that
         says it is not available meanwhile. An embedded one that fails to open will not open
         later: that fails the start."""
+        nonlocal not_migrated
         backoff = 0.5
         while True:
             try:
@@ -57,12 +59,17 @@ def add_aggregate(
             except Exception as e:
                 if embedded:
                     raise
-                log.warning(
-                    "ClickHouse %s cannot be reached (%s); retrying in %.1fs",
-                    redact(settings.clickhouse_url),
-                    reason(e),
-                    backoff,
-                )
+                if isinstance(e, CannotStart):  # reachable, but its tables need the operator
+                    not_migrated = str(e)
+                    log.error("%s; trying again in %.1fs", e, backoff)
+                else:
+                    not_migrated = f"schema not applied: {reason(e)}"
+                    log.warning(
+                        "cannot apply the schema to ClickHouse %s (%s); retrying in %.1fs",
+                        redact(settings.clickhouse_url),
+                        reason(e),
+                        backoff,
+                    )
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, 10.0)
         migrated.set()
@@ -120,8 +127,9 @@ def add_aggregate(
         await source.stop()
 
     async def clickhouse_ready() -> tuple[bool, str]:
-        ok = await store.ping()
-        return ok, "ok" if ok else "ClickHouse unreachable"
+        if not await store.ping():
+            return False, "ClickHouse unreachable"
+        return (True, "ok") if migrated.is_set() else (False, not_migrated)
 
     async def source_ready() -> tuple[bool, str]:
         return source.ready()

@@ -28,9 +28,9 @@ import orjson
 
 from services import metrics
 from services.aggregate.counting import Row
-from services.aggregate.migrate import migrations, render, schema_migrations_ddl
+from services.aggregate.migrate import migrations, render, schema_migrations_ddl, tables_made
 from services.record import Event
-from services.settings import database_of
+from services.settings import CannotStart, database_of, reason, redact
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -272,6 +272,38 @@ ONLINE_GRACE_MS = 5_000
 LANDING_WAIT_SECONDS = 1.0
 
 
+def _embedded_path(url: str) -> Path:
+    return Path(dsn_of(url)[len("chdb://") :])
+
+
+def _restore(url: str) -> str:
+    """What an operator can do about a store whose own files are damaged."""
+    if url.startswith("chdb://"):
+        return (
+            f"restore {_embedded_path(url)} from a backup, or move it aside to begin again "
+            "from the sites' baselines"
+        )
+    return "restore it from a backup (visitorstats migrate makes only what was never made)"
+
+
+def _cannot_open(url: str, e: Exception) -> str:
+    """Why the embedded ClickHouse of ``url`` did not open, with what can be seen of its
+    files: chDB says only that its server did not start when a table's metadata is empty (a
+    crash while ClickHouse wrote it)."""
+    path = _embedded_path(url)
+    said = f"the embedded ClickHouse in {path} cannot be opened: {reason(e)}"
+    try:
+        empty = sorted(str(f) for f in path.rglob("*.sql") if f.is_file() and not f.stat().st_size)
+    except OSError:
+        empty = []
+    if not empty:
+        return said
+    return (
+        f"{said}; empty metadata file{'s' if len(empty) > 1 else ''}: {', '.join(empty[:3])}"
+        f"{' …' if len(empty) > 3 else ''}; {_restore(url)}"
+    )
+
+
 class Store:
     def __init__(self, url: str) -> None:
         self.url = url
@@ -309,7 +341,11 @@ class Store:
                 # its scheme: without this, https:// would send the password in the clear
                 "interface": urlsplit(self.url).scheme.lower(),
             }
-        return clickhouse_connect.get_client(dsn=dsn_of(self.url), **options)
+            return clickhouse_connect.get_client(dsn=dsn_of(self.url), **options)
+        try:
+            return clickhouse_connect.get_client(dsn=dsn_of(self.url))
+        except Exception as e:
+            raise CannotStart(_cannot_open(self.url, e)) from e
 
     def _connect(self) -> Any:
         if self._client is None:
@@ -384,9 +420,29 @@ class Store:
                     "schema_migrations", [[mig.version, mig.name]], column_names=["version", "name"]
                 )
                 applied.append(f"{mig.version:04d}_{mig.name}")
+            self._check_tables(client)
             return applied
 
         return self._executor.submit(self._call, apply).result()
+
+    def _check_tables(self, client: Any) -> None:
+        """Every table the migrations made is there: one whose metadata was lost (a file of
+        ClickHouse's deleted) would otherwise fail every write and every read, retried for ever."""
+        present = {
+            r[0]
+            for r in client.query(
+                "SELECT name FROM system.tables WHERE database = currentDatabase()"
+            ).result_rows
+        }
+        for name, version in tables_made().items():
+            if name not in present:
+                what = f"ClickHouse ({redact(self.url)})"
+                if self.url.startswith("chdb://"):
+                    what = f"the embedded ClickHouse in {_embedded_path(self.url)}"
+                raise CannotStart(
+                    f"{what} has no table {name}, though migration {version:04d} made it "
+                    f"(schema_migrations): its metadata was lost; {_restore(self.url)}"
+                )
 
     async def migrate(self, cluster: str | None = None) -> list[str]:
         return await asyncio.get_running_loop().run_in_executor(None, self.migrate_sync, cluster)
