@@ -103,7 +103,8 @@ def _string(raw: Mapping[str, Any], name: str, limit: int) -> str | None:
 
 def _url(raw: Mapping[str, Any], name: str, *, required: bool, web: bool = True) -> str:
     """An absolute URL with a host: ``http(s)`` for ``web`` (the page), any scheme otherwise
-    (a referrer may be an app's, ``android-app://…``)."""
+    (a referrer may be an app's, ``android-app://…``); kept without its fragment and without a
+    user and password."""
     value = _string(raw, name, MAX_URL)
     if not value:
         if required:
@@ -112,6 +113,8 @@ def _url(raw: Mapping[str, Any], name: str, *, required: bool, web: bool = True)
     problem = _url_problem(value) if web else _referrer_problem(value)
     if problem is not None:
         raise BeaconError(name, f"{name} {problem}")
+    if "#" in value:  # never sent to a server by a browser; often a token (#access_token=…)
+        value = value.partition("#")[0]
     if "@" in value:
         return _without_userinfo(value)
     return value

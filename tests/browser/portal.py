@@ -90,6 +90,7 @@ class Hit:
     path: str
     status: int
     if_none_match: str | None
+    body: bytes = b""
 
 
 class Portal:
@@ -161,7 +162,7 @@ class Portal:
             data=body or None,
             allow_redirects=False,
         ) as upstream:
-            self._hit(request, upstream.status)
+            self._hit(request, upstream.status, body)
             response = web.StreamResponse(
                 status=upstream.status,
                 headers={
@@ -176,13 +177,14 @@ class Portal:
             await response.write_eof()
             return response
 
-    def _hit(self, request: web.Request, status: int) -> None:
+    def _hit(self, request: web.Request, status: int, body: bytes = b"") -> None:
         self.hits.append(
             Hit(
                 request.method,
                 request.rel_url.path_qs,
                 status,
                 request.headers.get("If-None-Match"),
+                body,
             )
         )
 

@@ -262,10 +262,15 @@ def test_in_page_navigation_is_one_more_page_view_and_no_new_visit(
         wait_until(lambda: widget(driver), lambda w: w.get("numbers") == want_shown)["numbers"]
         == want_shown
     )
-    # Only text/plain POSTs (no CORS preflight) went out.
+    # a fragment (here a token) is no part of a page's address sent on
+    driver.execute_script("history.pushState({}, '', '/spa?article=3#access_token=FRAGSECRET')")
+    want = expect(guests=1, members=0, visits=1, pageviews=4)
+    assert wait_until(lambda: totals(service), lambda t: t == want) == want
+    # Only text/plain POSTs (no CORS preflight) went out, none with a fragment.
     posts = portal.proxied("POST", "/collect")
     assert len(posts) >= 3
     assert all(h.status == 202 for h in posts)
+    assert [h for h in posts if b"#" in h.body or b"FRAGSECRET" in h.body] == []
     assert portal.proxied("OPTIONS") == []
     assert totals(service) == want
 

@@ -230,7 +230,7 @@ def test_accepted_forms() -> None:
             "member_token": "",
         }
     )
-    assert b.type == "pageview" and b.url == "https://Đông-Hà.vn/tin-tức?a=1#x"
+    assert b.type == "pageview" and b.url == "https://Đông-Hà.vn/tin-tức?a=1"
     assert b.member and b.event_id == "12345678-1234-5678-1234-567812345678"
     assert b.member_token is None
     for referrer in ("android-app://com.google.android.gm/", "ftp://a.vn/x", "HTTPS://a.vn"):
@@ -250,6 +250,20 @@ def test_a_password_in_an_address_is_never_kept() -> None:
     # an @ after the host is the page's own
     b = parse_beacon({"site": "dongha", "url": "https://example.org/@user?mail=a@b.vn"})
     assert b.url == "https://example.org/@user?mail=a@b.vn"
+
+
+def test_a_fragment_is_never_kept() -> None:
+    """What follows ``#`` never reaches a server from a browser, and may be a token."""
+    b = parse_beacon(
+        {
+            "site": "dongha",
+            "url": "https://a.vn/tin?id=7#access_token=tok3n&x=1",
+            "referrer": "https://a.vn/login#otp=999999",
+        }
+    )
+    assert (b.url, b.referrer) == ("https://a.vn/tin?id=7", "https://a.vn/login")
+    b = parse_beacon({"site": "dongha", "url": "https://u:pw@a.vn/#/route@x"})
+    assert b.url == "https://a.vn/"
 
 
 @settings(max_examples=500)

@@ -8,7 +8,7 @@
   var endpoint = base + "/collect";
   var visitor = s.getAttribute("data-visitor");
   var every = Math.max(parseFloat(s.getAttribute("data-heartbeat")) || 60, 1);
-  var timer = 0, left = 0, page = location.href;
+  var timer = 0, left = 0, page = here();
 
   function uuid() {
     var c = w.crypto, b = new Uint8Array(16), h = "", i;
@@ -34,7 +34,7 @@
 
   function send(type, referrer) {
     var ev = {
-      site: site, type: type, url: cut(location.href, 2048), event_id: uuid(),
+      site: site, type: type, url: cut(here(), 2048), event_id: uuid(),
       member: /^(1|true)$/i.test(s.getAttribute("data-member"))
     };
     var q = [], k, body;
@@ -74,10 +74,16 @@
     if (!left) send("leave");
   }
 
+  // the page's address without its fragment: a browser never sends that part to a server, and
+  // it may hold a token (#access_token=...)
+  function here() {
+    return location.href.split("#")[0];
+  }
+
   function navigated() {
     var prev = page;
-    page = location.href;
-    if (page.split("#")[0] != prev.split("#")[0]) send("pageview", prev); // not for #anchors
+    page = here();
+    if (page != prev) send("pageview", prev); // not for #anchors
   }
 
   function load() {
