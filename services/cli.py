@@ -100,6 +100,9 @@ def _claim_embedded(settings: Settings) -> IO[bytes] | None:
 
 def main(argv: list[str] | None = None) -> None:
     args = _parser().parse_args(argv)
+    # What the data directory holds (page addresses and titles beside visitors' keys, the
+    # secret) is not for the machine's other users.
+    os.umask(os.umask(0o027) | 0o027)
     env = dict(os.environ)
     if args.command == "aggregate" and "VISITORSTATS_PORT" not in env:
         env["VISITORSTATS_PORT"] = "8081"
@@ -170,13 +173,20 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(f"visitorstats: {e}")
     if not len(registry):
         sys.exit(f"visitorstats: no site in {settings.sites_path}")
-    settings = settings.with_secret()
-    if len(settings.secret) < 16:
-        print(
-            f"visitorstats: VISITORSTATS_SECRET is {len(settings.secret)} bytes: visitor keys are "
-            "only as hard to guess as it is (unset, one of 32 random bytes is made and kept)",
-            file=sys.stderr,
-        )
+    if args.command in ("run", "ingest"):  # the visitors' keys are made there only
+        settings = settings.with_secret()
+        if b"REPLACE-ME" in settings.secret:
+            sys.exit(
+                "visitorstats: VISITORSTATS_SECRET is the example's placeholder: anyone could "
+                "make the visitors' keys with it (openssl rand -hex 32 makes one)"
+            )
+        if len(settings.secret) < 16:
+            print(
+                f"visitorstats: VISITORSTATS_SECRET is {len(settings.secret)} bytes: visitor keys "
+                "are only as hard to guess as it is (unset, one of 32 random bytes is made and "
+                "kept)",
+                file=sys.stderr,
+            )
     # held while this function runs: as long as the server (and its workers) run
     lock = _claim_embedded(settings) if args.command in ("run", "aggregate") else None
     if args.command == "run" and settings.workers > 1 and not _run_can_fork(settings):

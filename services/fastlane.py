@@ -398,9 +398,13 @@ def chunk(data: bytes) -> bytes:
     return b"%x\r\n%b\r\n" % (len(data), data)
 
 
+# Every answer's type is the one it says: no browser may take a JSON error for a script.
+_NOSNIFF = "X-Content-Type-Options: nosniff\r\n"
+
+
 def reply_head(status: int, headers: Iterable[tuple[str, str]]) -> bytes:
     """The status line and header lines of a ``Reply`` (each ended by CRLF)."""
-    lines = [f"HTTP/1.1 {status} {HTTPStatus(status).phrase}\r\n"]
+    lines = [f"HTTP/1.1 {status} {HTTPStatus(status).phrase}\r\n", _NOSNIFF]
     lines.extend(f"{name}: {value}\r\n" for name, value in headers)
     return "".join(lines).encode("latin-1")
 
@@ -412,6 +416,7 @@ _NOT_IN_LANE = frozenset(("transfer-encoding", "expect", "upgrade"))
 
 TOO_MANY = (
     b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\n"
+    b"X-Content-Type-Options: nosniff\r\n"
     b"Retry-After: 1\r\nAccess-Control-Allow-Origin: *\r\n"
     b"Access-Control-Expose-Headers: Retry-After\r\nConnection: close\r\n"
     b"Content-Length: 51\r\n\r\n"

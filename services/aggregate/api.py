@@ -30,6 +30,14 @@ _CORS = {
     "Access-Control-Expose-Headers": "ETag",
 }
 _CACHE = "public, max-age=1"
+# What the block's own page (for an iframe) and its image may do: the page runs widget.js and
+# reads the counter from here, styles inline; the image nothing but its inline style. Any
+# portal may frame the page.
+_PAGE_POLICY = {
+    "Content-Security-Policy": "default-src 'none'; script-src 'self'; connect-src 'self'; "
+    "img-src 'self' data:; style-src 'unsafe-inline'; base-uri 'none'; form-action 'none'"
+}
+_SVG_POLICY = {"Content-Security-Policy": "default-src 'none'; style-src 'unsafe-inline'"}
 STREAM_WRITE_TIMEOUT_SECONDS = 30.0
 _WIDGET_JS = Script(resources.files("services.aggregate").joinpath("static/widget.js").read_bytes())
 
@@ -179,14 +187,14 @@ async def counter_svg(request: web.Request) -> web.Response:
             status=404,
             text=render.render_unknown_svg(site, lang),
             content_type="image/svg+xml",
-            headers=_CORS,
+            headers={**_CORS, **_SVG_POLICY},
         )
     prepared = _prepared(request)
     if isinstance(prepared, web.Response):
         return prepared
     # of the numbers and the language (weak: the image's ``desc`` carries ``as_of``)
     etag = f'W/"{prepared.etag.removeprefix("W/").strip(chr(34))}-{lang}"'
-    headers = {"ETag": etag, "Cache-Control": "public, max-age=10", **_CORS}
+    headers = {"ETag": etag, "Cache-Control": "public, max-age=10", **_CORS, **_SVG_POLICY}
     if etag_matches(etag, request.headers.get("If-None-Match")):
         return web.Response(status=304, headers=headers)
     return web.Response(
@@ -204,12 +212,12 @@ async def widget_page(request: web.Request) -> web.Response:
             status=404,
             text=render.render_unknown_page(site, _lang(request)),
             content_type="text/html",
-            headers=_CORS,
+            headers={**_CORS, **_PAGE_POLICY},
         )
     return web.Response(
         text=render.render_widget_page(site, _lang(request), known.name),
         content_type="text/html",
-        headers={"Cache-Control": "public, max-age=300"},
+        headers={"Cache-Control": "public, max-age=300", **_PAGE_POLICY},
     )
 
 

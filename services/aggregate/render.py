@@ -13,6 +13,8 @@ from html import escape
 from typing import Any, Final
 from urllib.parse import quote, urlencode
 
+from services.sites import SITE_ID
+
 DEFAULT_LANG: Final = "vi"
 
 LABELS: dict[str, dict[str, str]] = {
@@ -185,11 +187,18 @@ def render_svg(counter: Mapping[str, Any], lang: str) -> str:
     return "\n".join(out) + "\n"
 
 
+def _unknown(site: str, lang: str) -> str:
+    """ "No such site", naming it when it could be one (a misspelt site id): any other text of
+    an address is not shown on the service's own pages and images."""
+    unknown = LABELS[lang]["unknown"]
+    return f"{unknown}: {site}" if SITE_ID.fullmatch(site) else unknown
+
+
 def render_unknown_svg(site: str, lang: str) -> str:
     """The image in place of the block for a site the registry does not know (what the
     widget shows in that case): a portal that misspelt its site id sees why."""
     lang = normalize_lang(lang)
-    message = f"{LABELS[lang]['unknown']}: {site}"
+    message = _unknown(site, lang)
     width = 240
     return (
         f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="40" '
@@ -256,7 +265,7 @@ def render_widget_page(site: str, lang: str, name: str = "") -> str:
 def render_unknown_page(site: str, lang: str) -> str:
     """The iframe page for a site the registry does not know: says so, as the widget does."""
     lang = normalize_lang(lang)
-    message = _text(f"{LABELS[lang]['unknown']}: {site}")
+    message = _text(_unknown(site, lang))
     return _page(lang, message, "", f"<p>{message}</p>")
 
 

@@ -230,6 +230,9 @@ def test_both_languages_formats_screenshots_iframe_and_svg(
         "[data-visitorstats-widget]",
     )
     assert inner["state"] == "live"
+    # styled, under the page's Content-Security-Policy (widget.js's own <style>)
+    style = "return getComputedStyle(document.querySelector('[data-visitorstats-widget] ul'))"
+    assert driver.execute_script(style + ".listStyleType") == "none"
     driver.switch_to.default_content()
     # the page's two widgets share one stream; the iframe, a page of its own, has its own
     assert metric(service.url, "visitorstats_stream_subscribers") == 2

@@ -192,6 +192,47 @@ def test_an_unknown_site_in_an_image_or_a_frame_says_so_in_its_own_kind(run: Ser
     assert status == 404 and json.loads(body) == {"error": "unknown site", "field": "site"}
 
 
+def test_an_unknown_site_is_named_only_when_it_could_be_a_site_id(run: Service) -> None:
+    """The service's own pages and images show no other text of an address."""
+    spoof = "/Th%C3%B4ng%20b%C3%A1o%20kh%E1%BA%A9n%3A%20h%C3%A3y%20g%E1%BB%8Di%200900"
+    status, _, body = http("GET", f"{run.url}/widget{spoof}")
+    assert status == 404 and "Không có trang" in body.decode()
+    assert "Thông báo" not in body.decode() and "0900" not in body.decode()
+    status, _, body = http("GET", f"{run.url}/v1/sites{spoof}/counter.svg?lang=en")
+    assert status == 404 and "No such site" in body.decode() and "0900" not in body.decode()
+
+
+def test_every_answer_says_its_type_is_final_and_names_no_versions(run: Service) -> None:
+    """``nosniff`` on the lane's answers and aiohttp's alike; a Server header without
+    versions; the block's own page and image may run and load only what they need."""
+    pixel = f"{run.url}/collect.gif?site=open&url=https%3A%2F%2Fa.vn%2F"
+    answers = {
+        "beacon": beacon(run, "open", {})[1],
+        "refused": beacon(run, "nosuch", {})[1],
+        "pixel": http("GET", pixel, headers={"User-Agent": CHROME_UA})[1],
+    }
+    for path in (
+        "/v1/sites/open/counter",
+        "/v1/sites/nosuch/counter",
+        "/v1/sites/open/counter.svg",
+        "/widget/open",
+        "/widget.js",
+        "/beacon.js",
+        "/healthz",
+        "/metrics",
+        "/no/such/path",
+    ):
+        answers[path] = http("GET", f"{run.url}{path}")[1]
+    for what, headers in answers.items():
+        assert headers.get("X-Content-Type-Options") == "nosniff", (what, headers)
+        assert headers.get("Server", "visitorstats") == "visitorstats", (what, headers)
+    page = answers["/widget/open"]["Content-Security-Policy"]
+    assert "default-src 'none'" in page and "script-src 'self'" in page, page
+    assert "connect-src 'self'" in page and "frame-ancestors" not in page, page  # any portal
+    image = answers["/v1/sites/open/counter.svg"]["Content-Security-Policy"]
+    assert image.startswith("default-src 'none'") and "script-src" not in image, image
+
+
 def test_metrics_are_compressed_for_prometheus(run: Service) -> None:
     _, _, plain = http("GET", f"{run.url}/metrics")
     status, headers, packed = http("GET", f"{run.url}/metrics", headers={"Accept-Encoding": "gzip"})

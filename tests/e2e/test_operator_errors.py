@@ -52,6 +52,11 @@ def visitorstats(workdir: Path, *args: str, env: dict[str, str] | None = None) -
         (["migrate", "--clickhouse-url", "http://h:port/db"], {}, "VISITORSTATS_CLICKHOUSE_URL"),
         (["run", "--host", "not.a.host.invalid"], {}, "cannot listen on http://not.a.host"),
         (
+            ["ingest"],
+            {"VISITORSTATS_SECRET": "REPLACE-ME-with-openssl-rand-hex-32"},
+            "VISITORSTATS_SECRET is the example's placeholder",
+        ),
+        (
             ["migrate"],
             {"VISITORSTATS_CLICKHOUSE_URL": "http://writer:s3cr3t@127.0.0.1:9/default"},
             "visitorstats migrate: cannot apply the schema to http://writer:***@127.0.0.1:9",
@@ -203,6 +208,7 @@ def test_a_clickhouse_server_without_a_table_it_was_given_is_said_until_it_is_ba
         assert got and got["visits"]["total"] == 23070412, got
         log = aggregate.log()
         assert "ERROR" in log and "has no table peaks" in log and "Traceback" not in log, log
+        assert not (tmp_path / "data" / "secret").exists()  # only ingest hashes visitors
     finally:
         aggregate.stop()
         server.stop()
@@ -216,6 +222,9 @@ def test_an_embedded_clickhouse_with_damaged_metadata_is_said_with_its_file(
     endless retry."""
     code, out = visitorstats(tmp_path, "migrate")
     assert code == 0 and "0001_events" in out, out
+    # what the data directory holds is not for the machine's other users
+    shared = [p for p in (tmp_path / "data").rglob("*") if p.stat().st_mode & 0o007]
+    assert shared == [], shared
     (events,) = (tmp_path / "data" / "clickhouse").rglob("events.sql")
     events.write_bytes(b"")
     code, out = visitorstats(tmp_path, "run", env={"VISITORSTATS_PORT": str(free_port())})

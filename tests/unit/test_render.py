@@ -24,6 +24,8 @@ from services.aggregate.render import (
     normalize_lang,
     render_demo_page,
     render_svg,
+    render_unknown_page,
+    render_unknown_svg,
     render_widget_page,
     svg_width,
 )
@@ -426,3 +428,12 @@ def test_scripts_parse(script: Path) -> None:
     node = shutil.which("node")  # Debian's nodejs; `make test` installs it when missing
     assert node is not None, "node is needed to check the scripts' syntax"
     subprocess.run([node, "--check", str(script)], check=True, capture_output=True, timeout=60)
+
+
+def test_an_unknown_site_is_named_only_when_it_could_be_a_site_id() -> None:
+    assert "Không có trang: dongah" in render_unknown_page("dongah", "vi")
+    assert "No such site: dongah" in render_unknown_svg("dongah", "en")
+    for text in ("Thông báo khẩn: gọi 0900", "<b>x</b>", "A" * 80, "dong ha"):
+        page, image = render_unknown_page(text, "vi"), render_unknown_svg(text, "en")
+        assert "Không có trang</title>" in page and "No such site</text>" in image
+        assert "0900" not in page + image and "dong ha" not in page + image

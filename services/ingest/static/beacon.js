@@ -74,8 +74,6 @@
     if (!left) send("leave");
   }
 
-  // the page's address without its fragment: a browser never sends that part to a server, and
-  // it may hold a token (#access_token=...)
   function here() {
     return location.href.split("#")[0];
   }
