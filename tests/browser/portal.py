@@ -63,7 +63,9 @@ USER_AGENTS = {
 }
 WAIT_SECONDS = 45.0  # generous: a wait returns as soon as its condition holds
 
-StreamMode = Literal["pass", "404", "silent"]
+# "drops": each stream delivers its first event, then nothing, open (a connection a NAT or a
+# proxy dropped without a word)
+StreamMode = Literal["pass", "404", "silent", "drops"]
 
 
 def wait_until(
@@ -101,6 +103,7 @@ class Portal:
         self.service_url = service_url
         self.pages: dict[str, str] = {}
         self.stream_mode: StreamMode = "pass"
+        self.counter_hangs = False  # the counter's JSON never answered (a hung service)
         self.hits: list[Hit] = []
         self.url = self.proxy_url = ""
         self._loop = asyncio.new_event_loop()
@@ -147,6 +150,9 @@ class Portal:
                 await silent.prepare(request)
                 await asyncio.Event().wait()  # until the browser gives up (handler cancelled)
                 return silent
+        if request.method == "GET" and request.path.endswith("/counter") and self.counter_hangs:
+            self._hit(request, 0)
+            await asyncio.Event().wait()  # until the browser gives up (handler cancelled)
         assert self._session is not None
         headers = {
             k: v
@@ -172,8 +178,11 @@ class Portal:
                 },
             )
             await response.prepare(request)
+            drops = self.stream_mode == "drops" and request.path.endswith("/counter/stream")
             async for chunk in upstream.content.iter_any():
                 await response.write(chunk)
+                if drops and b"data:" in chunk:
+                    await asyncio.Event().wait()  # the rest never comes (handler cancelled)
             await response.write_eof()
             return response
 

@@ -146,6 +146,62 @@ def test_the_widget_falls_back_to_polling_when_the_stream_fails(
     assert metric(service.url, "visitorstats_stream_subscribers") == 0
 
 
+def test_a_stream_lost_without_a_word_is_found_out(
+    service: Service, portal: Portal, browsers: Browsers
+) -> None:
+    """A stream that stays open but delivers no more (a NAT or a proxy dropped it unsaid; its
+    keep-alives are comments, which the page never sees): after a silence the widget asks the
+    counter, shows the newer numbers and opens the stream again; and a counter that does not
+    answer either (a hung service) gets the stale mark over the last numbers."""
+    url = portal.page(
+        "home",
+        portal_page(
+            service.url, beacon=False, widget_from=portal.proxy_url, widget_attrs='data-poll="1"'
+        ),
+    )
+    portal.stream_mode = "drops"
+    driver = browsers.open()
+    driver.get(url)
+    wait_shown(driver, shown(0, 0, 0, BASELINE))
+    got = wait_until(lambda: widget(driver), lambda w: w.get("state") == "live")
+    assert got["state"] == "live"
+    arrive(service, 1)  # the stream will not say it
+    got = wait_shown(driver, shown(1, 0, 1, BASELINE + 1))
+    assert got["state"] == "live" and got["stale_mark"] is False
+    assert len(portal.proxied("GET", "/counter/stream")) >= 2  # opened again
+    portal.counter_hangs = True
+    got = wait_until(lambda: widget(driver), lambda w: w.get("state") == "stale", timeout=90)
+    assert got["stale_mark"] is True and got["numbers"] == shown(1, 0, 1, BASELINE + 1)
+
+
+def test_a_widget_added_later_shows_and_a_malformed_site_is_said(
+    service: Service, portal: Portal, browsers: Browsers
+) -> None:
+    """A portal's script fills its sidebar after the page has loaded: the widget in it runs
+    (and shares the page's stream); a data-site no registry could hold says so, asking nothing."""
+    later = (
+        '<div id="vs-bad" data-visitorstats-widget data-site="Dong Ha" data-lang="en"></div>\n'
+        "<aside id=sidebar></aside><script>setTimeout(function () {"
+        "document.getElementById('sidebar').innerHTML = '<div><div id=\"vs-later\" "
+        'data-visitorstats-widget data-site="dongha" data-lang="vi"></div></div>\';'
+        "}, 1500);</script>"
+    )
+    url = portal.page(
+        "home", portal_page(service.url, beacon=False, widget_from=portal.proxy_url, extra=later)
+    )
+    driver = browsers.open()
+    driver.get(url)
+    wait_shown(driver, shown(0, 0, 0, BASELINE))
+    wait_shown(driver, shown(0, 0, 0, BASELINE), "#vs-later")
+    bad = wait_until(lambda: widget(driver, "#vs-bad"), lambda w: w.get("state") == "error")
+    assert bad["error"] == "No such site: Dong Ha" and bad["stale_mark"] is False
+    arrive(service, 1)
+    got = wait_shown(driver, shown(1, 0, 1, BASELINE + 1), "#vs-later")
+    assert got["state"] == "live"
+    assert len(portal.proxied("GET", "/counter/stream")) == 1  # one stream for both
+    assert portal.proxied("GET", "Dong") == []
+
+
 def screenshot(driver: Any, element: WebElement, path: Path) -> None:
     """A test artifact: the element, scrolled into view first (so that it is all there)."""
     driver.execute_script("arguments[0].scrollIntoView({block: 'center'})", element)

@@ -69,6 +69,7 @@
   var MAX_STREAMS = 2; // sites one page streams; it polls the others (see Connections above)
   var RELAY_BEAT_MS = 10000; // a leading tab says it is there this often...
   var RELAY_LOST_MS = 30000; // ...and a follower that heard nothing for this long polls itself
+  var LOAD_TIMEOUT_MS = 10000; // a counter that has not answered in this long is away
   var CSS =
     ".vs-widget{box-sizing:border-box;max-width:22em;padding:.75em 1em;" +
     "background:var(--vs-bg,#fff);color:var(--vs-fg,#1f2937);" +
@@ -206,12 +207,14 @@
     var etag = "", seq = 0, inflight = false, down = false, gone = false, pollTimer = 0, fellBack = 0;
     var retryMs = STREAM_RETRY_MS;
     var me = Math.random(), chan = null, relayed = "", heard = 0, beat = 0, claim = 0, watch = 0;
+    var streamHeard = 0, silence = 0;
 
     this.data = null;
     this.poll = poll;
     this.relay = ""; // "leader" | "follower" while the portal's tabs share the stream
     this.add = function (view) {
       views.push(view);
+      view.paint(!!self.data); // a widget added later shows the numbers at once
     };
     this.state = function () {
       if (gone) return "error";
@@ -243,12 +246,17 @@
       paint(true);
     }
 
-    function load() {
+    // The numbers now; ``missed`` is called when they are newer than the stream's (which
+    // then delivers no more: a connection a NAT or a proxy dropped without a word).
+    function load(missed) {
       if (inflight) return;
       inflight = true;
-      var mine = seq, headers = {};
+      var mine = seq, headers = {}, ctl = w.AbortController ? new AbortController() : null;
+      var late = setTimeout(function () {
+        if (ctl) ctl.abort(); // a counter that does not answer (a hung server) is away
+      }, LOAD_TIMEOUT_MS);
       if (etag) headers["If-None-Match"] = etag;
-      fetch(url, { headers: headers, cache: "no-store", credentials: "omit" })
+      fetch(url, { headers: headers, cache: "no-store", credentials: "omit", signal: ctl ? ctl.signal : null })
         .then(function (r) {
           if (r.status == 304) return null;
           if (r.status == 404) return stop(); // no such site: nothing to ask again
@@ -260,10 +268,12 @@
         })
         .then(function (res) {
           inflight = false;
+          clearTimeout(late);
           // A stream message that arrived meanwhile is newer than this answer.
           if (res && mine == seq) {
             etag = res.etag;
             show(res.data);
+            if (missed) missed();
           } else if (down) {
             down = false;
             paint(false);
@@ -274,6 +284,7 @@
           }
         }, function () {
           inflight = false;
+          clearTimeout(late);
           down = true; // keep the last numbers, show the stale mark
           paint(false);
         });
@@ -284,6 +295,7 @@
       es = null;
       open = false;
       clearTimeout(watchdog);
+      clearInterval(silence);
       clearInterval(pollTimer);
     }
 
@@ -319,12 +331,14 @@
       got = false;
       errors = 0;
       try {
-        es = new EventSource(url + "/stream");
+        if (es) es.close();
+      es = new EventSource(url + "/stream");
       } catch (e) {
         return startPolling();
       }
       es.onopen = function () {
         open = true;
+        streamHeard = Date.now();
         paint(false);
       };
       es.onmessage = function (e) {
@@ -335,6 +349,7 @@
           return;
         }
         got = everStreamed = open = true;
+        streamHeard = Date.now();
         errors = 0;
         seq++;
         show(data);
@@ -346,10 +361,23 @@
         else paint(false);
       };
       // A stream that opens but never delivers (a buffering proxy): poll instead.
+      var limit = Math.max(15, 2 * self.poll) * 1000;
       clearTimeout(watchdog);
       watchdog = setTimeout(function () {
         if (!got && mode == "stream") startPolling();
-      }, Math.max(15, 2 * self.poll) * 1000);
+      }, limit);
+      // A stream silent that long may be gone unsaid (its keep-alives are comments, which
+      // EventSource keeps from the page): ask the counter. Newer numbers than the stream's
+      // mean the stream is lost: open it again; no answer means the service is away.
+      clearInterval(silence);
+      silence = setInterval(function () {
+        if (mode == "stream" && got && Date.now() - streamHeard >= limit) {
+          streamHeard = Date.now();
+          load(function () {
+            if (mode == "stream") openStream();
+          });
+        }
+      }, limit / 3);
     }
 
     /* -- the tabs' relay -- */
@@ -473,7 +501,8 @@
     if (el.getAttribute("data-vs-state")) return; // already running (script included twice)
     var site = el.getAttribute("data-site") || "";
     if (!SITE_ID.test(site)) {
-      el.setAttribute("data-vs-state", "error");
+      // no site of any registry: said as for an unknown one, nothing asked
+      new View(el, { data: null, relay: "", state: function () { return "error"; } }, site).paint(false);
       return;
     }
     var poll = Math.max(parseFloat(attr(el, "poll")) || 10, 1);
@@ -486,14 +515,34 @@
     src.add(new View(el, src, site));
   }
 
+  var SELECTOR = "[data-visitorstats-widget]";
+
   function init() {
-    var els = d.querySelectorAll("[data-visitorstats-widget]"), fresh = [], i;
+    var els = d.querySelectorAll(SELECTOR), fresh = [], i;
     if (!els.length) return;
     injectStyle();
     for (i = 0; i < els.length; i++) setup(els[i], fresh);
     for (i = 0; i < fresh.length; i++) fresh[i].start();
   }
 
-  if (d.readyState == "loading") d.addEventListener("DOMContentLoaded", init);
-  else init();
+  // Widgets a portal's script adds later (a sidebar filled in after the page loaded).
+  function watchPage() {
+    if (!w.MutationObserver) return;
+    new MutationObserver(function (records) {
+      for (var i = 0; i < records.length; i++) {
+        for (var j = 0, added = records[i].addedNodes; j < added.length; j++) {
+          var n = added[j];
+          if (n.nodeType == 1 && (n.matches(SELECTOR) || n.querySelector(SELECTOR))) return init();
+        }
+      }
+    }).observe(d.documentElement, { childList: true, subtree: true });
+  }
+
+  function begin() {
+    init();
+    watchPage();
+  }
+
+  if (d.readyState == "loading") d.addEventListener("DOMContentLoaded", begin);
+  else begin();
 })(window, document);
