@@ -442,6 +442,19 @@ class CounterService:
         self._peaks_written_at = now
         self._peak_writer = asyncio.ensure_future(self.write_peaks())
 
+    async def last_look(self, timeout: float = 10.0) -> None:
+        """Once the consumer has written its last batch (a graceful stop): one more refresh, so
+        that a peak its events made is stored before the process goes (the next process would
+        not see those visitors together again)."""
+        try:
+            await asyncio.wait_for(self._refresh_and_store_peaks(), timeout)
+        except Exception as e:  # the stop goes on; what was counted is stored all the same
+            log.warning("no last look at the numbers before stopping (%s)", e or type(e).__name__)
+
+    async def _refresh_and_store_peaks(self) -> None:
+        await self.refresh()
+        await self.write_peaks()
+
     def _peak(self, site: Site, snap: Snapshot, now_ms: int) -> bool:
         """Put the site's peak (stored or seen by this process) in ``snap``; True when the
         online total now beats it (a new peak, to record)."""

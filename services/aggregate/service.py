@@ -93,6 +93,7 @@ def add_aggregate(
         yield
         stopping.set()
         await task
+        await counter.last_look()  # after the consumer's last write (cleanups run in reverse)
 
     async def consume_ctx(app: web.Application) -> AsyncIterator[None]:
         aggregator = Aggregator(

@@ -17,12 +17,24 @@ from services.settings import Settings
 from services.sites import Registry
 
 
+def link_seconds(settings: Settings, registry: Registry) -> int:
+    """How long after a salt rotation a beacon carries the key under the previous salt: long
+    enough for a reader seen before it to be linked while still online (the longest window of
+    a site) or in their visit (the visit timeout), whatever ``VISITORSTATS_SALT_LINK_SECONDS``
+    says; at most the whole period."""
+    longest = max((site.online_window_seconds for site in registry), default=0)
+    wanted = max(settings.salt_link_seconds, settings.visit_timeout_seconds, longest)
+    return min(wanted, settings.salt_period_seconds)
+
+
 def make_pipeline(settings: Settings, registry: Registry, publisher: Publisher) -> Pipeline:
     metrics.for_sites([site.id for site in registry])
     return Pipeline(
         registry,
         publisher,
-        VisitorHasher(settings.secret, settings.salt_period_seconds, settings.salt_link_seconds),
+        VisitorHasher(
+            settings.secret, settings.salt_period_seconds, link_seconds(settings, registry)
+        ),
         RateLimiter(
             settings.rate_limit_per_second,
             settings.rate_limit_burst,

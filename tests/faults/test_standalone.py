@@ -7,13 +7,14 @@ from __future__ import annotations
 
 import random
 import time
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
 
 from tests.faults.conftest import assert_counter, counted_pageviews, wait_for
 from tests.faults.load import Plan, Sender
-from tests.support.procs import Service, write_sites
+from tests.support.procs import Service, counter, send_beacon, wait_counter, write_sites
 
 pytestmark = pytest.mark.faults
 
@@ -77,5 +78,28 @@ def test_hard_kill_loses_nothing(run: Service, tmp_path: Path) -> None:
             ),
             what="the journal emptied",
         )
+    finally:
+        run.stop()
+
+
+def test_a_peak_seen_only_by_the_last_write_is_stored_at_a_graceful_stop(tmp_path: Path) -> None:
+    """Visitors whose events the consumer writes only as it stops (here: a flush a minute
+    away) made a peak no refresh saw yet: it is looked at and stored before the process goes,
+    with its time then, not made again from the survivors by the next process (an outside
+    audit lost such a peak, or found it stamped after the restart)."""
+    write_sites(tmp_path)
+    slow = Service("run", tmp_path, {**ENV, "VISITORSTATS_FLUSH_INTERVAL_SECONDS": "60"})
+    slow.start()
+    for i in range(5):
+        assert send_beacon(slow.url, "dongha", client=f"203.0.113.{i + 1}") == 202
+    time.sleep(1)
+    assert counter(slow.url, "dongha")["online"]["total"] == 0  # not written yet
+    assert slow.stop() == 0
+    stopped = datetime.now(UTC)
+    run = Service("run", tmp_path, ENV, port=slow.port).start()
+    try:
+        got = wait_counter(run.url, "dongha", lambda c: c["online"]["total"] == 5)
+        assert got["online"]["peak"]["total"] == 5, got
+        assert datetime.fromisoformat(got["online"]["peak"]["at"]) <= stopped, (got, stopped)
     finally:
         run.stop()

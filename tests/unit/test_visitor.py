@@ -8,6 +8,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from services.ingest.service import link_seconds
 from services.ingest.visitor import (
     KEY_CACHE_SIZE,
     KeyedSha256,
@@ -34,6 +35,32 @@ def test_visitor_key_rotates_daily_and_carries_the_previous_key_for_a_while() ->
     assert len(day1) == 32 and "1.2.3.4" not in day1
     assert h.key("other", "1.2.3.4", "UA", 5 * DAY_MS)[0] != day1
     assert h.key("s", "1.2.3.5", "UA", 5 * DAY_MS + 20 * 3_600_000)[0] != day1
+
+
+@pytest.mark.parametrize(
+    ("windows", "link", "period", "expected"),
+    [
+        ((300,), 3600, 86400, 3600),  # the setting
+        ((300, 7200), 3600, 86400, 7200),  # a site's window longer than the setting
+        ((300,), 600, 86400, 1800),  # never shorter than the visit timeout
+        ((86400,), 3600, 86400, 86400),  # at most the whole period
+        ((60,), 3600, 8, 8),
+    ],
+)
+def test_the_link_covers_the_longest_window_and_the_visit_timeout(
+    windows: tuple[int, ...], link: int, period: int, expected: int
+) -> None:
+    """A reader seen before a rotation and back after it, still in a site's online window (an
+    outside audit: a 2-hour window counted them twice online from 01:00 UTC on)."""
+    registry = Registry.parse(
+        "".join(f"[sites.s{i}]\nonline_window_seconds = {w}\n" for i, w in enumerate(windows))
+    )
+    settings = Settings(salt_link_seconds=link, salt_period_seconds=period)
+    assert link_seconds(settings, registry) == expected
+    h = VisitorHasher(b"secret", 86400, link_seconds(settings, registry))
+    before = h.key("s", "1.2.3.4", "UA", 5 * DAY_MS + 23 * 3_600_000)[0]
+    after = h.key("s", "1.2.3.4", "UA", 6 * DAY_MS + (expected - 1) * 1000)
+    assert after[1] == before != after[0]
 
 
 def test_portal_visitor_ids_are_hashed_and_stable() -> None:
