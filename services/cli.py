@@ -17,23 +17,36 @@ from services.sites import Registry, RegistryError
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="visitorstats", description=__doc__)
+    parser = argparse.ArgumentParser(
+        prog="visitorstats",
+        description="visitorstats: the visitor counter of a portal's pages. Every setting is "
+        "an environment variable (VISITORSTATS_*, see the README); a flag overrides it.",
+    )
     sub = parser.add_subparsers(dest="command", required=True)
     for name, text in (
-        ("run", "ingest + aggregate in one process, one port (embedded ClickHouse, no broker)"),
+        (
+            "run",
+            "ingest + aggregate in one process, one port (embedded ClickHouse; no broker "
+            "unless VISITORSTATS_KAFKA_BOOTSTRAP is set)",
+        ),
         ("ingest", "the ingest service alone (needs Kafka)"),
         ("aggregate", "the aggregate service alone (needs Kafka and ClickHouse)"),
         ("migrate", "apply the ClickHouse schema"),
     ):
         p = sub.add_parser(name, help=text)
-        p.add_argument("--sites", type=Path, help="site registry (VISITORSTATS_SITES)")
-        p.add_argument("--clickhouse-url", help="VISITORSTATS_CLICKHOUSE_URL")
         if name != "migrate":
-            p.add_argument("--host", help="VISITORSTATS_HOST")
-            p.add_argument("--port", type=int, help="VISITORSTATS_PORT")
-            p.add_argument("--kafka-bootstrap", help="VISITORSTATS_KAFKA_BOOTSTRAP")
+            p.add_argument("--sites", type=Path, help="VISITORSTATS_SITES (./sites.toml)")
+        if name != "ingest":
+            p.add_argument(
+                "--clickhouse-url", help="VISITORSTATS_CLICKHOUSE_URL (chdb://./data/clickhouse)"
+            )
+        if name != "migrate":
+            p.add_argument("--host", help="VISITORSTATS_HOST (127.0.0.1)")
+            port = "8081" if name == "aggregate" else "8080"
+            p.add_argument("--port", type=int, help=f"VISITORSTATS_PORT ({port})")
+            p.add_argument("--kafka-bootstrap", help="VISITORSTATS_KAFKA_BOOTSTRAP (unset)")
             if name != "aggregate":  # one process; more of them share the partitions
-                p.add_argument("--workers", type=int, help="VISITORSTATS_WORKERS")
+                p.add_argument("--workers", type=int, help="VISITORSTATS_WORKERS (1)")
         else:
             p.add_argument("--cluster", help="create replicated + distributed tables on it")
             p.add_argument(
@@ -104,12 +117,12 @@ def main(argv: list[str] | None = None) -> None:
     # secret) is not for the machine's other users.
     os.umask(os.umask(0o027) | 0o027)
     env = dict(os.environ)
-    if args.command == "aggregate" and "VISITORSTATS_PORT" not in env:
+    if args.command == "aggregate" and not env.get("VISITORSTATS_PORT"):
         env["VISITORSTATS_PORT"] = "8081"
     settings = Settings.from_env(env)
     overrides = {
-        "sites_path": args.sites,
-        "clickhouse_url": args.clickhouse_url,
+        "sites_path": getattr(args, "sites", None),
+        "clickhouse_url": getattr(args, "clickhouse_url", None),
         "host": getattr(args, "host", None),
         "port": getattr(args, "port", None),
         "kafka_bootstrap": getattr(args, "kafka_bootstrap", None),

@@ -24,6 +24,7 @@ from typing import Any
 from aiohttp import web
 
 from services.ingest.beacon import (
+    BOOL_STRINGS,
     MAX_EVENT_ID,
     MAX_KEYS,
     MAX_TITLE,
@@ -198,7 +199,8 @@ _BEACON_PROPERTIES: dict[str, Any] = {
         "anyOf": [
             {"type": "boolean"},
             {"type": "integer", "enum": [0, 1]},
-            {"type": "string", "enum": ["0", "1", "true", "false", ""]},
+            {"type": "string", "enum": list(BOOL_STRINGS)},
+            {"type": "null"},
         ],
         "default": False,
     },
@@ -231,7 +233,7 @@ _PIXEL_PARAMETERS = [
     _query_param("url", {"type": "string", "maxLength": MAX_URL}),
     _query_param("referrer", {"type": "string", "maxLength": MAX_URL}),
     _query_param("title", {"type": "string", "maxLength": MAX_TITLE}),
-    _query_param("member", {"type": "string", "enum": ["0", "1", "true", "false", ""]}),
+    _query_param("member", {"type": "string", "enum": list(BOOL_STRINGS)}),
     _query_param("event_id", {"type": "string", "maxLength": MAX_EVENT_ID}),
     _query_param("visitor", {"type": "string", "maxLength": MAX_VISITOR}),
     _query_param("member_token", {"type": "string", "maxLength": MAX_TOKEN}),

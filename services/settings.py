@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import ipaddress
 import os
+import re
 import secrets
 import sys
 from collections.abc import Mapping
@@ -26,6 +27,14 @@ def _int(env: Mapping[str, str], name: str, default: int) -> int:
         return int(raw)
     except ValueError:
         raise SystemExit(f"{name} must be an integer, got {raw!r}") from None
+
+
+_TOPIC = re.compile(r"[A-Za-z0-9._-]{1,249}").fullmatch
+
+
+def _str(env: Mapping[str, str], name: str, default: str) -> str:
+    """A text setting; set but empty is unset, as for the numbers."""
+    return env.get(name) or default
 
 
 def _float(env: Mapping[str, str], name: str, default: float) -> float:
@@ -179,19 +188,19 @@ class Settings:
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
         e = os.environ if env is None else env
-        data_dir = Path(e.get("VISITORSTATS_DATA_DIR", "data"))
+        data_dir = Path(_str(e, "VISITORSTATS_DATA_DIR", "data"))
+        topic = _str(e, "VISITORSTATS_KAFKA_TOPIC", "pageviews")
         s = cls(
             host=e.get("VISITORSTATS_HOST", "127.0.0.1"),
             port=_int(e, "VISITORSTATS_PORT", 8080),
             kafka_bootstrap=e.get("VISITORSTATS_KAFKA_BOOTSTRAP") or None,
-            kafka_topic=e.get("VISITORSTATS_KAFKA_TOPIC", "pageviews"),
-            kafka_dead_letter_topic=e.get(
-                "VISITORSTATS_KAFKA_DLQ_TOPIC",
-                e.get("VISITORSTATS_KAFKA_TOPIC", "pageviews") + "-dlq",
+            kafka_topic=topic,
+            kafka_dead_letter_topic=_str(e, "VISITORSTATS_KAFKA_DLQ_TOPIC", topic + "-dlq"),
+            kafka_group=_str(e, "VISITORSTATS_KAFKA_GROUP", "visitorstats-aggregate"),
+            clickhouse_url=_str(
+                e, "VISITORSTATS_CLICKHOUSE_URL", f"chdb://./{data_dir}/clickhouse"
             ),
-            kafka_group=e.get("VISITORSTATS_KAFKA_GROUP", "visitorstats-aggregate"),
-            clickhouse_url=e.get("VISITORSTATS_CLICKHOUSE_URL", f"chdb://./{data_dir}/clickhouse"),
-            sites_path=Path(e.get("VISITORSTATS_SITES", "./sites.toml")),
+            sites_path=Path(_str(e, "VISITORSTATS_SITES", "./sites.toml")),
             data_dir=data_dir,
             secret=e.get("VISITORSTATS_SECRET", "").encode(),
             workers=_int(e, "VISITORSTATS_WORKERS", 1),
@@ -203,7 +212,7 @@ class Settings:
             salt_link_seconds=_int(e, "VISITORSTATS_SALT_LINK_SECONDS", 3600),
             publish_ack=_choice(e, "VISITORSTATS_PUBLISH_ACK", ("spool", "broker")),
             publish_linger_seconds=_float_or_none(e, "VISITORSTATS_PUBLISH_LINGER_SECONDS"),
-            spool_dir=Path(e.get("VISITORSTATS_SPOOL_DIR", str(data_dir / "spool"))),
+            spool_dir=Path(_str(e, "VISITORSTATS_SPOOL_DIR", str(data_dir / "spool"))),
             spool_max_bytes=_int(e, "VISITORSTATS_SPOOL_MAX_BYTES", 256 * 1024 * 1024),
             flush_max_events=_int(e, "VISITORSTATS_FLUSH_MAX_EVENTS", 50_000),
             flush_interval_seconds=_float(e, "VISITORSTATS_FLUSH_INTERVAL_SECONDS", 0.25),
@@ -236,6 +245,15 @@ class Settings:
             )
         if not self.host.strip():
             raise SystemExit("VISITORSTATS_HOST must name an address to listen on")
+        for name, topic in (
+            ("VISITORSTATS_KAFKA_TOPIC", self.kafka_topic),
+            ("VISITORSTATS_KAFKA_DLQ_TOPIC", self.kafka_dead_letter_topic),
+        ):
+            if not _TOPIC(topic):
+                raise SystemExit(
+                    f"{name} must be a Kafka topic name (1 to 249 of a-z A-Z 0-9 . _ -), "
+                    f"got {topic!r}"
+                )
 
     def with_secret(self) -> Settings:
         """Return settings whose ``secret`` is set: from the environment, or generated once and

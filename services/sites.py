@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import logging
 import re
 import tomllib
 from collections.abc import Iterator, Mapping
@@ -15,6 +16,8 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 from services.memo import memo
 
 SITE_ID = re.compile(r"[a-z0-9][a-z0-9-]{0,63}")
+
+log = logging.getLogger(__name__)
 
 
 class RegistryError(ValueError):
@@ -105,6 +108,12 @@ def _site(site_id: str, raw: Mapping[str, Any]) -> Site:
         if problem:
             raise RegistryError(f"sites.{site_id}.origins: {o!r}: {problem}")
     tz = field("timezone", str, "UTC")
+    if "timezone" not in raw:
+        log.warning(
+            "sites.%s has no timezone: its days, weeks and months are UTC's (timezone = "
+            '"Asia/Ho_Chi_Minh" for Việt Nam)',
+            site_id,
+        )
     try:
         ZoneInfo(tz)
     except (ZoneInfoNotFoundError, ValueError):

@@ -41,8 +41,9 @@ MAX_EVENT_ID = 64
 
 # Format characters that carry meaning in real text and cannot be used to disguise it.
 _KEEP_FORMAT = frozenset("\u200c\u200d")  # zero-width non-joiner, zero-width joiner
-_TRUE = ("1", "true")
-_BOOL_STRINGS = ("1", "true", "0", "false", "")
+# as pages and templates write them (Python and .NET write True / False)
+_TRUE = ("1", "true", "True", "TRUE")
+BOOL_STRINGS = ("1", "true", "True", "TRUE", "0", "false", "False", "FALSE", "")
 _URL_SCHEMES = ("http", "https")
 _SCHEME = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*").fullmatch  # RFC 3986
 # The usual URL: scheme://host[/?#rest], a host of letters, digits, dots and hyphens (no user,
@@ -209,14 +210,18 @@ def _unquote_plus(text: str) -> str:
 
 
 def _bool(raw: Mapping[str, Any], name: str) -> bool:
-    value = raw.get(name, False)
+    value = raw.get(name)
     if value is True or value is False:
         return value
+    if value is None:  # absent, or null: as for every optional field
+        return False
     if type(value) is int and value in (0, 1):
         return value == 1
-    if isinstance(value, str) and value in _BOOL_STRINGS:
+    if isinstance(value, str) and value in BOOL_STRINGS:
         return value in _TRUE
-    raise BeaconError(name, f'{name} must be true or false (1, 0, "true", "false" also do)')
+    raise BeaconError(
+        name, f'{name} must be true or false (1, 0, "true", "false", "True", "False" also do)'
+    )
 
 
 def _check_nested(name: str, value: dict[Any, Any] | list[Any]) -> None:

@@ -21,6 +21,8 @@ from typing import Any
 import pytest
 import yaml
 
+from services.http import READY_CHECK_SECONDS
+
 from .deploy_checks import (
     AGGREGATE_JOB,
     AGGREGATE_PORT,
@@ -503,6 +505,8 @@ def test_deployment_probes_ports_and_resources(
     assert probe_port(container["livenessProbe"]) == port
     assert container["readinessProbe"]["httpGet"]["path"] == "/readyz"
     assert probe_port(container["readinessProbe"]) == port
+    # /readyz answers (503, naming a check that hangs) before the probe gives up
+    assert container["readinessProbe"]["timeoutSeconds"] > READY_CHECK_SECONDS
     resources = container["resources"]
     assert {"cpu", "memory"} <= resources["requests"].keys()
     assert "memory" in resources["limits"]

@@ -14,6 +14,7 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from services.ingest.beacon import (
+    BOOL_STRINGS,
     MAX_DEPTH,
     MAX_KEYS,
     MAX_TITLE,
@@ -84,7 +85,7 @@ def valid_beacons(draw: st.DrawFn) -> dict[str, Any]:
     if draw(st.booleans()):
         raw["title"] = draw(nasty_text)
     if draw(st.booleans()):
-        raw["member"] = draw(st.sampled_from([True, False, 0, 1, "0", "1", "true", "false", ""]))
+        raw["member"] = draw(st.sampled_from([True, False, 0, 1, None, *BOOL_STRINGS]))
     if draw(st.booleans()):
         raw["event_id"] = str(draw(st.uuids()))
     if draw(st.booleans()):
@@ -138,7 +139,7 @@ def test_valid_beacons_are_accepted_and_unknown_fields_ignored(
     if beacon.url:
         parts = urlsplit(beacon.url)
         assert parts.scheme.lower() in ("http", "https") and parts.hostname
-    assert beacon.member == (raw.get("member") in (True, 1, "1", "true"))
+    assert beacon.member == (raw.get("member") in (True, 1, "1", "true", "True", "TRUE"))
     unknown = {k: v for k, v in extra.items() if k not in (*KNOWN, "member_token")}
     try:
         with_extra = parse_beacon({**unknown, **raw})
@@ -179,7 +180,7 @@ def test_normalisation_examples() -> None:
         ({"site": "dongha", "url": "https://a.vn/", "referrer": "https://a.vn:x/"}, "referrer"),
         ({"site": "dongha", "url": "https://a.vn/", "member": "yes"}, "member"),
         ({"site": "dongha", "url": "https://a.vn/", "member": 2}, "member"),
-        ({"site": "dongha", "url": "https://a.vn/", "member": None}, "member"),
+        ({"site": "dongha", "url": "https://a.vn/", "member": "tRUE"}, "member"),
         ({"site": "dongha", "url": "https://a.vn/", "event_id": "not-a-uuid"}, "event_id"),
         ({"site": "dongha", "url": "https://a.vn/", "title": 5}, "title"),
         ({"site": "dongha", "url": "https://a.vn/", "visitor": "v" * 129}, "visitor"),

@@ -108,6 +108,16 @@ def test_registry_rejects_bad_entries_naming_the_field() -> None:
     assert fine is not None and fine.origins == {"https://a.example", "http://b.example:8080"}
 
 
+def test_a_site_without_a_timezone_is_utc_and_said(caplog: pytest.LogCaptureFixture) -> None:
+    registry = Registry.parse('[sites.a]\n[sites.b]\ntimezone = "Asia/Ho_Chi_Minh"\n')
+    assert [s.timezone for s in registry] == ["UTC", "Asia/Ho_Chi_Minh"]
+    said = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert said == [
+        "sites.a has no timezone: its days, weeks and months are UTC's "
+        '(timezone = "Asia/Ho_Chi_Minh" for Việt Nam)'
+    ]
+
+
 def test_registry_errors_name_the_file_they_are_in(tmp_path: Path) -> None:
     path = tmp_path / "registry" / "portal.toml"
     path.parent.mkdir()
@@ -132,6 +142,11 @@ def test_settings_from_the_environment() -> None:
     assert (s.port, s.kafka_bootstrap, s.kafka_topic) == (9000, "k:9092", "pageviews")
     assert [str(n) for n in s.trusted_proxies] == ["10.0.0.0/8", "::1/128"]
     assert Settings.from_env({}).clickhouse_url == "chdb://./data/clickhouse"
+    # set but empty is unset, as for the numbers
+    empty = Settings.from_env(
+        {f"VISITORSTATS_{k}": "" for k in ("SITES", "KAFKA_TOPIC", "DATA_DIR", "PORT")}
+    )
+    assert empty == Settings.from_env({})
     with pytest.raises(SystemExit, match="VISITORSTATS_PORT"):
         Settings.from_env({"VISITORSTATS_PORT": "eighty"})
 
@@ -150,6 +165,8 @@ def test_settings_from_the_environment() -> None:
         ({"VISITORSTATS_CLICKHOUSE_URL": "http://h:notaport/db"}, "port that is not a number"),
         ({"VISITORSTATS_CLICKHOUSE_URL": "http://h/db/x"}, "more than a database name"),
         ({"VISITORSTATS_HOST": " "}, "VISITORSTATS_HOST"),
+        ({"VISITORSTATS_KAFKA_TOPIC": "bad topic!"}, "VISITORSTATS_KAFKA_TOPIC must be a Kafka"),
+        ({"VISITORSTATS_KAFKA_DLQ_TOPIC": "x" * 250}, "VISITORSTATS_KAFKA_DLQ_TOPIC must be"),
     ],
 )
 def test_settings_that_cannot_work_are_refused_naming_the_variable(
