@@ -68,6 +68,7 @@ READY_CHECKS = web.AppKey("ready_checks", dict[str, ReadyCheck])
 # (method, path) -> handler of the fast lane (see ``add_lane_route``)
 LANE_ROUTES = web.AppKey("lane_routes", dict[tuple[bytes, bytes], LaneHandler])
 OPENAPI = web.AppKey("openapi", dict[str, bytes])
+HIDDEN_METRICS = web.AppKey("hidden_metrics", frozenset[str])
 
 log = logging.getLogger(__name__)
 
@@ -155,9 +156,27 @@ class WorkersProcessCollector(Collector):
         return list(families.values())
 
 
+class _Without(Collector):
+    """``registry``'s families but the ``hidden`` ones (another service's)."""
+
+    def __init__(self, registry: CollectorRegistry, hidden: frozenset[str]) -> None:
+        self._registry, self._hidden = registry, hidden
+
+    def collect(self) -> Iterable[Metric]:
+        return (f for f in self._registry.collect() if f.name not in self._hidden)
+
+
+def hide_metrics(app: web.Application, names: frozenset[str]) -> None:
+    """``/metrics`` of ``app`` leaves out these families (``metrics.families``)."""
+    app[HIDDEN_METRICS] = names
+
+
 async def metrics_endpoint(request: web.Request) -> web.Response:
+    hidden = request.app.get(HIDDEN_METRICS)
+    registry = _metrics_registry()
     response = web.Response(
-        body=generate_latest(_metrics_registry()), headers={"Content-Type": CONTENT_TYPE_LATEST}
+        body=generate_latest(_Without(registry, hidden) if hidden else registry),
+        headers={"Content-Type": CONTENT_TYPE_LATEST},
     )
     response.enable_compression()  # gzip when asked (Prometheus asks), else as it is
     return response

@@ -173,6 +173,45 @@ STREAM_SUBSCRIBERS = Gauge(
 )
 
 
+# Each service's /metrics shows its own families and the shared ones (``visitorstats run``, all):
+# an ingest process showing events_consumed_total 0 misleads a query without a job selector.
+INGEST: tuple[Any, ...] = (
+    INGEST_REQUESTS,
+    BEACONS_DROPPED,
+    BEACONS_ACCEPTED,
+    BEACONS_PUBLISHED,
+    PUBLISH_LATENCY,
+    PUBLISH_ERRORS,
+    SPOOL_DEPTH,
+    SPOOL_BYTES,
+    SPOOL_DAMAGED,
+    SPOOL_OLDEST,
+)
+AGGREGATE: tuple[Any, ...] = (
+    EVENTS_CONSUMED,
+    EVENTS_COUNTED,
+    DEAD_LETTERS,
+    CONSUMER_LAG,
+    FETCH_GAPS,
+    LOGS_REPLACED,
+    BATCH_SIZE,
+    CLICKHOUSE_WRITE_LATENCY,
+    CLICKHOUSE_ERRORS,
+    COMMIT_LATENCY,
+    FRESHNESS,
+    SNAPSHOT_REFRESH,
+    ONLINE,
+    COUNTER_STALE,
+    COUNTER_AGE,
+    STREAM_SUBSCRIBERS,
+)
+
+
+def families(metrics: tuple[Any, ...]) -> frozenset[str]:
+    """The family names (as collected: a counter's without ``_total``) of ``metrics``."""
+    return frozenset(family.name for metric in metrics for family in metric.describe())
+
+
 # Series that exist from the start, at 0: a dashboard or an alert then sees "none so far", not
 # "no data" (the per-site ones: ``for_sites``).
 for _operation in ("insert", "query", "rebuild"):

@@ -10,7 +10,7 @@ from collections.abc import AsyncIterator, Callable
 
 from aiohttp import web
 
-from services import http
+from services import http, metrics
 from services.aggregate import api
 from services.aggregate.consume import Aggregator, Consumer
 from services.aggregate.counter import CounterService, first_set
@@ -145,6 +145,7 @@ def create_aggregate_app(settings: Settings, registry: Registry) -> web.Applicat
     if not settings.kafka_bootstrap:
         raise SystemExit("visitorstats aggregate needs VISITORSTATS_KAFKA_BOOTSTRAP")
     app = http.new_app(settings)
+    http.hide_metrics(app, metrics.families(metrics.INGEST))
     source = KafkaSource(
         settings.kafka_bootstrap,
         settings.kafka_topic,

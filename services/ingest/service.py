@@ -87,6 +87,7 @@ def create_ingest_app(
             raise SystemExit("visitorstats ingest needs VISITORSTATS_KAFKA_BOOTSTRAP")
         publisher = kafka_publisher(settings)
     app = http.new_app(settings)
+    http.hide_metrics(app, metrics.families(metrics.AGGREGATE))
     add_publisher(app, publisher)
     ingest_routes.add_routes(app, make_pipeline(settings, registry, publisher), settings)
     return app

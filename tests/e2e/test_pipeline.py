@@ -8,15 +8,23 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
+from services.metrics import AGGREGATE, INGEST, families
 from tests.e2e.traffic import Truth, portal_traffic
-from tests.support.procs import Service, numbers, wait_counter, write_sites
+from tests.support.procs import Service, http, numbers, wait_counter, write_sites
 from tests.support.tansu import Tansu
 
 pytestmark = pytest.mark.e2e
 SITE = "dongha"
 BASELINE_VISITS = 23070412
 BASELINE_PAGEVIEWS = 1000
+
+
+def metric_families(url: str) -> set[str]:
+    status, _, body = http("GET", f"{url}/metrics")
+    assert status == 200
+    return {f.name for f in text_string_to_metric_families(body.decode())}
 
 
 def expected(truth: Truth) -> dict[str, Any]:
@@ -60,6 +68,14 @@ def test_kafka_path_and_standalone_give_the_same_exact_numbers(
     assert numbers(got) == want
     assert got["stale"] is False
     assert got["online"]["peak"]["total"] >= truth.online["total"]
+    # each service's /metrics shows its own families and the shared ones, not the other's at 0
+    shown = {s.command: metric_families(s.url) for s in (ingest, aggregate)}
+    assert "visitorstats_beacons_published" in shown["ingest"]
+    assert "visitorstats_events_consumed" in shown["aggregate"]
+    assert families(AGGREGATE) & shown["ingest"] == set()
+    assert families(INGEST) & shown["aggregate"] == set()
+    assert {"visitorstats_http_connections", "process_cpu_seconds"} <= shown["ingest"]
+    assert {"visitorstats_http_connections", "process_cpu_seconds"} <= shown["aggregate"]
 
     standalone_dir = tmp_path / "standalone"
     standalone_dir.mkdir()
@@ -70,6 +86,7 @@ def test_kafka_path_and_standalone_give_the_same_exact_numbers(
         assert expected(truth_run) == want
         got_run = wait_counter(run.url, SITE, lambda c: numbers(c) == want)
         assert numbers(got_run) == numbers(got)
+        assert families(INGEST) | families(AGGREGATE) <= metric_families(run.url)  # both
     finally:
         run.stop()
 
