@@ -642,6 +642,7 @@ class Aggregator:
         try:
             await self.store.write_online(rows)
         except Exception as e:
+            metrics.CLICKHOUSE_ERRORS.labels("insert").inc()
             log.warning("could not write the online tallies (%s); next tick", e)
             for p in {row[1] for row in rows}:
                 self.published.pop(p, None)
@@ -828,6 +829,10 @@ class Consumer:
                     try:
                         return await agg.write(filling)
                     except Exception as e:
+                        # every failed write counted here, whatever failed (a client that
+                        # could not even be made: an outside audit saw 48 failed writes and
+                        # 4 errors counted)
+                        metrics.CLICKHOUSE_ERRORS.labels("insert").inc()
                         log.warning("ClickHouse write failed (%s); retrying in %.1fs", e, backoff)
                         if deadline is not None and time.monotonic() > deadline:
                             log.error(

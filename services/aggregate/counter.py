@@ -361,6 +361,8 @@ class CounterService:
             )
             metrics.SNAPSHOT_REFRESH.observe(time.monotonic() - started)
         except Exception as e:
+            if isinstance(e, TimeoutError):  # cancelled, so not counted by the store
+                metrics.CLICKHOUSE_ERRORS.labels("query").inc()
             self._flushed = flushed + self._flushed
             if self.healthy:
                 log.warning("counter refresh failed (%s): serving the last numbers as stale", e)

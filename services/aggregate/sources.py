@@ -29,6 +29,8 @@ log = logging.getLogger(__name__)
 
 # How long ``KafkaSource.replaced`` waits for the records it asks the broker for
 PROBE_SECONDS = 5.0
+# While this process holds its partitions paused, how often it asks the broker for their ends
+HELD_ENDS_SECONDS = 2.0
 
 OnAssign = Callable[[list[int]], Awaitable[None]]
 OnRevoke = Callable[[list[int]], Awaitable[None]]
@@ -231,6 +233,10 @@ class KafkaSource:
         # was joined, when this source was made): ``silent_seconds``
         self._heard_at = time.monotonic()
         self._last_poll = 0
+        # partitions paused by this process (ClickHouse refusing writes): no fetch then
+        # refreshes their high watermarks nor says that the broker answered
+        self._held = False
+        self._ends_asked = 0.0
         # since when the group has been rebalancing (from the first revoke of a rebalance to
         # its assignment; from the start until the first one); None while stable
         self._rebalancing_since: float | None = time.monotonic()
@@ -293,6 +299,8 @@ class KafkaSource:
             log.warning("fetch failed: %s", e)
             await asyncio.sleep(timeout)
             return []
+        if self._held:
+            await self._note_held_ends()
         out = []
         fetched = {}
         bases = self._bases
@@ -324,6 +332,29 @@ class KafkaSource:
             if polled is not None and polled > self._last_poll:
                 self._last_poll = polled
                 self._heard_at = time.monotonic()
+
+    async def _note_held_ends(self) -> None:
+        """While every partition is held paused, ask the broker for their ends now and then:
+        the lag then grows with what waits (an outside audit saw it stay at 8 while 7,844
+        records waited behind a ClickHouse outage), and the broker's answer says it is there
+        (readiness blamed Kafka for ClickHouse's outage). Tansu may answer a batch short: the
+        lag only, never a decision, is taken from it."""
+        now = time.monotonic()
+        owned = list(self._consumer.assignment())
+        if not owned or now - self._ends_asked < HELD_ENDS_SECONDS:
+            return
+        self._ends_asked = now
+        try:
+            ends = await asyncio.wait_for(self._consumer.end_offsets(owned), PROBE_SECONDS)
+        except Exception as e:
+            log.debug("no end offsets while paused: %s", e)
+            return
+        self._heard_at = time.monotonic()
+        for tp, end in ends.items():
+            # where it reads next; nothing read yet: where the log ended when last fetched
+            pos = self._position.get(tp.partition, self._consumer.highwater(tp))
+            if pos is not None:
+                metrics.CONSUMER_LAG.labels(str(tp.partition)).set(max(0, end - pos))
 
     def rebalance_began(self) -> None:
         if self._rebalancing_since is None:
@@ -475,9 +506,12 @@ class KafkaSource:
 
     def pause(self, partitions: list[int] | None) -> None:
         self._consumer.pause(*self._tps(partitions))
+        self._held = self._held or partitions is None
 
     def resume(self, partitions: list[int] | None) -> None:
         self._consumer.resume(*self._tps(partitions))
+        if partitions is None:
+            self._held = False
 
     async def dead_letter(self, records: list[InRecord], reason: str) -> None:
         """Publish undecodable records to the dead-letter topic. Bounded: the partition must

@@ -562,41 +562,34 @@ class Store:
         # through a cluster's Distributed table: written to the shard before the answer, so
         # that the check that follows (consume.py) reads it
         settings = {"insert_deduplication_token": token, "insert_distributed_sync": 1}
-        try:
-            if block is not None:
-                c.raw_insert(
-                    "events",
-                    EVENT_COLUMNS,
-                    insert_block=block,
-                    settings=settings,
-                    fmt="JSONCompactColumns",
-                )
-            else:
-                c.insert(
-                    "events",
-                    event_columns(rows, topic, base),
-                    column_names=EVENT_COLUMNS,
-                    column_oriented=True,
-                    settings=settings,
-                )
-        except Exception:
-            metrics.CLICKHOUSE_ERRORS.labels("insert").inc()
-            raise
+        # (a failure is counted once per write, by the consumer: consume.py)
+        if block is not None:
+            c.raw_insert(
+                "events",
+                EVENT_COLUMNS,
+                insert_block=block,
+                settings=settings,
+                fmt="JSONCompactColumns",
+            )
+        else:
+            c.insert(
+                "events",
+                event_columns(rows, topic, base),
+                column_names=EVENT_COLUMNS,
+                column_oriented=True,
+                settings=settings,
+            )
         metrics.CLICKHOUSE_WRITE_LATENCY.observe(time.monotonic() - started)
         metrics.BATCH_SIZE.observe(len(rows))
 
     @staticmethod
     def _insert_online(c: Any, rows: list[list[Any]]) -> None:
-        try:
-            c.insert(
-                "online_now",
-                rows,
-                column_names=ONLINE_COLUMNS,
-                settings={"insert_distributed_sync": 1},
-            )
-        except Exception:
-            metrics.CLICKHOUSE_ERRORS.labels("insert").inc()
-            raise
+        c.insert(
+            "online_now",
+            rows,
+            column_names=ONLINE_COLUMNS,
+            settings={"insert_distributed_sync": 1},
+        )
 
     async def write_online(self, rows: list[list[Any]]) -> None:
         """Rows of ``online_now`` (``online_rows``), on the writing thread (after any write of

@@ -24,12 +24,22 @@ from tests.support.procs import Service, counter, http, numbers, wait_counter
 pytestmark = pytest.mark.faults
 
 OUTAGE_SECONDS = 12
+WRITE_FAILED = "ClickHouse write failed"
+
+
+def insert_errors(url: str) -> float:
+    _, _, body = http("GET", f"{url}/metrics")
+    for line in body.decode().splitlines():
+        if line.startswith('visitorstats_clickhouse_errors_total{operation="insert"}'):
+            return float(line.rpartition(" ")[2])
+    raise AssertionError("no insert error series")
 
 
 def outage(aggregate: Service, sender: Sender, stop: Any, restore: Any) -> None:
     """Break ClickHouse while the stream flows; check the counter goes stale with the last good
     numbers, and comes back fresh after ``restore``."""
     wait_counting(aggregate.url, counted_pageviews(aggregate.url))
+    errors, failed = insert_errors(aggregate.url), aggregate.log().count(WRITE_FAILED)
     started = time.monotonic()
     stop()
     stale = wait_counter(aggregate.url, SITE, lambda c: c["stale"], timeout=60)
@@ -46,6 +56,10 @@ def outage(aggregate: Service, sender: Sender, stop: Any, restore: Any) -> None:
     check = json.loads(body)["checks"]["clickhouse"]
     assert not check["ok"] and check["detail"].strip(": ") not in ("", "check failed"), check
     time.sleep(max(0.0, OUTAGE_SECONDS - (time.monotonic() - started)))
+    # every failed write is counted, a client that could not even be made too (an outside
+    # audit saw 48 failed writes counted as 4)
+    failed = aggregate.log().count(WRITE_FAILED) - failed
+    assert insert_errors(aggregate.url) - errors >= failed, (failed, errors)
     restore()
     fresh = wait_counter(aggregate.url, SITE, lambda c: not c["stale"], timeout=90)
     assert fresh["stale"] is False, fresh
