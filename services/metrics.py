@@ -65,6 +65,11 @@ SPOOL_BYTES = Gauge(
     "Bytes used by the on-disk spool.",
     multiprocess_mode="livesum",
 )
+SPOOL_CAPACITY = Gauge(
+    "visitorstats_spool_capacity_bytes",
+    "Bytes the on-disk spool may hold (VISITORSTATS_SPOOL_MAX_BYTES): full, beacons get 503.",
+    multiprocess_mode="livesum",
+)
 SPOOL_DAMAGED = Counter(
     "visitorstats_spool_damaged_total",
     "Damaged stretches of the on-disk spool (or run's journal) found at start and skipped.",
@@ -184,6 +189,7 @@ INGEST: tuple[Any, ...] = (
     PUBLISH_ERRORS,
     SPOOL_DEPTH,
     SPOOL_BYTES,
+    SPOOL_CAPACITY,
     SPOOL_DAMAGED,
     SPOOL_OLDEST,
 )

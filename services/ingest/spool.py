@@ -313,6 +313,7 @@ class Spool:
             return
         metrics.SPOOL_DEPTH.set(len(self._records))
         metrics.SPOOL_BYTES.set(self._bytes)
+        metrics.SPOOL_CAPACITY.set(self._max)
 
 
 def _record_at(data: bytes, pos: int) -> tuple[OutRecord, int] | None:

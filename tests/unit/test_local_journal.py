@@ -71,3 +71,13 @@ def test_a_spool_emptied_then_reopened_keeps_what_comes_after(tmp_path: Path) ->
     spool.pop(1)
     spool.close()
     assert [r.value for r in Spool(tmp_path, 1 << 20).peek(10)] == [b"value-3"]
+
+
+def test_the_spool_says_how_much_it_may_hold(tmp_path: Path) -> None:
+    """Its capacity beside its bytes: "% full" can be watched before beacons get 503."""
+    spool = Spool.claim(tmp_path, 123_456)
+    try:
+        sample = metrics.SPOOL_CAPACITY.collect()[0].samples[0]
+        assert sample.value == 123_456
+    finally:
+        spool.close()
