@@ -5,7 +5,9 @@ once it is back. The counter marks its numbers stale on it (``counter.SILENT_SEC
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
+from collections.abc import AsyncIterator
 
 import pytest
 from aiokafka import AIOKafkaProducer
@@ -24,9 +26,11 @@ async def fetch_for(source: KafkaSource, seconds: float) -> None:
         await source.fetch(0.2, 100)
 
 
-async def test_silent_seconds_follow_the_brokers_answers(tansu: Tansu) -> None:
-    await create_topic(tansu.bootstrap, "silence", 2)
-    source = KafkaSource(tansu.bootstrap, "silence", "silence-group", "silence-dead")
+@contextlib.asynccontextmanager
+async def assigned_source(tansu: Tansu, topic: str) -> AsyncIterator[KafkaSource]:
+    """A source on a new topic of 2 partitions, both assigned to it, stopped at the end."""
+    await create_topic(tansu.bootstrap, topic, 2)
+    source = KafkaSource(tansu.bootstrap, topic, f"{topic}-group", f"{topic}-dead")
     assigned = asyncio.Event()
 
     async def on_assign(partitions: list[int]) -> None:
@@ -41,6 +45,13 @@ async def test_silent_seconds_follow_the_brokers_answers(tansu: Tansu) -> None:
         while not assigned.is_set() and time.monotonic() < deadline:
             await source.fetch(0.2, 100)
         assert source.assigned() == [0, 1]
+        yield source
+    finally:
+        await source.stop()
+
+
+async def test_silent_seconds_follow_the_brokers_answers(tansu: Tansu) -> None:
+    async with assigned_source(tansu, "silence") as source:
         await fetch_for(source, 1)
         assert source.silent_seconds() < 5  # answered every fetch_max_wait_ms (50 ms)
         assert source.ready() == (True, "ok")
@@ -62,8 +73,6 @@ async def test_silent_seconds_follow_the_brokers_answers(tansu: Tansu) -> None:
             await source.fetch(0.2, 100)
         assert source.silent_seconds() < 1
         assert source.ready() == (True, "ok")
-    finally:
-        await source.stop()
 
 
 def lag() -> float:
@@ -80,41 +89,27 @@ async def test_partitions_held_paused_still_see_their_lag_and_the_broker(tansu: 
     goes out: the lag still grows with what waits, and the broker, answering, is not taken
     for silent (an outside audit saw the lag stay at 8 behind 7,844 records, and readiness
     blame Kafka)."""
-    await create_topic(tansu.bootstrap, "held", 2)
-    source = KafkaSource(tansu.bootstrap, "held", "held-group", "held-dead")
-    assigned = asyncio.Event()
-
-    async def on_assign(partitions: list[int]) -> None:
-        assigned.set()
-
-    async def on_revoke(partitions: list[int]) -> None:
-        return None
-
-    await source.start(on_assign, on_revoke)
     producer = AIOKafkaProducer(bootstrap_servers=tansu.bootstrap)
     await producer.start()
     try:
-        deadline = time.monotonic() + 30
-        while not assigned.is_set() and time.monotonic() < deadline:
-            await source.fetch(0.2, 100)
-        await fetch_for(source, 1)
-        before = lag()
-        source.pause(None)
-        for i in range(200):
-            await producer.send_and_wait("held", b"{}", partition=i % 2)
-        await fetch_for(source, SILENT_SECONDS + 2)
-        assert await source.fetch(0.2, 100) == []  # held: nothing read
-        # it grows with what waits (Tansu's answer of the ends may fall batches short: 130 of
-        # 200 seen here; without the ends asked, it stayed where it was)
-        assert lag() >= before + 100, (before, lag())
-        assert source.silent_seconds() < 5
-        assert source.ready() == (True, "ok")
-        source.resume(None)
-        read = 0
-        deadline = time.monotonic() + 30
-        while read < 200 and time.monotonic() < deadline:
-            read += len(await source.fetch(0.2, 100))
-        assert read == 200
+        async with assigned_source(tansu, "held") as source:
+            await fetch_for(source, 1)
+            before = lag()
+            source.pause(None)
+            for i in range(200):
+                await producer.send_and_wait("held", b"{}", partition=i % 2)
+            await fetch_for(source, SILENT_SECONDS + 2)
+            assert await source.fetch(0.2, 100) == []  # held: nothing read
+            # it grows with what waits (Tansu's answer of the ends may fall batches short: 130 of
+            # 200 seen here; without the ends asked, it stayed where it was)
+            assert lag() >= before + 100, (before, lag())
+            assert source.silent_seconds() < 5
+            assert source.ready() == (True, "ok")
+            source.resume(None)
+            read = 0
+            deadline = time.monotonic() + 30
+            while read < 200 and time.monotonic() < deadline:
+                read += len(await source.fetch(0.2, 100))
+            assert read == 200
     finally:
         await producer.stop()
-        await source.stop()
