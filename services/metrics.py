@@ -162,7 +162,8 @@ ONLINE = Gauge(
 )
 COUNTER_STALE = Gauge(
     "visitorstats_snapshot_stale",
-    "1 while the counter of a site serves its last good numbers because a refresh failed.",
+    "1 while the counter of a site has no fresh numbers: it serves its last good ones (or, "
+    "before any, 503) because a refresh failed or the broker is silent.",
     ["site"],
     multiprocess_mode="max",
 )

@@ -370,7 +370,8 @@ class CounterService:
             for site_id, prep in list(self.prepared.items()):
                 if not prep.payload["stale"]:
                     self.fanout.publish(site_id, prepare({**prep.payload, "stale": True}))
-                metrics.COUNTER_STALE.labels(site_id).set(1)
+            for site in self.registry:  # those with no numbers yet too (their counter is 503)
+                metrics.COUNTER_STALE.labels(site.id).set(1)
             return
         self.healthy = True
         metrics.COUNTER_AGE.set(now_ms / 1000)

@@ -133,6 +133,8 @@ def add_aggregate(
         return (True, "ok") if migrated.is_set() else (False, not_migrated)
 
     async def source_ready() -> tuple[bool, str]:
+        if not migrated.is_set():  # the consumer joins once ClickHouse has the schema
+            return False, "not consuming until ClickHouse has the schema"
         return source.ready()
 
     app.cleanup_ctx.extend([store_ctx, counter_ctx, consume_ctx])

@@ -43,6 +43,14 @@ def visitorstats(workdir: Path, *args: str, env: dict[str, str] | None = None) -
     return done.returncode, (done.stdout + done.stderr).decode(errors="replace")
 
 
+def stale_gauge(url: str, site: str) -> float:
+    """``visitorstats_snapshot_stale`` of a site, from the service's ``/metrics``."""
+    _, _, body = http("GET", f"{url}/metrics")
+    prefix = f'visitorstats_snapshot_stale{{site="{site}"}} '
+    (line,) = [x for x in body.decode().splitlines() if x.startswith(prefix)]
+    return float(line[len(prefix) :])
+
+
 @pytest.mark.parametrize(
     ("args", "env", "says"),
     [
@@ -156,11 +164,16 @@ def test_the_aggregate_waits_for_a_clickhouse_server_that_comes_up_later(
             time.sleep(0.2)
         status, _, body = http("GET", f"{aggregate.url}/readyz")
         assert status == 503 and b"ClickHouse unreachable" in body, body
+        # the broker is up: the consumer only waits for the schema, and says that
+        assert b"broker unreachable" not in body and b"until ClickHouse has" in body, body
         assert http("GET", f"{aggregate.url}/v1/sites/dongha/counter")[0] == 503
+        # no numbers at all yet: the stale gauge, that alerts watch, says so
+        assert stale_gauge(aggregate.url, "dongha") == 1.0
         server.start()
         aggregate.wait_ready(90)
         got = wait_counter(aggregate.url, "dongha", lambda c: c["stale"] is False, timeout=30)
         assert got and got["stale"] is False and got["visits"]["total"] == 23070412, got
+        assert stale_gauge(aggregate.url, "dongha") == 0.0
         log = aggregate.log()
         assert "cannot apply the schema" in log and "Traceback" not in log, log
     finally:
