@@ -32,6 +32,12 @@ def _int(env: Mapping[str, str], name: str, default: int) -> int:
 _TOPIC = re.compile(r"[A-Za-z0-9._-]{1,249}").fullmatch
 
 
+def _embedded_url(data_dir: Path) -> str:
+    """The embedded ClickHouse in ``data_dir`` (an absolute one stays absolute: an outside audit
+    found ``/mnt/data`` made ``chdb://.//mnt/data/clickhouse``, under the working directory)."""
+    return f"chdb://{'' if data_dir.is_absolute() else './'}{data_dir / 'clickhouse'}"
+
+
 def _str(env: Mapping[str, str], name: str, default: str) -> str:
     """A text setting; set but empty is unset, as for the numbers."""
     return env.get(name) or default
@@ -197,9 +203,7 @@ class Settings:
             kafka_topic=topic,
             kafka_dead_letter_topic=_str(e, "VISITORSTATS_KAFKA_DLQ_TOPIC", topic + "-dlq"),
             kafka_group=_str(e, "VISITORSTATS_KAFKA_GROUP", "visitorstats-aggregate"),
-            clickhouse_url=_str(
-                e, "VISITORSTATS_CLICKHOUSE_URL", f"chdb://./{data_dir}/clickhouse"
-            ),
+            clickhouse_url=_str(e, "VISITORSTATS_CLICKHOUSE_URL", _embedded_url(data_dir)),
             sites_path=Path(_str(e, "VISITORSTATS_SITES", "./sites.toml")),
             data_dir=data_dir,
             secret=e.get("VISITORSTATS_SECRET", "").encode(),

@@ -37,7 +37,7 @@ def create_standalone_app(settings: Settings, registry: Registry) -> web.Applica
         journal = Spool.claim(settings.data_dir / "journal", settings.spool_max_bytes, False)
         log = LocalLog(journal)
         source = log
-        publisher = LocalPublisher(log.append)
+        publisher = LocalPublisher(log.append, journal)
         add_aggregate(app, settings, registry, source, drained=lambda: log.pending() == 0)
     # Registered last, so it stops first: no new beacons, then the last batch is written.
     add_publisher(app, publisher)

@@ -669,6 +669,10 @@ class Consumer:
         self.settings = settings
         self.stopping = stopping or asyncio.Event()
         self.lock = asyncio.Lock()
+        # a write given up while stopping: what it held is re-read by the next process (from
+        # the journal or Kafka); the stop goes on without waiting for more
+        self.abandoned = False
+        self._failing_since: float | None = None  # when writes began to fail, None if not
 
     async def start(self) -> None:
         await self.source.start(self.on_assign, self.on_revoke)
@@ -755,7 +759,12 @@ class Consumer:
             if agg.write_settled():
                 # the background write is done: check it, commit it (this does not wait)
                 await self._commit(await self._write_until_done(None, filling=False))
-            stopping_now = stopping.is_set() and drained()
+            stopping_now = stopping.is_set() and (drained() or self.abandoned)
+            if stopping_now and self.abandoned:
+                if publishing is not None:
+                    with contextlib.suppress(Exception):
+                        await publishing
+                return
             records: list[InRecord] = []
             if not stopping_now:
                 records = await source.fetch(
@@ -825,20 +834,31 @@ class Consumer:
             while True:
                 async with self.lock:
                     if agg.idle() or (not filling and agg.writing is None):
+                        self._failing_since = None  # nothing held back any more
                         return None  # written or dropped by a revoke meanwhile
                     try:
-                        return await agg.write(filling)
+                        offsets = await agg.write(filling)
+                        self._failing_since = None
+                        return offsets
                     except Exception as e:
+                        if self._failing_since is None:
+                            self._failing_since = time.monotonic()
                         # every failed write counted here, whatever failed (a client that
                         # could not even be made: an outside audit saw 48 failed writes and
                         # 4 errors counted)
                         metrics.CLICKHOUSE_ERRORS.labels("insert").inc()
                         log.warning("ClickHouse write failed (%s); retrying in %.1fs", e, backoff)
+                        if deadline is None and self.stopping.is_set():
+                            # a stop began while the write was retried: bounded from here
+                            deadline = time.monotonic() + STOP_WRITE_SECONDS
                         if deadline is not None and time.monotonic() > deadline:
                             log.error(
-                                "stopping with an unwritten batch of %d rows", agg.pending_rows
+                                "stopping with an unwritten batch of %d rows (they are read "
+                                "again at the next start)",
+                                agg.pending_rows,
                             )
                             agg.drop_batch()
+                            self.abandoned = self.stopping.is_set()
                             return None
                         if not paused:
                             source.pause(None)
@@ -852,6 +872,12 @@ class Consumer:
             if paused:
                 async with self.lock:
                     source.resume(None)
+
+    def writes_failing_seconds(self) -> float:
+        """Seconds ClickHouse has refused the events' writes (0 while they succeed): the
+        counter's numbers stop following the beacons meanwhile."""
+        since = self._failing_since
+        return 0.0 if since is None else time.monotonic() - since
 
     async def _commit(self, offsets: dict[int, int] | None) -> None:
         if not offsets:

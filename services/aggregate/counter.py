@@ -304,6 +304,9 @@ SILENT_SECONDS = 10.0
 # Seconds of a consumer group's rebalance after which the numbers are marked ``stale``: no
 # member reads during a rebalance, so beacons accepted since do not show (the spec: within 2 s).
 REBALANCE_STALE_SECONDS = 2.0
+# Seconds of ClickHouse refusing the events' writes after which the numbers are marked
+# ``stale``: what it holds, and so the counter, stops following the beacons.
+WRITES_FAILING_STALE_SECONDS = 2.0
 
 
 class CounterService:
@@ -317,11 +320,14 @@ class CounterService:
         peak_write_seconds: float = PEAK_WRITE_SECONDS,
         silent: Callable[[], float] = lambda: 0.0,
         rebalancing: Callable[[], float] = lambda: 0.0,
+        writes_failing: Callable[[], float] = lambda: 0.0,
     ) -> None:
         self.store = store
         self.silent = silent  # seconds since the broker last answered (Source.silent_seconds)
         # seconds no partition has been read for (a rebalance, a rebuild), 0 when reading
         self.rebalancing = rebalancing
+        # seconds ClickHouse has refused the events' writes (Consumer.writes_failing_seconds)
+        self.writes_failing = writes_failing
         self.registry = registry
         self.topic = topic  # whose consumers' online tallies count ("": every topic's)
         self.interval = interval_seconds
@@ -379,10 +385,19 @@ class CounterService:
         # beacons (they wait in ingest's spool), and who is online would only wear away. The
         # last good numbers stay, with their as_of, marked stale (fresh ones, marked, for a
         # site that has none yet).
-        silence, rebalancing = self.silent(), self.rebalancing()
-        silent = silence > SILENT_SECONDS or rebalancing > REBALANCE_STALE_SECONDS
+        silence, rebalancing, failing = self.silent(), self.rebalancing(), self.writes_failing()
+        silent = (
+            silence > SILENT_SECONDS
+            or rebalancing > REBALANCE_STALE_SECONDS
+            or failing > WRITES_FAILING_STALE_SECONDS
+        )
         if silent and not self._silent_logged:
-            if rebalancing:
+            if failing > WRITES_FAILING_STALE_SECONDS:
+                log.warning(
+                    "ClickHouse has refused the events' writes for %.0f s: numbers are stale",
+                    failing,
+                )
+            elif rebalancing:
                 log.warning(
                     "no partition read for %.0f s (a rebalance of the consumer group, or the "
                     "counting state rebuilt): numbers are stale",

@@ -13,7 +13,7 @@ from aiohttp import web
 from services import http, metrics
 from services.aggregate import api
 from services.aggregate.consume import Aggregator, Consumer
-from services.aggregate.counter import CounterService, first_set
+from services.aggregate.counter import WRITES_FAILING_STALE_SECONDS, CounterService, first_set
 from services.aggregate.sources import KafkaSource, Source
 from services.aggregate.store import Store
 from services.settings import CannotStart, Settings, reason, redact
@@ -105,6 +105,7 @@ def add_aggregate(
         counter.rebalancing = lambda: max(
             source.rebalancing_seconds(), aggregator.rebuilding_seconds()
         )
+        counter.writes_failing = consumer.writes_failing_seconds
 
         async def run() -> None:
             await first_set(migrated, stopping)
@@ -130,7 +131,12 @@ def add_aggregate(
     async def clickhouse_ready() -> tuple[bool, str]:
         if not await store.ping():
             return False, "ClickHouse unreachable"
-        return (True, "ok") if migrated.is_set() else (False, not_migrated)
+        if not migrated.is_set():
+            return False, not_migrated
+        failing = counter.writes_failing()
+        if failing > WRITES_FAILING_STALE_SECONDS:  # it answers, but takes no event
+            return False, f"ClickHouse has refused the events' writes for {failing:.0f} s"
+        return True, "ok"
 
     async def source_ready() -> tuple[bool, str]:
         if not migrated.is_set():  # the consumer joins once ClickHouse has the schema

@@ -114,7 +114,11 @@ class LocalLog:
 
     async def fetch(self, timeout: float, max_records: int) -> list[InRecord]:
         """The next records; the consumer lag is what waits behind them."""
-        if not self._records or self._paused:
+        if self._paused:  # held by the consumer's retries: its backoff, whatever arrives
+            metrics.CONSUMER_LAG.labels("0").set(len(self._records))
+            await asyncio.sleep(timeout)
+            return []
+        if not self._records:
             metrics.CONSUMER_LAG.labels("0").set(len(self._records))
             self._arrived.clear()
             try:
@@ -237,6 +241,7 @@ class KafkaSource:
         # refreshes their high watermarks nor says that the broker answered
         self._held = False
         self._ends_asked = 0.0
+        self._held_ends: dict[int, int] = {}  # partition -> its end, asked while held
         # since when the group has been rebalancing (from the first revoke of a rebalance to
         # its assignment; from the start until the first one); None while stable
         self._rebalancing_since: float | None = time.monotonic()
@@ -321,11 +326,14 @@ class KafkaSource:
         owned = self._consumer.assignment()
         if not owned:
             self._heard_at = time.monotonic()  # nothing to fetch: nothing missed
+        held_ends = self._held_ends
         for tp in owned:
             high = self._consumer.highwater(tp)
             pos = self._position.get(tp.partition)
             if high is not None and pos is not None:
-                metrics.CONSUMER_LAG.labels(str(tp.partition)).set(max(0, high - pos))
+                # held: no fetch moves the high watermark, the ends asked do (the lag only)
+                end = max(high, held_ends.get(tp.partition, high))
+                metrics.CONSUMER_LAG.labels(str(tp.partition)).set(max(0, end - pos))
                 if high < pos:
                     self._shrunk.add(tp.partition)
             polled = self._consumer.last_poll_timestamp(tp)
@@ -354,7 +362,9 @@ class KafkaSource:
             # where it reads next; nothing read yet: where the log ended when last fetched
             pos = self._position.get(tp.partition, self._consumer.highwater(tp))
             if pos is not None:
-                metrics.CONSUMER_LAG.labels(str(tp.partition)).set(max(0, end - pos))
+                self._held_ends[tp.partition] = end
+                if tp.partition not in self._position:
+                    metrics.CONSUMER_LAG.labels(str(tp.partition)).set(max(0, end - pos))
 
     def rebalance_began(self) -> None:
         if self._rebalancing_since is None:
@@ -512,6 +522,7 @@ class KafkaSource:
         self._consumer.resume(*self._tps(partitions))
         if partitions is None:
             self._held = False
+            self._held_ends.clear()
 
     async def dead_letter(self, records: list[InRecord], reason: str) -> None:
         """Publish undecodable records to the dead-letter topic. Bounded: the partition must

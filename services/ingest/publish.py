@@ -62,8 +62,9 @@ def _settle_future(fut: asyncio.Future[None], exc: BaseException | None) -> None
 class LocalPublisher:
     """Standalone hand-off: the record goes straight to the in-process aggregate log."""
 
-    def __init__(self, sink: Callable[[OutRecord], None]) -> None:
+    def __init__(self, sink: Callable[[OutRecord], None], journal: Spool | None = None) -> None:
         self._sink = sink
+        self._journal = journal
         self._open = False
         # the records handed on since the loop last ran ``_count``: one ``inc`` per counter
         # for all of them (a prometheus_client ``inc`` takes a lock: four per beacon cost
@@ -85,6 +86,8 @@ class LocalPublisher:
             self._sink(record)
         except SpoolFullError:
             raise Unavailable("the journal on disk is full") from None
+        except OSError:  # the disk refused it (said and timed by the journal): not taken
+            raise Unavailable("the journal on disk cannot be written") from None
         if not self._uncounted:
             asyncio.get_running_loop().call_soon(self._count)
         self._uncounted.append(record)
@@ -101,7 +104,14 @@ class LocalPublisher:
             metrics.observe_many(metrics.PUBLISH_LATENCY, [now - r.accepted_at for r in uncounted])
 
     def ready(self) -> tuple[bool, str]:
-        return (self._open, "ok" if self._open else "stopped")
+        if not self._open:
+            return (False, "stopped")
+        failure = None if self._journal is None else self._journal.write_failure()
+        if failure is not None:
+            return (False, failure)
+        if self._journal is not None and self._journal.full():
+            return (False, "the journal on disk is full")
+        return (True, "ok")
 
 
 class KafkaPublisher:
@@ -218,6 +228,9 @@ class KafkaPublisher:
             return (False, "shutting down")
         if self._spool.full():
             return (False, "broker unreachable and spool full")
+        failure = self._spool.write_failure()
+        if failure is not None:
+            return (False, failure)
         return (True, "ok" if self._broker_ok else "broker unreachable; spooling")
 
     def submit(self, record: OutRecord, done: Done) -> None:
@@ -272,6 +285,9 @@ class KafkaPublisher:
             self._spool.append(records)
         except SpoolFullError:
             _tell(pending, Unavailable("broker unreachable and spool full"))
+            return
+        except OSError:  # the disk refused the write (said by the spool): nothing made safe
+            _tell(pending, Unavailable("broker unreachable and the spool cannot be written"))
             return
         metrics.count_safe([r.counters for r in records])
         _tell(pending, None)
@@ -435,8 +451,7 @@ class SpoolFirstPublisher(KafkaPublisher):
         except SpoolFullError:
             _tell(pending, Unavailable("broker unreachable and spool full"))
             return
-        except OSError as e:  # the disk refused the write: nothing was made safe
-            log.error("writing %d records to the spool failed (%r)", len(records), e)
+        except OSError:  # the disk refused the write (said by the spool): nothing made safe
             _tell(pending, Unavailable("the spool cannot be written"))
             return
         metrics.count_safe([r.counters for r in records])

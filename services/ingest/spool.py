@@ -23,6 +23,8 @@ checksums (no magic) are read as they were written.
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import fcntl
 import itertools
 import logging
@@ -47,6 +49,9 @@ _RECORD_HEAD = _CHECKED.size + _HEADER.size
 # bytes are a shard number, below 2**24)
 _MAGIC = b"VSSPOOL\x02"
 _SEGMENT_BYTES = 4 * 1024 * 1024
+# After a write the disk refused, the spool is not ready for this long (then the next beacon
+# tries again: a process taken out of service by its readiness gets no beacon to try with).
+WRITE_FAILED_SECONDS = 10.0
 
 log = logging.getLogger(__name__)
 
@@ -126,6 +131,11 @@ class Spool:
         self._tail: int = 0
         self._tail_file: int | None = None
         self._tail_size = 0
+        # the last write the disk refused: when, why, and how many since it was last logged
+        self._failed_at = -WRITE_FAILED_SECONDS
+        self._failure = ""
+        self._failures_unlogged = 0
+        self._failure_logged_at = -WRITE_FAILED_SECONDS
         # the oldest segment still held, and how many of its records were popped: kept in
         # ``head`` so that a restarted process does not take them back
         self._head_segment, self._head_popped = self._read_head()
@@ -163,6 +173,12 @@ class Spool:
         segment = int(path.stem)
         data = path.read_bytes()
         self._tail = max(self._tail, segment + 1)
+        if data.startswith(_MARK_BYTES):
+            # checked records without the magic: a segment begun on a full disk by an older
+            # version, whose magic was refused and whose records were written once there was
+            # room again (an unchecked segment begins with a shard number, below 2**24)
+            log.warning("%s: no magic, its records read as checked ones", path)
+            data = _MAGIC + data
         if not data.startswith(_MAGIC):
             if len(data) > len(_MAGIC) or not _MAGIC.startswith(data):
                 self._load_unchecked(segment, data, skip)
@@ -177,18 +193,16 @@ class Spool:
             self._bytes += size
             self._record_size = max(self._record_size, size)
         if damage:
-            copy = path.with_name(path.name + ".damaged")
-            if not copy.exists():
-                shutil.copyfile(path, copy)
+            kept = _keep_copy(path)
             for start, end in damage:
                 log.error(
                     "%s: bytes %d-%d are damaged and were skipped (%d records of this file "
-                    "kept; a copy of it is kept as %s)",
+                    "kept; %s)",
                     path,
                     start,
                     end - 1,
                     len(records),
-                    copy.name,
+                    kept,
                 )
             metrics.SPOOL_DAMAGED.inc(len(damage))
 
@@ -214,6 +228,13 @@ class Spool:
 
     def empty(self) -> bool:
         return not self._records
+
+    def write_failure(self) -> str | None:
+        """Why the disk refused the last write, for ``WRITE_FAILED_SECONDS`` after it (a write
+        that succeeds since clears it); None otherwise."""
+        if time.monotonic() - self._failed_at < WRITE_FAILED_SECONDS:
+            return self._failure
+        return None
 
     def full(self) -> bool:
         """True once an append was refused, until something was drained, and when the room
@@ -249,25 +270,75 @@ class Spool:
         if self._refused or self._bytes + len(blob) > self._max:
             self._refused = True
             raise SpoolFullError(f"spool full ({self._bytes} bytes)")
-        if self._tail_file is None or self._tail_size + len(blob) > _SEGMENT_BYTES:
-            self._open_tail()
-        assert self._tail_file is not None
-        os.write(self._tail_file, blob)
+        try:
+            if self._tail_file is None or self._tail_size + len(blob) > _SEGMENT_BYTES:
+                self._open_tail()
+            self._write_all(memoryview(blob))
+        except OSError as e:
+            self._failed(e)
+            raise
+        self._failed_at = -WRITE_FAILED_SECONDS
         self._tail_size += len(blob)
         self._bytes += len(blob)
         segment = self._tail - 1
         self._records.extend((segment, rec) for rec in records)
         self._update_metrics()
 
+    def _write_all(self, blob: memoryview) -> None:
+        """All of ``blob`` at the end of the tail segment, or none of it: a write the disk cut
+        short (full) is taken back, and ``OSError`` raised. Records half written and then
+        answered would be dropped at the next start as a write the crash cut."""
+        fd = self._tail_file
+        assert fd is not None
+        done = 0
+        try:
+            while done < len(blob):
+                n = os.write(fd, blob[done:])
+                if n == 0:
+                    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+                done += n
+        except OSError:
+            if done:
+                try:
+                    os.ftruncate(fd, self._tail_size)
+                except OSError:  # cannot take it back: the next records go to a new segment
+                    os.close(fd)
+                    self._tail_file = None
+            raise
+
     def _open_tail(self) -> None:
+        """Begin a new segment, its magic written; nothing is left of it if the disk refuses."""
         if self._tail_file is not None:
             os.close(self._tail_file)
+            self._tail_file = None
         path = self._dir / f"{self._tail:010d}.spool"
-        self._tail_file = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
-        if os.fstat(self._tail_file).st_size == 0:
-            os.write(self._tail_file, _MAGIC)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+        try:
+            size = os.fstat(fd).st_size
+            if size == 0:
+                if os.write(fd, _MAGIC) != len(_MAGIC):
+                    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+                size = len(_MAGIC)
+        except OSError:
+            os.close(fd)
+            path.unlink(missing_ok=True)  # made here, with no record in it
+            raise
+        self._tail_file = fd
         self._tail += 1
-        self._tail_size = len(_MAGIC)
+        self._tail_size = size
+
+    def _failed(self, e: OSError) -> None:
+        """Note a write the disk refused; said at most once per ``WRITE_FAILED_SECONDS``."""
+        now = time.monotonic()
+        self._failed_at, self._failure = now, f"cannot write to {self._dir}: {e.strerror or e}"
+        self._failures_unlogged += 1
+        if now - self._failure_logged_at >= WRITE_FAILED_SECONDS:
+            log.error(
+                "%s (%d writes refused since this was last said; their beacons got 503)",
+                self._failure,
+                self._failures_unlogged,
+            )
+            self._failure_logged_at, self._failures_unlogged = now, 0
 
     def peek(self, n: int) -> list[OutRecord]:
         return [rec for _, rec in itertools.islice(self._records, n)]
@@ -314,6 +385,23 @@ class Spool:
         metrics.SPOOL_DEPTH.set(len(self._records))
         metrics.SPOOL_BYTES.set(self._bytes)
         metrics.SPOOL_CAPACITY.set(self._max)
+
+
+def _keep_copy(path: Path) -> str:
+    """Copy a damaged segment beside itself as ``NAME.damaged`` (whole, or not at all); say
+    what became of the copy."""
+    copy = path.with_name(path.name + ".damaged")
+    if copy.exists():
+        return f"a copy of it is kept as {copy.name}"
+    part = path.with_name(path.name + ".damaged.part")
+    try:
+        shutil.copyfile(path, part)
+        part.rename(copy)
+    except OSError as e:
+        with contextlib.suppress(OSError):
+            part.unlink(missing_ok=True)
+        return f"no copy of it could be kept: {e.strerror or e}"
+    return f"a copy of it is kept as {copy.name}"
 
 
 def _record_at(data: bytes, pos: int) -> tuple[OutRecord, int] | None:

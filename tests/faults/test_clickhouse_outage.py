@@ -8,6 +8,7 @@ import json
 import time
 from typing import Any
 
+import clickhouse_connect
 import pytest
 
 from tests.faults.conftest import (
@@ -79,7 +80,37 @@ def test_clickhouse_down_during_the_stream(
 
     outage(aggregate, sender, clickhouse.kill, clickhouse.start)
     outage(aggregate, sender, clickhouse.pause, clickhouse.resume)
+    # ClickHouse answers every read but refuses the events' inserts ("Too many parts", as when
+    # merges fall behind): the numbers stop following the beacons, so they are stale too
+    client = clickhouse_connect.get_client(dsn=clickhouse.dsn)
+    refusing = "ALTER TABLE events MODIFY SETTING parts_to_throw_insert = 1"
+    taking = "ALTER TABLE events RESET SETTING parts_to_throw_insert"
+    outage(aggregate, sender, lambda: client.command(refusing), lambda: client.command(taking))
     print(f"outages over at {sender.progress():.0%} of the stream")
     sender.rate = 0
     sender.join()
     assert_counter(aggregate.url, plan)
+
+
+def test_a_stop_while_clickhouse_refuses_writes_ends_and_loses_nothing(
+    shared_deployment: Deployment, clickhouse: ChdbHttpServer
+) -> None:
+    """SIGTERM while the background write of a batch is being retried: the stop gives it up
+    after ``STOP_WRITE_SECONDS`` and ends (an outside audit saw it retried until the 75 s
+    watchdog, past Kubernetes' grace period); the next process counts what it held."""
+    d = shared_deployment
+    ingest = d.ingest()
+    aggregate = d.aggregate()
+    plan = Plan.generate(3_000, seed=16)
+    sender = Sender([ingest.url], plan, rate=300).start()
+    wait_counting(aggregate.url, 0)
+    client = clickhouse_connect.get_client(dsn=clickhouse.dsn)
+    client.command("ALTER TABLE events MODIFY SETTING parts_to_throw_insert = 1")
+    wait_for(lambda: aggregate.log().count(WRITE_FAILED) >= 2, what="writes refused")
+    assert aggregate.stop(timeout=70) == 0
+    log = aggregate.log()
+    assert "stopping with an unwritten batch" in log and "is stuck" not in log, log
+    client.command("ALTER TABLE events RESET SETTING parts_to_throw_insert")
+    again = d.aggregate()
+    sender.join()
+    assert_counter(again.url, plan)

@@ -93,6 +93,14 @@ async def test_partitions_held_paused_still_see_their_lag_and_the_broker(tansu: 
     await producer.start()
     try:
         async with assigned_source(tansu, "held") as source:
+            # some records read first: the lag then has a position to count from
+            for i in range(20):
+                await producer.send_and_wait("held", b"{}", partition=i % 2)
+            read = 0
+            deadline = time.monotonic() + 30
+            while read < 20 and time.monotonic() < deadline:
+                read += len(await source.fetch(0.2, 100))
+            assert read == 20
             await fetch_for(source, 1)
             before = lag()
             source.pause(None)

@@ -4,6 +4,7 @@ process left is read back by the next one, renumbered from ClickHouse's resume p
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
 
 import pytest
@@ -81,3 +82,20 @@ def test_the_spool_says_how_much_it_may_hold(tmp_path: Path) -> None:
         assert sample.value == 123_456
     finally:
         spool.close()
+
+
+async def test_held_it_waits_out_the_backoff_whatever_arrives(tmp_path: Path) -> None:
+    """While ClickHouse refuses writes the consumer holds the log paused and waits in ``fetch``
+    between attempts: beacons still arriving must not cut that wait short (an outside audit saw
+    about 90 attempts a second, each logged, each counted as an error)."""
+    log = LocalLog(Spool.claim(tmp_path, 1 << 20, metered=False))
+    log.pause(None)
+    loop = asyncio.get_running_loop()
+    for i in range(3):
+        loop.call_later(0.05 * (i + 1), log.append, record(i))
+    started = loop.time()
+    assert await log.fetch(0.3, 1) == []
+    assert loop.time() - started >= 0.3  # a lower bound: asyncio.sleep never ends early
+    assert log.pending() == 3
+    log.resume(None)
+    assert [r.value for r in await log.fetch(0.1, 10)] == [b"value-0", b"value-1", b"value-2"]

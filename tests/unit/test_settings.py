@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from services.settings import Settings
@@ -30,3 +32,18 @@ def test_a_bad_value_names_its_variable(name: str, value: str, message: str) -> 
     with pytest.raises(SystemExit) as e:
         Settings.from_env({name: value})
     assert str(e.value).startswith(f"{name} {message}")
+
+
+@pytest.mark.parametrize(
+    ("data_dir", "path"),
+    [("/srv/stats", "/srv/stats/clickhouse"), ("data", "data/clickhouse"), ("", "data/clickhouse")],
+)
+def test_the_embedded_clickhouse_is_in_the_data_directory(
+    data_dir: str, path: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An absolute data directory keeps ClickHouse on it, not under the working directory
+    (an outside audit found ``/mnt/data`` made ``chdb://.//mnt/data/clickhouse``)."""
+    monkeypatch.chdir(tmp_path)
+    url = Settings.from_env({"VISITORSTATS_DATA_DIR": data_dir} if data_dir else {}).clickhouse_url
+    assert url.startswith("chdb://")
+    assert Path(url[len("chdb://") :]).resolve() == tmp_path / path  # "/" + absolute: absolute

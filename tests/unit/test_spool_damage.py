@@ -155,3 +155,36 @@ def test_a_spool_loaded_nearly_full_is_full_before_its_first_refusal(tmp_path: P
     used = Spool(tmp_path, 1 << 20).bytes
     assert Spool(tmp_path, used + 10).full()
     assert not Spool(tmp_path, used + 200).full()
+
+
+def test_a_segment_whose_magic_a_full_disk_refused_keeps_its_records(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """An older version began a segment on a full disk, its magic refused, and wrote checked
+    records in it once there was room: they are read, not taken for unchecked ones (which
+    found none of them)."""
+    (path,) = written(tmp_path)
+    path.write_bytes(path.read_bytes()[len(b"VSSPOOL\x02") :])
+    before = damaged_count()
+    with caplog.at_level(logging.WARNING):
+        spool = Spool(tmp_path, 1 << 20)
+    assert values(spool) == list(range(N))
+    assert damaged_count() == before
+    assert "no magic" in caplog.text
+
+
+def test_damage_on_a_full_disk_says_that_no_copy_was_kept(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The copy of a damaged segment cannot be made (here: a directory stands where it goes):
+    the records are kept, and the log does not claim a copy."""
+    old, _ = written(tmp_path, 2)
+    data = bytearray(old.read_bytes())
+    data[200] ^= 0xFF
+    old.write_bytes(bytes(data))
+    (tmp_path / (old.name + ".damaged.part")).mkdir()
+    with caplog.at_level(logging.ERROR):
+        spool = Spool(tmp_path, 1 << 20)
+    assert len(values(spool)) == 2 * N - 1
+    assert "no copy of it could be kept" in caplog.text
+    assert not (tmp_path / (old.name + ".damaged")).exists()
