@@ -112,6 +112,7 @@ def _metrics_registry() -> CollectorRegistry:
     registry = CollectorRegistry()
     multiprocess.MultiProcessCollector(registry, directory)  # type: ignore[no-untyped-call]
     registry.register(WorkersProcessCollector(directory))
+    registry.register(metrics.DISK_ROOM)
     return registry
 
 
@@ -241,6 +242,7 @@ def add_ready_check(app: web.Application, name: str, check: ReadyCheck) -> None:
 
 
 def new_app(settings: Settings) -> web.Application:
+    metrics.DISK_ROOM.watch("data", settings.data_dir)
     app = web.Application(client_max_size=settings.client_max_size, middlewares=[json_errors])
     app.on_response_prepare.append(_common_headers)
     add_routes(app)

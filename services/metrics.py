@@ -13,10 +13,16 @@ maximum, as their ``multiprocess_mode`` says).
 
 from __future__ import annotations
 
+import os
 from bisect import bisect_left
+from collections.abc import Iterable
+from pathlib import Path
 from typing import Any
 
-from prometheus_client import Counter, Gauge, Histogram, disable_created_metrics
+from prometheus_client import REGISTRY, Counter, Gauge, Histogram, disable_created_metrics
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.metrics_core import Metric
+from prometheus_client.registry import Collector
 
 # No ``*_created`` series beside every counter and histogram: nothing here reads them, and they
 # doubled the series a Prometheus stores.
@@ -178,6 +184,41 @@ STREAM_SUBSCRIBERS = Gauge(
     multiprocess_mode="livesum",
 )
 
+
+class DiskRoom(Collector):
+    """The room on the file systems of the service's directories, read at each scrape: a full
+    disk refuses the spool's and the journal's writes (beacons get 503), and ClickHouse's."""
+
+    def __init__(self) -> None:
+        self.dirs: dict[str, Path] = {}
+
+    def watch(self, name: str, path: Path) -> None:
+        self.dirs[name] = path
+
+    def collect(self) -> Iterable[Metric]:
+        free = GaugeMetricFamily(
+            "visitorstats_disk_free_bytes",
+            "Bytes the service may still write on the file system of each of its directories "
+            "(dir: data, the data directory; spool, ingest's spool).",
+            labels=["dir"],
+        )
+        size = GaugeMetricFamily(
+            "visitorstats_disk_size_bytes",
+            "Size of the file system of each of the service's directories.",
+            labels=["dir"],
+        )
+        for name, path in sorted(self.dirs.items()):
+            try:
+                st = os.statvfs(path)
+            except OSError:  # not made yet
+                continue
+            free.add_metric([name], st.f_bavail * st.f_frsize)
+            size.add_metric([name], st.f_blocks * st.f_frsize)
+        return [free, size]
+
+
+DISK_ROOM = DiskRoom()
+REGISTRY.register(DISK_ROOM)
 
 # Each service's /metrics shows its own families and the shared ones (``visitorstats run``, all):
 # an ingest process showing events_consumed_total 0 misleads a query without a job selector.

@@ -414,6 +414,8 @@ class Store:
             for mig in migrations():
                 if mig.version in done:
                     continue
+                # said before, as one may take a while (a table's rows rewritten)
+                log.info("applying migration %04d_%s to ClickHouse", mig.version, mig.name)
                 for statement in render(mig, cluster, database_of(self.url)):
                     client.command(statement)
                 client.insert(

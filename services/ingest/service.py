@@ -48,6 +48,7 @@ def kafka_publisher(settings: Settings) -> KafkaPublisher:
     if not settings.kafka_bootstrap:
         raise SystemExit("VISITORSTATS_KAFKA_BOOTSTRAP is required to publish to Kafka")
     spool = Spool.claim(settings.spool_dir, settings.spool_max_bytes)
+    metrics.DISK_ROOM.watch("spool", settings.spool_dir)
     linger = settings.publish_linger_seconds
     if settings.publish_ack == "spool":
         return SpoolFirstPublisher(

@@ -50,6 +50,12 @@ def test_metrics_add_up_every_worker(tmp_path: Path, tansu: Tansu) -> None:
             assert sample_of(text, "process_resident_memory_bytes") > 1.2 * max(rss)
             assert sample_of(text, "process_cpu_seconds_total") > 0
             assert sample_of(text, "process_open_fds") > 2 * 3
+            # the room on the disks of the data directory and the spool, as statvfs says now
+            room = os.statvfs(tmp_path / "data")
+            for d in ("data", "spool"):
+                free = sample(text, "visitorstats_disk_free_bytes", f'dir="{d}"')
+                size = sample(text, "visitorstats_disk_size_bytes", f'dir="{d}"')
+                assert size == room.f_blocks * room.f_frsize and 0 < free <= size
         metrics_dirs = list((tmp_path / "data").glob("metrics-*"))
         assert len(metrics_dirs) == 1
         assert len(list(metrics_dirs[0].glob("counter_*.db"))) >= 2  # one file per worker
