@@ -155,6 +155,9 @@ class KafkaPublisher:
         self._flusher: asyncio.Task[None] | None = None
         self._drainer: asyncio.Task[None] | None = None
         self._adopter: asyncio.Task[None] | None = None
+        # the batch of a spool on its way to the broker: a stop lets it finish (it is
+        # forgotten once acknowledged), not cancelled after the broker took it and sent again
+        self._in_flight: set[asyncio.Future[None]] = set()
         self._partitions: list[int] = []
         self._broker_ok = False
         self._closing = False
@@ -210,6 +213,7 @@ class KafkaPublisher:
             if task:
                 task.cancel()
                 await asyncio.gather(task, return_exceptions=True)
+        await asyncio.gather(*self._in_flight, return_exceptions=True)
         if not self._spool.empty():
             try:
                 # while the broker answers, drain it all; if it is away, do not hold the stop
@@ -344,9 +348,21 @@ class KafkaPublisher:
     async def _drain(self, spool: Spool) -> None:
         """Send everything ``spool`` holds, oldest first, forgetting it as it is acknowledged."""
         while not spool.empty():
-            records = spool.peek(5000)
+            await self._send_then_forget(spool, 5000)
+
+    async def _send_then_forget(self, spool: Spool, n: int) -> None:
+        """Send the oldest ``n`` records of ``spool`` and forget them once acknowledged; the
+        tasks that call this may be cancelled (a stop), the batch is not (``_in_flight``)."""
+        records = spool.peek(n)
+
+        async def send() -> None:
             await self._send(records)
             spool.pop(len(records))
+
+        batch = asyncio.ensure_future(send())
+        self._in_flight.add(batch)
+        batch.add_done_callback(self._in_flight.discard)
+        await asyncio.shield(batch)
 
     async def _drain_loop(self) -> None:
         """While the spool holds records, retry the broker with backoff and drain in order;
@@ -477,8 +493,7 @@ class SpoolFirstPublisher(KafkaPublisher):
     async def _ship_batch(self) -> None:
         """Send the oldest records of the spool, then forget them."""
         records = self._spool.peek(self._ship_max)
-        await self._send(records)
-        self._spool.pop(len(records))
+        await self._send_then_forget(self._spool, self._ship_max)
         now = time.monotonic()
         metrics.observe_many(metrics.PUBLISH_LATENCY, [now - r.accepted_at for r in records])
 
