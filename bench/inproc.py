@@ -147,6 +147,9 @@ class _MemorySource:
     def rebalancing_seconds(self) -> float:
         return 0.0
 
+    def behind(self) -> int:
+        return 0
+
     def rebase(self, bases: dict[int, int]) -> None:
         pass
 

@@ -307,6 +307,10 @@ REBALANCE_STALE_SECONDS = 2.0
 # Seconds of ClickHouse refusing the events' writes after which the numbers are marked
 # ``stale``: what it holds, and so the counter, stops following the beacons.
 WRITES_FAILING_STALE_SECONDS = 2.0
+# Seconds the consumer may read behind the log's end, counting nothing newer than that, before
+# the numbers are marked ``stale``: the broker answers, but the numbers fall behind the beacons
+# (a soak on the test broker saw them minutes old, online fallen to 0, and "stale": false).
+BEHIND_STALE_SECONDS = 10.0
 
 
 class CounterService:
@@ -321,6 +325,7 @@ class CounterService:
         silent: Callable[[], float] = lambda: 0.0,
         rebalancing: Callable[[], float] = lambda: 0.0,
         writes_failing: Callable[[], float] = lambda: 0.0,
+        behind: Callable[[], int] = lambda: 0,
     ) -> None:
         self.store = store
         self.silent = silent  # seconds since the broker last answered (Source.silent_seconds)
@@ -328,6 +333,10 @@ class CounterService:
         self.rebalancing = rebalancing
         # seconds ClickHouse has refused the events' writes (Consumer.writes_failing_seconds)
         self.writes_failing = writes_failing
+        self.behind = behind  # records waiting past what was read (Source.behind)
+        self.behind_seconds = 0.0  # how far the numbers fall behind, as of the last refresh
+        self._behind_since: float | None = None
+        self._newest_ms = 0  # the newest accepted event written
         self.registry = registry
         self.topic = topic  # whose consumers' online tallies count ("": every topic's)
         self.interval = interval_seconds
@@ -347,6 +356,8 @@ class CounterService:
     def note_flushed(self, ts_ms: list[int]) -> None:
         """Events were written: ``run`` refreshes as soon as it may (``min_gap_seconds``)."""
         self._flushed.extend(ts_ms)
+        if ts_ms:
+            self._newest_ms = max(self._newest_ms, max(ts_ms))
         self._landed.set()
 
     async def refresh(self) -> None:
@@ -386,13 +397,21 @@ class CounterService:
         # last good numbers stay, with their as_of, marked stale (fresh ones, marked, for a
         # site that has none yet).
         silence, rebalancing, failing = self.silent(), self.rebalancing(), self.writes_failing()
+        lagging = self._lagging(now_ms)
         silent = (
             silence > SILENT_SECONDS
             or rebalancing > REBALANCE_STALE_SECONDS
             or failing > WRITES_FAILING_STALE_SECONDS
+            or lagging > BEHIND_STALE_SECONDS
         )
         if silent and not self._silent_logged:
-            if failing > WRITES_FAILING_STALE_SECONDS:
+            if lagging > BEHIND_STALE_SECONDS:
+                log.warning(
+                    "reading behind the log's end for %.0f s (%d records wait): numbers are stale",
+                    lagging,
+                    self.behind(),
+                )
+            elif failing > WRITES_FAILING_STALE_SECONDS:
                 log.warning(
                     "ClickHouse has refused the events' writes for %.0f s: numbers are stale",
                     failing,
@@ -431,6 +450,20 @@ class CounterService:
             metrics.FRESHNESS.observe(max(0.0, done - ts / 1000))
         for site in new_peaks:
             self._unwritten[site.id] = self._peaks[site.id]
+
+    def _lagging(self, now_ms: int) -> float:
+        """Seconds the numbers fall behind the beacons while records wait past what was read:
+        as long as records have waited, and as old as the newest event written (under a
+        steady load records always wait, but the newest written is a moment old)."""
+        if self.behind() <= 0:
+            self._behind_since = None
+            self.behind_seconds = 0.0
+            return 0.0
+        now = now_ms / 1000
+        if self._behind_since is None:
+            self._behind_since = now
+        self.behind_seconds = min(now - self._behind_since, now - self._newest_ms / 1000)
+        return self.behind_seconds
 
     async def write_peaks(self) -> None:
         """Store the new peaks seen since the last write, every site's in one insert. Until

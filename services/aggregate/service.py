@@ -13,7 +13,12 @@ from aiohttp import web
 from services import http, metrics
 from services.aggregate import api
 from services.aggregate.consume import Aggregator, Consumer
-from services.aggregate.counter import WRITES_FAILING_STALE_SECONDS, CounterService, first_set
+from services.aggregate.counter import (
+    BEHIND_STALE_SECONDS,
+    WRITES_FAILING_STALE_SECONDS,
+    CounterService,
+    first_set,
+)
 from services.aggregate.sources import KafkaSource, Source
 from services.aggregate.store import Store
 from services.settings import CannotStart, Settings, reason, redact
@@ -39,6 +44,7 @@ def add_aggregate(
         settings.counter_interval_seconds,
         topic=source.topic,
         silent=source.silent_seconds,
+        behind=source.behind,
     )
     stopping = asyncio.Event()
     migrated = asyncio.Event()
@@ -141,7 +147,10 @@ def add_aggregate(
     async def source_ready() -> tuple[bool, str]:
         if not migrated.is_set():  # the consumer joins once ClickHouse has the schema
             return False, "not consuming until ClickHouse has the schema"
-        return source.ready()
+        ok, detail = source.ready()
+        if ok and counter.behind_seconds > BEHIND_STALE_SECONDS:
+            return False, f"reading behind the log's end for {counter.behind_seconds:.0f} s"
+        return ok, detail
 
     app.cleanup_ctx.extend([store_ctx, counter_ctx, consume_ctx])
     http.add_ready_check(app, "clickhouse", clickhouse_ready)

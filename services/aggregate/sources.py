@@ -69,6 +69,7 @@ class Source(Protocol):
     def ready(self) -> tuple[bool, str]: ...
     def silent_seconds(self) -> float: ...
     def rebalancing_seconds(self) -> float: ...
+    def behind(self) -> int: ...
     def rebase(self, bases: dict[int, int]) -> None: ...
     async def replaced(self, last: dict[int, tuple[int, str]]) -> dict[int, int]: ...
     def shrunk(self) -> list[int]: ...
@@ -181,6 +182,9 @@ class LocalLog:
 
     def silent_seconds(self) -> float:
         return 0.0  # ingest appends in the same process: never cut off
+
+    def behind(self) -> int:
+        return len(self._records)
 
     def rebalancing_seconds(self) -> float:
         return 0.0  # no group
@@ -379,6 +383,16 @@ class KafkaSource:
         following the beacons, however well the broker answers."""
         since = self._rebalancing_since
         return 0.0 if since is None else time.monotonic() - since
+
+    def behind(self) -> int:
+        """Records after where this process reads, up to the ends of its partitions as last
+        heard (the consumer lag, summed)."""
+        waiting = 0
+        for tp in self._consumer.assignment():
+            high, pos = self._consumer.highwater(tp), self._position.get(tp.partition)
+            if high is not None and pos is not None:
+                waiting += max(0, max(high, self._held_ends.get(tp.partition, high)) - pos)
+        return waiting
 
     def silent_seconds(self) -> float:
         """Seconds since the broker last answered a fetch of a partition this process owns:

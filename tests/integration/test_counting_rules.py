@@ -21,7 +21,12 @@ import pytest
 
 from services.aggregate import store as store_module
 from services.aggregate.consume import Aggregator
-from services.aggregate.counter import REBALANCE_STALE_SECONDS, SILENT_SECONDS, CounterService
+from services.aggregate.counter import (
+    BEHIND_STALE_SECONDS,
+    REBALANCE_STALE_SECONDS,
+    SILENT_SECONDS,
+    CounterService,
+)
 from services.aggregate.sources import InRecord
 from services.aggregate.store import Store
 from services.record import Event, encode
@@ -497,6 +502,39 @@ async def test_the_numbers_are_stale_while_the_group_rebalances(rig: Rig) -> Non
     now = service.prepared["hcm"].payload
     assert now["stale"] is False
     assert now["pageviews"]["total"] == good["pageviews"]["total"] + 1
+
+
+async def test_the_numbers_are_stale_while_the_consumer_reads_far_behind(rig: Rig) -> None:
+    """The broker answers, but records wait past what was read and nothing newer than
+    ``BEHIND_STALE_SECONDS`` ago is written: the last good numbers, marked stale (a soak saw
+    them minutes old, online fallen to 0, unmarked). Under a steady load records always wait,
+    but what was written is a moment old: not stale."""
+    waiting = [0]
+    service = CounterService(
+        rig.store, rig.registry, clock=lambda: rig.now, topic=rig.topic, behind=lambda: waiting[0]
+    )
+
+    async def written(visitor: str, t: float, refresh_at: float) -> dict[str, Any]:
+        await rig.send("hcm", visitor, t=t)
+        service.note_flushed([int(t * 1000)])
+        await tick_at(rig, refresh_at)
+        await service.refresh()
+        payload: dict[str, Any] = service.prepared["hcm"].payload
+        return payload
+
+    good = await written("a", T0, T0 + 1)
+    assert good["stale"] is False
+    waiting[0] = 500
+    for i in range(1, 60, 3):  # records wait all along; each refresh sees one written 1 s ago
+        steady = await written(f"s{i}", T0 + i, T0 + i + 1)
+        assert steady["stale"] is False, i
+    await tick_at(rig, T0 + 60 + BEHIND_STALE_SECONDS + 1)
+    await service.refresh()
+    assert service.prepared["hcm"].payload == {**steady, "stale": True}
+    assert service.behind_seconds > BEHIND_STALE_SECONDS
+    waiting[0] = 0  # caught up
+    await service.refresh()
+    assert service.prepared["hcm"].payload["stale"] is False and service.behind_seconds == 0
 
 
 async def test_a_counter_with_no_numbers_yet_serves_the_stored_ones_stale_while_silent(

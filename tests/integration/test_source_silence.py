@@ -111,6 +111,7 @@ async def test_partitions_held_paused_still_see_their_lag_and_the_broker(tansu: 
             # it grows with what waits (Tansu's answer of the ends may fall batches short: 130 of
             # 200 seen here; without the ends asked, it stayed where it was)
             assert lag() >= before + 100, (before, lag())
+            assert source.behind() == lag()  # what the counter is told waits
             assert source.silent_seconds() < 5
             assert source.ready() == (True, "ok")
             source.resume(None)
@@ -119,5 +120,7 @@ async def test_partitions_held_paused_still_see_their_lag_and_the_broker(tansu: 
             while read < 200 and time.monotonic() < deadline:
                 read += len(await source.fetch(0.2, 100))
             assert read == 200
+            await fetch_for(source, 1)
+            assert source.behind() == 0
     finally:
         await producer.stop()
