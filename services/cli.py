@@ -14,6 +14,7 @@ from typing import IO
 
 from services.settings import CannotStart, Settings, database_of, reason, redact
 from services.sites import Registry, RegistryError
+from services.version import VERSION
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -22,6 +23,7 @@ def _parser() -> argparse.ArgumentParser:
         description="visitorstats: the visitor counter of a portal's pages. Every setting is "
         "an environment variable (VISITORSTATS_*, see the README); a flag overrides it.",
     )
+    parser.add_argument("--version", action="version", version=f"visitorstats {VERSION}")
     sub = parser.add_subparsers(dest="command", required=True)
     for name, text in (
         (

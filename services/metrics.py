@@ -24,6 +24,8 @@ from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.metrics_core import Metric
 from prometheus_client.registry import Collector
 
+from services.version import VERSION
+
 # No ``*_created`` series beside every counter and histogram: nothing here reads them, and they
 # doubled the series a Prometheus stores.
 disable_created_metrics()  # type: ignore[no-untyped-call]
@@ -183,6 +185,14 @@ STREAM_SUBSCRIBERS = Gauge(
     "Open counter streams (server-sent events).",
     multiprocess_mode="livesum",
 )
+
+BUILD_INFO = Gauge(
+    "visitorstats_build_info",
+    "1, labelled with the version of visitorstats that runs.",
+    ["version"],
+    multiprocess_mode="max",
+)
+BUILD_INFO.labels(VERSION).set(1)
 
 
 class DiskRoom(Collector):

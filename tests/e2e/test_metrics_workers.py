@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from services.version import VERSION
 from tests.support.procs import Service, http, send_beacon, write_sites
 from tests.support.tansu import Tansu, count_records
 
@@ -50,6 +51,7 @@ def test_metrics_add_up_every_worker(tmp_path: Path, tansu: Tansu) -> None:
             assert sample_of(text, "process_resident_memory_bytes") > 1.2 * max(rss)
             assert sample_of(text, "process_cpu_seconds_total") > 0
             assert sample_of(text, "process_open_fds") > 2 * 3
+            assert sample(text, "visitorstats_build_info", f'version="{VERSION}"') == 1
             # the room on the disks of the data directory and the spool, as statvfs says now
             room = os.statvfs(tmp_path / "data")
             for d in ("data", "spool"):

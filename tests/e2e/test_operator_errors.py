@@ -11,6 +11,7 @@ import subprocess
 import sys
 import threading
 import time
+from importlib.metadata import version
 from pathlib import Path
 
 import clickhouse_connect
@@ -78,6 +79,11 @@ def test_a_setting_that_cannot_work_is_one_line_and_an_exit(
     assert code != 0, out
     assert says in out, out
     assert "Traceback" not in out and "s3cr3t" not in out, out
+
+
+def test_the_version_is_said(tmp_path: Path) -> None:
+    code, out = visitorstats(tmp_path, "--version")
+    assert code == 0 and out.strip() == f"visitorstats {version('visitorstats')}", out
 
 
 def test_a_taken_port_and_a_taken_data_directory_are_said_so(tmp_path: Path) -> None:
