@@ -45,6 +45,10 @@ class Event(NamedTuple):
     # put them in the log out of that order. The record carries it as ``ts_us``, the whole time
     # in microseconds (``ts == ts_us // 1000``); a record without it has 0.
     micros: int = 0
+    # The site's time zone as ingest's registry has it: an aggregate whose registry does not
+    # have the site yet (a rollout that reached ingest first) counts its events in it, so none
+    # is lost; "" in a record from before it was sent.
+    tz: str = ""
 
 
 def record_key(site: str, visitor: str) -> bytes:
@@ -68,6 +72,7 @@ def encode_fields(
     referrer: str,
     title: str,
     micros: int = 0,
+    tz: str = "",
 ) -> bytes:
     """``encode(Event(...))`` without making the ``Event`` (ingest's hot path)."""
     value: dict[str, Any] = {
@@ -85,6 +90,8 @@ def encode_fields(
     }
     if visitor_prev:
         value["visitor_prev"] = visitor_prev
+    if tz:
+        value["tz"] = tz
     return orjson.dumps(value)
 
 
@@ -116,6 +123,7 @@ class _Wire(msgspec.Struct, gc=False):
     title: Annotated[str, msgspec.Meta(max_length=1024)] = ""
     ts_us: int | msgspec.UnsetType = msgspec.UNSET  # absent: the record has no microseconds
     visitor_prev: _Short | None = None
+    tz: Annotated[str, msgspec.Meta(max_length=64)] = ""
 
 
 _decode_wire = msgspec.json.Decoder(_Wire).decode
@@ -153,6 +161,7 @@ def decode(raw: bytes | None) -> Event:
                 w.referrer,
                 w.title,
                 micros,
+                w.tz,
             ),
         )
     return _decode_slow(raw)
@@ -203,4 +212,5 @@ def _decode_checked(value: dict[str, Any]) -> Event:
         _str(value, "referrer", required=False),
         _str(value, "title", required=False, limit=1024),
         ts_us - ts * 1000,
+        _str(value, "tz", required=False, limit=64),
     )

@@ -166,6 +166,7 @@ class Aggregator:
     ) -> None:
         self.store = store
         self.registry = registry
+        self._strangers: set[str] = set()  # sites counted by the tz of their records
         self.settings = settings
         self.topic = topic
         self.clock = clock
@@ -373,6 +374,8 @@ class Aggregator:
         sites = self.registry.sites
         parts = self.batch.parts
         duplicates = 0
+        strangers = self._strangers
+        known = len(strangers)
         for partition, run in groupby(records, _partition_of):
             state = self.states.get(partition)
             if state is None or partition in self.needs_reset:
@@ -384,13 +387,20 @@ class Aggregator:
             if pending is None:
                 pending = Pending(base=self.bases.get(partition, 0))
             after, dups = count_run(
-                state, partition, run, after, sites, pending.rows, bad, self._gap
+                state, partition, run, after, sites, pending.rows, bad, self._gap, strangers
             )
             duplicates += dups
             if after != first:
                 self.next_offset[partition] = after
                 pending.last = after - 1
                 parts[partition] = pending
+        if len(strangers) != known:
+            log.warning(
+                "counting records of sites this service's registry does not have, in the time "
+                "zone ingest gave: %s (ingest's sites.toml has them: their counters are served "
+                "once they are added here)",
+                ", ".join(sorted(strangers)),
+            )
         return duplicates
 
     def _gap(self, partition: int, after: int, offset: int) -> bool:

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping
 from typing import Protocol, TypeVar
-from zoneinfo import ZoneInfo
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from services.aggregate.counting import PartitionState, Row
 from services.record import RecordError, decode
@@ -26,6 +26,22 @@ class _Site(Protocol):
 
 R = TypeVar("R", bound=_Record)
 
+# Time zones named by records of sites this registry does not have (``Event.tz``), made once;
+# None for a name that is no zone. Bounded: ingest names only its registry's zones.
+_ZONES: dict[str, ZoneInfo | None] = {}
+
+
+def _zone(name: str) -> ZoneInfo | None:
+    if name in _ZONES:
+        return _ZONES[name]
+    try:
+        zone: ZoneInfo | None = ZoneInfo(name) if name else None
+    except (ZoneInfoNotFoundError, ValueError):
+        zone = None
+    if len(_ZONES) < 1000:
+        _ZONES[name] = zone
+    return zone
+
 
 def count_run(
     state: PartitionState,
@@ -36,13 +52,16 @@ def count_run(
     rows: list[Row],
     bad: list[tuple[R, str]],
     gap: Callable[[int, int, int], bool],
+    strangers: set[str],
 ) -> tuple[int, int]:
     """Count ``run`` (records of ``partition`` in log order) from offset ``after`` on: each
     counted row goes to ``rows``, each record that cannot be counted to ``bad`` with the
     reason. A record below ``after`` was counted already (a redelivery, a stale prefetch); at
     a record past it, ``gap(partition, after, offset)`` says whether to stop (the rest is read
     again from ``after``). Returns the offset after the last record taken, and the number of
-    duplicates."""
+    duplicates. A record of a site that ``sites`` does not have is counted in the time zone
+    it names (ingest's registry has the site, this one not yet: a rollout that reached ingest
+    first), and its site added to ``strangers``."""
     duplicates = 0
     for rec in run:
         offset = rec.offset
@@ -57,10 +76,16 @@ def count_run(
             bad.append((rec, str(e)))
             continue
         site = sites.get(event.site)
-        if site is None:
-            bad.append((rec, f"unknown site {event.site!r}"))
-            continue
-        row = state.apply(event, site.tz, partition, offset)
+        if site is not None:
+            zone = site.tz
+        else:
+            found = _zone(event.tz)
+            if found is None:
+                bad.append((rec, f"unknown site {event.site!r}"))
+                continue
+            zone = found
+            strangers.add(event.site)
+        row = state.apply(event, zone, partition, offset)
         if row is None:
             duplicates += 1
             continue

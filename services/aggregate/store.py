@@ -119,6 +119,7 @@ def event_columns(rows: Sequence[Row], topic: str, base: int = 0) -> list[Sequen
         referrers,
         titles,
         micros,
+        _tzs,
     ) = zip(*events, strict=True)
     return [
         sites,

@@ -268,6 +268,7 @@ class Pipeline:
             referrer=beacon.referrer,
             title=beacon.title,
             micros=now_us - now_ms * 1000,
+            tz=site.timezone,
         )
         counters = self._counters.get((site.id, endpoint))
         if counters is None:

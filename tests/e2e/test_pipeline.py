@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -12,7 +13,15 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from services.metrics import AGGREGATE, INGEST, families
 from tests.e2e.traffic import Truth, portal_traffic
-from tests.support.procs import Service, http, numbers, wait_counter, write_sites
+from tests.support.procs import (
+    SITES_TOML,
+    Service,
+    http,
+    numbers,
+    send_beacon,
+    wait_counter,
+    write_sites,
+)
 from tests.support.tansu import Tansu
 
 pytestmark = pytest.mark.e2e
@@ -102,6 +111,32 @@ def test_totals_survive_a_restart_of_the_aggregate_service(
     aggregate.start()
     after = wait_counter(aggregate.url, SITE, lambda c: numbers(c) == want)
     assert numbers(after) == want
+
+
+def test_a_site_that_reached_ingest_before_the_aggregate_loses_no_beacon(
+    tmp_path: Path, kafka_deployment: tuple[Service, Service]
+) -> None:
+    """A rollout of a new sites.toml restarts ingest before the aggregate: the aggregate
+    counts the new site's beacons meanwhile, in the time zone the records name, and serves
+    them once it has the site too (an outside audit saw them dead-lettered, never counted)."""
+    ingest, aggregate = kafka_deployment
+    write_sites(tmp_path, SITES_TOML + '\n[sites.moi]\nname = "Cổng mới"\ntimezone = "UTC"\n')
+    assert ingest.stop() == 0
+    ingest.start()
+    for i in range(5):
+        assert send_beacon(ingest.url, "moi", client=f"203.0.113.{i + 1}") == 202
+    deadline = time.monotonic() + 30
+    while "this service's registry does not have" not in aggregate.log():
+        assert time.monotonic() < deadline, aggregate.log()
+        time.sleep(0.2)
+    assert "moi" in aggregate.log()
+    assert http("GET", f"{aggregate.url}/v1/sites/moi/counter")[0] == 404  # not its site yet
+    _, _, body = http("GET", f"{aggregate.url}/metrics")
+    assert "\nvisitorstats_dead_letters_total 0.0\n" in body.decode()
+    assert aggregate.stop() == 0
+    aggregate.start()
+    got = wait_counter(aggregate.url, "moi", lambda c: c["pageviews"]["total"] == 5)
+    assert got["pageviews"]["total"] == 5 and got["visits"]["today"] == 5, got
 
 
 def test_standalone_graceful_stop_loses_no_accepted_beacon(tmp_path: Path) -> None:
