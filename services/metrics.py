@@ -209,7 +209,8 @@ class DiskRoom(Collector):
         free = GaugeMetricFamily(
             "visitorstats_disk_free_bytes",
             "Bytes the service may still write on the file system of each of its directories "
-            "(dir: data, the data directory; spool, ingest's spool).",
+            "(dir: data, the data directory; spool, ingest's spool; clickhouse, the embedded "
+            "ClickHouse).",
             labels=["dir"],
         )
         size = GaugeMetricFamily(

@@ -167,6 +167,7 @@ class Aggregator:
         self.store = store
         self.registry = registry
         self._strangers: set[str] = set()  # sites counted by the tz of their records
+        self._tallies_failure_said = float("-inf")
         self.settings = settings
         self.topic = topic
         self.clock = clock
@@ -653,7 +654,10 @@ class Aggregator:
             await self.store.write_online(rows)
         except Exception as e:
             metrics.CLICKHOUSE_ERRORS.labels("insert").inc()
-            log.warning("could not write the online tallies (%s); next tick", e)
+            now = time.monotonic()
+            if now - self._tallies_failure_said >= 10:  # said once per 10 s, not per tick
+                self._tallies_failure_said = now
+                log.warning("could not write the online tallies (%s); next tick", e)
             for p in {row[1] for row in rows}:
                 self.published.pop(p, None)
             return
@@ -683,6 +687,7 @@ class Consumer:
         # the journal or Kafka); the stop goes on without waiting for more
         self.abandoned = False
         self._failing_since: float | None = None  # when writes began to fail, None if not
+        self._write_waited_since: float | None = None  # the loop waits on a write since then
 
     async def start(self) -> None:
         await self.source.start(self.on_assign, self.on_revoke)
@@ -840,6 +845,7 @@ class Consumer:
         deadline = None if limit is None else time.monotonic() + limit
         backoff = 0.2
         paused = False
+        self._write_waited_since = time.monotonic()
         try:
             while True:
                 async with self.lock:
@@ -879,9 +885,16 @@ class Consumer:
                         await source.rewind(fetched)
                 backoff = min(backoff * 2, 5.0)
         finally:
+            self._write_waited_since = None
             if paused:
                 async with self.lock:
                     source.resume(None)
+
+    def write_waiting_seconds(self) -> float:
+        """Seconds the loop has waited on a write (0 when it does not): it reads nothing
+        meanwhile, so a silence of the broker then says nothing about the broker."""
+        since = self._write_waited_since
+        return 0.0 if since is None else time.monotonic() - since
 
     def writes_failing_seconds(self) -> float:
         """Seconds ClickHouse has refused the events' writes (0 while they succeed): the

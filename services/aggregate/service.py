@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import AsyncIterator, Callable
+from pathlib import Path
 
 from aiohttp import web
 
@@ -49,6 +50,9 @@ def add_aggregate(
     stopping = asyncio.Event()
     migrated = asyncio.Event()
     embedded = settings.clickhouse_url.startswith("chdb://")
+    if embedded:  # its disk may not be the data directory's
+        path = settings.clickhouse_url[len("chdb://") :] or "data/clickhouse"
+        metrics.DISK_ROOM.watch("clickhouse", Path(path))
     not_migrated = "schema not applied yet"  # and why, until it is
 
     async def migrate() -> None:
@@ -112,6 +116,7 @@ def add_aggregate(
             source.rebalancing_seconds(), aggregator.rebuilding_seconds()
         )
         counter.writes_failing = consumer.writes_failing_seconds
+        write_waiting.append(consumer.write_waiting_seconds)
 
         async def run() -> None:
             await first_set(migrated, stopping)
@@ -144,11 +149,22 @@ def add_aggregate(
             return False, f"ClickHouse has refused the events' writes for {failing:.0f} s"
         return True, "ok"
 
+    write_waiting: list[Callable[[], float]] = []  # the consumer's, once it is made
+
     async def source_ready() -> tuple[bool, str]:
         if not migrated.is_set():  # the consumer joins once ClickHouse has the schema
             return False, "not consuming until ClickHouse has the schema"
         ok, detail = source.ready()
-        if ok and counter.behind_seconds > BEHIND_STALE_SECONDS:
+        waited = max((f() for f in write_waiting), default=0.0)
+        if not ok and waited > source.silent_seconds() - 1:
+            # no fetch goes out while the loop waits on a ClickHouse write (a hung server):
+            # the silence is ClickHouse's, said by its own check
+            return True, f"not reading while a ClickHouse write waits ({waited:.0f} s)"
+        if (
+            ok
+            and counter.behind_seconds > BEHIND_STALE_SECONDS
+            and counter.writes_failing() <= WRITES_FAILING_STALE_SECONDS  # else ClickHouse's
+        ):
             return False, f"reading behind the log's end for {counter.behind_seconds:.0f} s"
         return ok, detail
 

@@ -362,6 +362,7 @@ class KafkaPublisher:
         batch = asyncio.ensure_future(send())
         self._in_flight.add(batch)
         batch.add_done_callback(self._in_flight.discard)
+        batch.add_done_callback(_retrieve)  # its caller may be gone (cancelled by a stop)
         await asyncio.shield(batch)
 
     async def _drain_loop(self) -> None:

@@ -52,6 +52,8 @@ _SEGMENT_BYTES = 4 * 1024 * 1024
 # After a write the disk refused, the spool is not ready for this long (then the next beacon
 # tries again: a process taken out of service by its readiness gets no beacon to try with).
 WRITE_FAILED_SECONDS = 10.0
+# Less room than this on the spool's disk, and it is not ready (a few beacons' records).
+_ROOM_NEEDED = 64 * 1024
 
 log = logging.getLogger(__name__)
 
@@ -231,9 +233,16 @@ class Spool:
 
     def write_failure(self) -> str | None:
         """Why the disk refused the last write, for ``WRITE_FAILED_SECONDS`` after it (a write
-        that succeeds since clears it); None otherwise."""
+        that succeeds since clears it), or that its disk has no room left now; None
+        otherwise."""
         if time.monotonic() - self._failed_at < WRITE_FAILED_SECONDS:
             return self._failure
+        try:
+            st = os.statvfs(self._dir)
+        except OSError:
+            return None
+        if st.f_bavail * st.f_frsize < _ROOM_NEEDED:
+            return f"cannot write to {self._dir}: no room left on its disk"
         return None
 
     def full(self) -> bool:

@@ -98,6 +98,9 @@ def test_a_full_disk_gets_503s_and_loses_no_answered_beacon(tmp_path: Path) -> N
     run = PipedService("run", tmp_path, ENV).start()
     try:
         beacons(run.url, 0, 20, 202)
+        _, _, body = http("GET", f"{run.url}/metrics")
+        for d in ("data", "clickhouse"):  # the disks it writes to, watched
+            assert f'visitorstats_disk_free_bytes{{dir="{d}"}} ' in body.decode()
         wait_for(lambda: counted_pageviews(run.url) == 20, what="the first beacons counted")
         wait_for(lambda: not segments(journal), what="the journal emptied")
 
