@@ -559,6 +559,9 @@ def serve(
         # middle of answering beacons. One full collection a minute instead (see gcpause).
         undo_full_collections = gcpause.full_collections_every()
         log.info("listening on %s", where)
+        # SIGHUP (`systemctl reload`, a closed terminal) ended the process at once, saying
+        # nothing: there is nothing to reload in place (sites.toml is read at start)
+        asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, _hangup)
         try:
             await asyncio.Event().wait()  # until SIGTERM/SIGINT raise GracefulExit
         finally:
@@ -587,6 +590,10 @@ def serve(
         loop.close()
     if failed is not None:
         raise SystemExit(f"visitorstats: {failed}")
+
+
+def _hangup(*_: object) -> None:
+    log.warning("SIGHUP ignored: sites.toml and the settings are read at start; restart to apply")
 
 
 # A graceful stop writes the last batch (consume.STOP_WRITE_SECONDS, 30 s at most while
@@ -667,6 +674,7 @@ def fork_workers(target: Callable[[], None], workers: int) -> None:
     # more are started (the workers set their own handlers)
     signal.signal(signal.SIGTERM, forward)
     signal.signal(signal.SIGINT, forward)
+    signal.signal(signal.SIGHUP, _hangup)
     for i, p in enumerate(procs):
         if stopping:
             del procs[i:]

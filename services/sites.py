@@ -108,12 +108,6 @@ def _site(site_id: str, raw: Mapping[str, Any]) -> Site:
         if problem:
             raise RegistryError(f"sites.{site_id}.origins: {o!r}: {problem}")
     tz = field("timezone", str, "UTC")
-    if "timezone" not in raw:
-        log.warning(
-            "sites.%s has no timezone: its days, weeks and months are UTC's (timezone = "
-            '"Asia/Ho_Chi_Minh" for Việt Nam)',
-            site_id,
-        )
     try:
         ZoneInfo(tz)
     except (ZoneInfoNotFoundError, ValueError):
@@ -168,9 +162,21 @@ class Registry:
         if others:
             raise RegistryError(f"{name}: unknown key {others[0]!r} (a site is a [sites.ID] table)")
         try:
-            return cls({sid: _site(sid, raw) for sid, raw in raw_sites.items()})
+            registry = cls({sid: _site(sid, raw) for sid, raw in raw_sites.items()})
         except RegistryError as e:
             raise RegistryError(f"{name}: {e}") from None
+        untimed = [sid for sid, raw in raw_sites.items() if "timezone" not in raw]
+        if untimed:  # one line, however many (a registry of 2,000 sites said 2,000)
+            shown = ", ".join(f"sites.{sid}" for sid in untimed[:5])
+            log.warning(
+                "%s%s %s no timezone: %s days, weeks and months are UTC's (timezone = "
+                '"Asia/Ho_Chi_Minh" for Việt Nam)',
+                shown,
+                f" and {len(untimed) - 5} more" if len(untimed) > 5 else "",
+                "have" if len(untimed) > 1 else "has",
+                "their" if len(untimed) > 1 else "its",
+            )
+        return registry
 
     @classmethod
     def load(cls, path: Path) -> Registry:

@@ -6,6 +6,7 @@ clear."""
 from __future__ import annotations
 
 import contextlib
+import signal
 import socket
 import subprocess
 import sys
@@ -79,6 +80,22 @@ def test_a_setting_that_cannot_work_is_one_line_and_an_exit(
     assert code != 0, out
     assert says in out, out
     assert "Traceback" not in out and "s3cr3t" not in out, out
+
+
+def test_a_hangup_is_said_and_stops_nothing(tmp_path: Path) -> None:
+    """SIGHUP (``systemctl reload``) ended the process at once, saying nothing."""
+    write_sites(tmp_path)
+    run = Service("run", tmp_path).start()
+    try:
+        run.signal(signal.SIGHUP)
+        deadline = time.monotonic() + 10
+        while "SIGHUP ignored" not in run.log():
+            assert run.proc is not None and run.proc.poll() is None, run.log()
+            assert time.monotonic() < deadline, run.log()
+            time.sleep(0.1)
+        assert http("GET", f"{run.url}/readyz")[0] == 200
+    finally:
+        assert run.stop() == 0
 
 
 def test_the_version_is_said(tmp_path: Path) -> None:

@@ -116,6 +116,13 @@ def test_a_site_without_a_timezone_is_utc_and_said(caplog: pytest.LogCaptureFixt
         "sites.a has no timezone: its days, weeks and months are UTC's "
         '(timezone = "Asia/Ho_Chi_Minh" for Việt Nam)'
     ]
+    caplog.clear()
+    Registry.parse("".join(f"[sites.s{i}]\n" for i in range(2000)))
+    said = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert said == [  # one line for a registry of many (not 2,000)
+        "sites.s0, sites.s1, sites.s2, sites.s3, sites.s4 and 1995 more have no timezone: "
+        'their days, weeks and months are UTC\'s (timezone = "Asia/Ho_Chi_Minh" for Việt Nam)'
+    ]
 
 
 def test_registry_errors_name_the_file_they_are_in(tmp_path: Path) -> None:
