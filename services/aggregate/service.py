@@ -156,7 +156,7 @@ def add_aggregate(
             return False, "not consuming until ClickHouse has the schema"
         ok, detail = source.ready()
         waited = max((f() for f in write_waiting), default=0.0)
-        if not ok and waited > source.silent_seconds() - 1:
+        if not ok and waited > 0 and waited > source.silent_seconds() - 1:
             # no fetch goes out while the loop waits on a ClickHouse write (a hung server):
             # the silence is ClickHouse's, said by its own check
             return True, f"not reading while a ClickHouse write waits ({waited:.0f} s)"
