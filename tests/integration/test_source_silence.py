@@ -75,6 +75,15 @@ async def test_silent_seconds_follow_the_brokers_answers(tansu: Tansu) -> None:
         assert source.ready() == (True, "ok")
 
 
+async def read_all(source: KafkaSource, n: int) -> int:
+    """Fetch until ``n`` records were read (or 30 s went by); how many were."""
+    read = 0
+    deadline = time.monotonic() + 30
+    while read < n and time.monotonic() < deadline:
+        read += len(await source.fetch(0.2, 100))
+    return read
+
+
 def lag() -> float:
     """The consumer lag over every partition, as /metrics shows it."""
     total = 0.0
@@ -96,11 +105,7 @@ async def test_partitions_held_paused_still_see_their_lag_and_the_broker(tansu: 
             # some records read first: the lag then has a position to count from
             for i in range(20):
                 await producer.send_and_wait("held", b"{}", partition=i % 2)
-            read = 0
-            deadline = time.monotonic() + 30
-            while read < 20 and time.monotonic() < deadline:
-                read += len(await source.fetch(0.2, 100))
-            assert read == 20
+            assert await read_all(source, 20) == 20
             await fetch_for(source, 1)
             before = lag()
             source.pause(None)
@@ -115,11 +120,7 @@ async def test_partitions_held_paused_still_see_their_lag_and_the_broker(tansu: 
             assert source.silent_seconds() < 5
             assert source.ready() == (True, "ok")
             source.resume(None)
-            read = 0
-            deadline = time.monotonic() + 30
-            while read < 200 and time.monotonic() < deadline:
-                read += len(await source.fetch(0.2, 100))
-            assert read == 200
+            assert await read_all(source, 200) == 200
             await fetch_for(source, 1)
             assert source.behind() == 0
     finally:
