@@ -330,15 +330,12 @@ class KafkaSource:
         owned = self._consumer.assignment()
         if not owned:
             self._heard_at = time.monotonic()  # nothing to fetch: nothing missed
-        held_ends = self._held_ends
         for tp in owned:
-            high = self._consumer.highwater(tp)
-            pos = self._position.get(tp.partition)
-            if high is not None and pos is not None:
-                # held: no fetch moves the high watermark, the ends asked do (the lag only)
-                end = max(high, held_ends.get(tp.partition, high))
-                metrics.CONSUMER_LAG.labels(str(tp.partition)).set(max(0, end - pos))
-                if high < pos:
+            waiting = self._waiting(tp)
+            if waiting is not None:
+                metrics.CONSUMER_LAG.labels(str(tp.partition)).set(waiting)
+                high = self._consumer.highwater(tp)
+                if high is not None and high < self._position[tp.partition]:
                     self._shrunk.add(tp.partition)
             polled = self._consumer.last_poll_timestamp(tp)
             if polled is not None and polled > self._last_poll:
@@ -387,12 +384,17 @@ class KafkaSource:
     def behind(self) -> int:
         """Records after where this process reads, up to the ends of its partitions as last
         heard (the consumer lag, summed)."""
-        waiting = 0
-        for tp in self._consumer.assignment():
-            high, pos = self._consumer.highwater(tp), self._position.get(tp.partition)
-            if high is not None and pos is not None:
-                waiting += max(0, max(high, self._held_ends.get(tp.partition, high)) - pos)
-        return waiting
+        return sum(self._waiting(tp) or 0 for tp in self._consumer.assignment())
+
+    def _waiting(self, tp: TopicPartition) -> int | None:
+        """Records of ``tp`` after where this process reads, up to its end as last heard:
+        the high watermark of the last fetch, or, while held (no fetch moves the high
+        watermark), the end asked of the broker. None before both are known."""
+        high: int | None = self._consumer.highwater(tp)
+        pos = self._position.get(tp.partition)
+        if high is None or pos is None:
+            return None
+        return max(0, max(high, self._held_ends.get(tp.partition, high)) - pos)
 
     def silent_seconds(self) -> float:
         """Seconds since the broker last answered a fetch of a partition this process owns:

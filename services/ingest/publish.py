@@ -26,6 +26,8 @@ from services.ingest.spool import Spool, SpoolFullError
 log = logging.getLogger(__name__)
 
 ORPHAN_SCAN_SECONDS = 10.0  # how often a publisher looks for spools nobody claimed
+_SPOOL_FULL = "broker unreachable and spool full"
+_JOURNAL_FULL = "the journal on disk is full"
 
 
 class Unavailable(Exception):
@@ -85,7 +87,7 @@ class LocalPublisher:
         try:
             self._sink(record)
         except SpoolFullError:
-            raise Unavailable("the journal on disk is full") from None
+            raise Unavailable(_JOURNAL_FULL) from None
         except OSError:  # the disk refused it (said and timed by the journal): not taken
             raise Unavailable("the journal on disk cannot be written") from None
         if not self._uncounted:
@@ -106,12 +108,8 @@ class LocalPublisher:
     def ready(self) -> tuple[bool, str]:
         if not self._open:
             return (False, "stopped")
-        failure = None if self._journal is None else self._journal.write_failure()
-        if failure is not None:
-            return (False, failure)
-        if self._journal is not None and self._journal.full():
-            return (False, "the journal on disk is full")
-        return (True, "ok")
+        refusal = None if self._journal is None else self._journal.refusal(_JOURNAL_FULL)
+        return (False, refusal) if refusal is not None else (True, "ok")
 
 
 class KafkaPublisher:
@@ -230,11 +228,9 @@ class KafkaPublisher:
     def ready(self) -> tuple[bool, str]:
         if self._closing:
             return (False, "shutting down")
-        if self._spool.full():
-            return (False, "broker unreachable and spool full")
-        failure = self._spool.write_failure()
-        if failure is not None:
-            return (False, failure)
+        refusal = self._spool.refusal(_SPOOL_FULL)
+        if refusal is not None:
+            return (False, refusal)
         return (True, "ok" if self._broker_ok else "broker unreachable; spooling")
 
     def submit(self, record: OutRecord, done: Done) -> None:
@@ -288,7 +284,7 @@ class KafkaPublisher:
         try:
             self._spool.append(records)
         except SpoolFullError:
-            _tell(pending, Unavailable("broker unreachable and spool full"))
+            _tell(pending, Unavailable(_SPOOL_FULL))
             return
         except OSError:  # the disk refused the write (said by the spool): nothing made safe
             _tell(pending, Unavailable("broker unreachable and the spool cannot be written"))
@@ -466,7 +462,7 @@ class SpoolFirstPublisher(KafkaPublisher):
         try:
             self._spool.append(records)
         except SpoolFullError:
-            _tell(pending, Unavailable("broker unreachable and spool full"))
+            _tell(pending, Unavailable(_SPOOL_FULL))
             return
         except OSError:  # the disk refused the write (said by the spool): nothing made safe
             _tell(pending, Unavailable("the spool cannot be written"))

@@ -245,6 +245,11 @@ class Spool:
             return f"cannot write to {self._dir}: no room left on its disk"
         return None
 
+    def refusal(self, full: str) -> str | None:
+        """Why this spool takes no record now, for readiness: ``full`` when it is full, else
+        its disk's refusal (``write_failure``); None when it takes records."""
+        return full if self.full() else self.write_failure()
+
     def full(self) -> bool:
         """True once an append was refused, until something was drained, and when the room
         left cannot take a record of the size met so far (a spool loaded nearly full at start
