@@ -25,7 +25,8 @@ import time
 from collections.abc import AsyncIterator, Callable, Iterable
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
-from typing import Any, Protocol
+from functools import cached_property
+from typing import TYPE_CHECKING, Any, Protocol
 
 import orjson
 
@@ -33,6 +34,9 @@ from services import metrics
 from services.aggregate.store import Online, Snapshot, Store
 from services.fastlane import chunk
 from services.sites import Registry, Site
+
+if TYPE_CHECKING:
+    from zoneinfo import ZoneInfo
 
 log = logging.getLogger(__name__)
 
@@ -42,8 +46,16 @@ class Prepared:
     payload: dict[str, Any]
     body: bytes
     etag: str
-    event: bytes  # the server-sent event carrying ``body``
-    chunk: bytes  # ``event`` framed as one chunk of a chunked body (for a ``Sink``)
+
+    @cached_property
+    def event(self) -> bytes:
+        """The server-sent event carrying ``body`` (made for the numbers a stream carries)."""
+        return b"data: " + self.body + b"\n\n"
+
+    @cached_property
+    def chunk(self) -> bytes:
+        """``event`` framed as one chunk of a chunked body (for a ``Sink``)."""
+        return chunk(self.event)
 
 
 def periods(today: date) -> dict[str, tuple[date, date]]:
@@ -111,8 +123,13 @@ def prepare(payload: dict[str, Any]) -> Prepared:
     # it is weak (RFC 9110 8.8.1): two bodies of one tag differ by their ``as_of`` alone.
     numbers = {k: v for k, v in payload.items() if k != "as_of"}
     etag = 'W/"' + hashlib.sha256(orjson.dumps(numbers)).hexdigest()[:24] + '"'
-    event = b"data: " + body + b"\n\n"
-    return Prepared(payload, body, etag, event, chunk(event))
+    return Prepared(payload, body, etag)
+
+
+def restamp(prepared: Prepared, as_of: str) -> Prepared:
+    """The same numbers (and ETag) as of a newer time."""
+    payload = {**prepared.payload, "as_of": as_of}
+    return Prepared(payload, orjson.dumps(payload), prepared.etag)
 
 
 KEEPALIVE = b": keep-alive\n\n"  # a comment line of the stream, between events
@@ -296,6 +313,8 @@ class Fanout:
                     yield None
 
 
+# A refresh lets the loop serve requests after every this many sites (a registry of thousands).
+SITES_PER_SLICE = 500
 # New peaks are stored at most this often (the counter shows them from memory at once).
 PEAK_WRITE_SECONDS = 1.0
 # Seconds without an answer from the broker after which the numbers are marked ``stale``: the
@@ -344,6 +363,11 @@ class CounterService:
         self.fanout = Fanout(s.id for s in registry)
         self.prepared = self.fanout.prepared  # site -> the latest numbers, ready to serve
         self.healthy = False
+        self._windows = {s.id: s.online_window_seconds for s in registry}
+        self._zones = {s.tz for s in registry}
+        # site -> what its last prepared numbers were made of, and their ETag (``refresh``)
+        self._made: dict[str, tuple[tuple[Any, ...], str]] = {}
+        # site -> a peak this process saw that what it last read does not hold yet
         self._peaks: dict[str, tuple[int, int]] = {}
         self._unwritten: dict[str, tuple[int, int]] = {}  # new peaks not yet stored
         self._peak_writer: asyncio.Future[None] | None = None
@@ -363,18 +387,14 @@ class CounterService:
     async def refresh(self) -> None:
         now_ms = int(self.clock() * 1000)
         flushed, self._flushed = self._flushed, []
-        windows = {s.id: s.online_window_seconds for s in self.registry}
         since = min(
-            (
-                earliest_day(datetime.fromtimestamp(now_ms / 1000, s.tz).date())
-                for s in self.registry
-            ),
+            (earliest_day(datetime.fromtimestamp(now_ms / 1000, tz).date()) for tz in self._zones),
             default=date.today(),
         )
         started = time.monotonic()
         try:
             snap = await asyncio.wait_for(
-                self.store.snapshot(windows, since, now_ms, self.topic), 10
+                self.store.snapshot(self._windows, since, now_ms, self.topic), 10
             )
             metrics.SNAPSHOT_REFRESH.observe(time.monotonic() - started)
         except Exception as e:
@@ -425,15 +445,34 @@ class CounterService:
             else:
                 log.warning("the broker has not answered for %.0f s: numbers are stale", silence)
         self._silent_logged = silent
-        new_peaks = (
-            [] if silent else [site for site in self.registry if self._peak(site, snap, now_ms)]
-        )
-        for site in self.registry:
+        new_peaks = {} if silent else self._note_peaks(snap, now_ms)
+        stamps: dict[ZoneInfo, tuple[str, date]] = {}  # as_of and the day, per time zone
+        for i, site in enumerate(self.registry, 1):
+            if i % SITES_PER_SLICE == 0:
+                await asyncio.sleep(0)  # the loop serves beacons between slices of many sites
             old = self.prepared.get(site.id)
             if silent and old is not None:
                 if not old.payload["stale"]:
                     self.fanout.publish(site.id, prepare({**old.payload, "stale": True}))
                 metrics.COUNTER_STALE.labels(site.id).set(1)
+                continue
+            stamp = stamps.get(site.tz)
+            if stamp is None:
+                local = datetime.fromtimestamp(now_ms / 1000, UTC).astimezone(site.tz)
+                stamp = stamps[site.tz] = (local.isoformat(timespec="seconds"), local.date())
+            made_of = (
+                snap.online.get(site.id),
+                snap.days.get(site.id),
+                snap.totals.get(site.id),
+                snap.peaks.get(site.id),
+                stamp[1],
+                silent,
+            )
+            made = self._made.get(site.id)
+            if old is not None and made is not None and made == (made_of, old.etag):
+                # nothing its numbers are made of changed (and they are still what is served):
+                # the same numbers, newer as_of; no stream event, the gauges as they were set
+                self.fanout.replace(site.id, restamp(old, stamp[0]))
                 continue
             payload = build_payload(site, snap, now_ms, stale=silent)
             online = payload["online"]
@@ -441,6 +480,7 @@ class CounterService:
                 metrics.ONLINE.labels(site.id, kind).set(online[kind])
             metrics.COUNTER_STALE.labels(site.id).set(int(silent))
             new = prepare(payload)
+            self._made[site.id] = (made_of, new.etag)
             if old is None or old.etag != new.etag:
                 self.fanout.publish(site.id, new)
             else:
@@ -448,8 +488,7 @@ class CounterService:
         done = self.clock()
         for ts in flushed:
             metrics.FRESHNESS.observe(max(0.0, done - ts / 1000))
-        for site in new_peaks:
-            self._unwritten[site.id] = self._peaks[site.id]
+        self._unwritten.update(new_peaks)
 
     def _lagging(self, now_ms: int) -> float:
         """Seconds the numbers fall behind the beacons while records wait past what was read:
@@ -506,18 +545,24 @@ class CounterService:
         await self.refresh()
         await self.write_peaks()
 
-    def _peak(self, site: Site, snap: Snapshot, now_ms: int) -> bool:
-        """Put the site's peak (stored or seen by this process) in ``snap``; True when the
-        online total now beats it (a new peak, to record)."""
-        known = max(self._peaks.get(site.id, (0, 0)), snap.peaks.get(site.id, (0, 0)))
-        online = snap.online.get(site.id, Online())
-        total = online.guests + online.members
-        beaten = total > known[0]
-        if beaten:
-            known = (total, now_ms)
-        self._peaks[site.id] = known
-        if known[0] > snap.peaks.get(site.id, (0, 0))[0]:
-            snap.peaks[site.id] = known
+    def _note_peaks(self, snap: Snapshot, now_ms: int) -> dict[str, tuple[int, int]]:
+        """The new peaks: the sites whose online total now beats their peak (stored, or seen by
+        this process), with the peak to record. Puts every peak seen by this process that
+        ClickHouse does not hold yet in ``snap``. Only the sites with someone online are looked
+        at, and those with such a peak: not every site of a large registry at every refresh."""
+        beaten: dict[str, tuple[int, int]] = {}
+        for site_id, online in snap.online.items():
+            total = online.guests + online.members
+            if total <= 0 or self.registry.get(site_id) is None:
+                continue
+            known = max(self._peaks.get(site_id, (0, 0)), snap.peaks.get(site_id, (0, 0)))
+            if total > known[0]:
+                beaten[site_id] = self._peaks[site_id] = (total, now_ms)
+        for site_id, peak in list(self._peaks.items()):
+            if peak[0] > snap.peaks.get(site_id, (0, 0))[0]:
+                snap.peaks[site_id] = peak
+            else:
+                del self._peaks[site_id]  # what was read holds it (or a greater one)
         return beaten
 
     async def run(self, stopping: asyncio.Event, min_gap_seconds: float = 0.1) -> None:

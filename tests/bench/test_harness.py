@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -153,3 +154,17 @@ def test_the_broker_batches_tool_delivers_its_markers() -> None:
     assert result["markers"] > 0  # the consumer read what the producer sent
     assert 0 <= result["lag_p50"] <= result["lag_p99"] <= result["lag_max"]
     assert result["broker_cores"] > 0
+
+
+def test_the_many_sites_tool_counts_every_beacon_of_every_registry(tmp_path: Path) -> None:
+    run_tool(
+        "bench.many_sites",
+        *("--sites", "1,30", "--rate", "40", "--active", "20", "--seconds", "1"),
+        *("--idle-seconds", "1", "--out", str(tmp_path)),
+    )  # exits 1 unless every beacon was answered 202 and counted on its own site
+    results = json.loads((tmp_path / "many-sites.json").read_text())
+    assert set(results) == {"1", "30"}
+    for r in results.values():
+        assert r["accepted"] == r["counted"] == 40 and r["exact"] is True
+        assert r["freshness_probes"] >= 1 and r["idle_cpu"] >= 0
+    assert "| 30 |" in (tmp_path / "many-sites.md").read_text()

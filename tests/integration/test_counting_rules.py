@@ -17,7 +17,9 @@ from pathlib import Path
 from typing import Any
 from zoneinfo import ZoneInfo
 
+import orjson
 import pytest
+from prometheus_client import REGISTRY
 
 from services.aggregate import store as store_module
 from services.aggregate.consume import Aggregator
@@ -25,6 +27,7 @@ from services.aggregate.counter import (
     BEHIND_STALE_SECONDS,
     REBALANCE_STALE_SECONDS,
     SILENT_SECONDS,
+    SITES_PER_SLICE,
     CounterService,
 )
 from services.aggregate.sources import InRecord
@@ -548,3 +551,77 @@ async def test_a_counter_with_no_numbers_yet_serves_the_stored_ones_stale_while_
     await service.refresh()  # e.g. started while the broker was down
     payload = service.prepared["hcm"].payload
     assert payload["stale"] is True and payload["online"]["total"] == 1
+
+
+def _stale_gauge(site: str) -> float | None:
+    return REGISTRY.get_sample_value("visitorstats_snapshot_stale", {"site": site})
+
+
+async def test_a_counter_kept_running_rebuilds_what_changed_and_restamps_the_rest(
+    rig: Rig,
+) -> None:
+    """One service across many refreshes, as it runs: a site whose numbers are made of the same
+    rows keeps its ETag and its numbers, with a newer ``as_of``; a new day, a visitor gone, a
+    stale spell and its end, each change what they change, and the gauges follow."""
+    silent = [0.0]
+    service = CounterService(
+        rig.store, rig.registry, clock=lambda: rig.now, topic=rig.topic, silent=lambda: silent[0]
+    )
+
+    def shown(site: str) -> dict[str, Any]:
+        prepared = service.prepared[site]
+        assert orjson.loads(prepared.body) == prepared.payload
+        return prepared.payload
+
+    await rig.send("hcm", "a", t=T0)
+    await tick_at(rig, T0 + 1)
+    await service.refresh()
+    first, first_tag = shown("hcm"), service.prepared["hcm"].etag
+    assert first["visits"]["today"] == 1 and first["online"]["total"] == 1
+    assert first["online"]["peak"] == {"total": 1, "at": "2026-03-04T10:00:01+07:00"}
+    utc_tag = service.prepared["utc"].etag
+
+    await tick_at(rig, T0 + 2)  # nothing new
+    await service.refresh()
+    assert service.prepared["hcm"].etag == first_tag
+    assert shown("hcm") == {**first, "as_of": "2026-03-04T10:00:02+07:00"}
+
+    silent[0] = SILENT_SECONDS + 1
+    await tick_at(rig, T0 + 3)
+    await service.refresh()
+    stale = {**first, "as_of": "2026-03-04T10:00:02+07:00", "stale": True}  # the last good
+    assert shown("hcm") == stale and _stale_gauge("hcm") == 1
+    silent[0] = 0.0
+    await service.refresh()  # the same rows as before the spell: fresh again all the same
+    assert shown("hcm") == {**first, "as_of": "2026-03-04T10:00:03+07:00"}
+    assert service.prepared["hcm"].etag == first_tag and _stale_gauge("hcm") == 0
+
+    await rig.send("utc", "b", t=T0 + 3)  # another site's beacon changes that site alone
+    await tick_at(rig, T0 + 4)
+    await service.refresh()
+    assert shown("utc")["pageviews"]["today"] == 1 and service.prepared["utc"].etag != utc_tag
+    assert service.prepared["hcm"].etag == first_tag
+
+    await tick_at(rig, at(HCM, 2026, 3, 4, 23, 59, 50))  # gone long ago, before midnight
+    await service.refresh()
+    assert shown("hcm")["online"]["total"] == 0 and shown("hcm")["visits"]["today"] == 1
+    await tick_at(rig, at(HCM, 2026, 3, 5, 0, 0, 30))  # past midnight, nothing else new
+    await service.refresh()
+    thursday = shown("hcm")
+    assert thursday["visits"] == {**first["visits"], "today": 0, "yesterday": 1}
+    assert (
+        thursday["online"]["total"] == 0 and thursday["online"]["peak"] == first["online"]["peak"]
+    )
+    assert REGISTRY.get_sample_value("visitorstats_online", {"site": "hcm", "kind": "total"}) == 0
+
+
+async def test_every_site_of_a_large_registry_is_served(rig: Rig) -> None:
+    """A refresh of thousands of sites lets the loop serve between slices of them; each site
+    gets its own numbers all the same."""
+    many = Registry.parse(
+        "".join(f"[sites.s{i}]\nbaseline_visits = {i}\n\n" for i in range(2 * SITES_PER_SLICE + 7))
+    )
+    service = CounterService(rig.store, many, clock=lambda: T0, topic=rig.topic)
+    await service.refresh()
+    assert len(service.prepared) == len(many)
+    assert all(service.prepared[s.id].payload["visits"]["total"] == s.baseline_visits for s in many)
