@@ -4,9 +4,15 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from hypothesis import settings
 
 from tests.support.chdb_http import ChdbHttpServer
 from tests.support.tansu import Tansu
+
+# No test is timed: how long an example takes on a shared machine says nothing of the code (a
+# property test once failed its 200 ms deadline here while the other core ran a browser).
+settings.register_profile("untimed", deadline=None)
+settings.load_profile("untimed")
 
 
 @pytest.fixture

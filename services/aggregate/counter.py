@@ -24,14 +24,14 @@ import logging
 import time
 from collections.abc import AsyncIterator, Callable, Iterable
 from dataclasses import dataclass
-from datetime import UTC, date, datetime, timedelta
+from datetime import UTC, date, datetime
 from functools import cached_property
 from typing import TYPE_CHECKING, Any, Protocol
 
 import orjson
 
 from services import metrics
-from services.aggregate.store import Online, Snapshot, Store
+from services.aggregate.store import PERIODS, Online, Snapshot, Store
 from services.fastlane import chunk
 from services.sites import Registry, Site
 
@@ -58,36 +58,11 @@ class Prepared:
         return chunk(self.event)
 
 
-def periods(today: date) -> dict[str, tuple[date, date]]:
-    """The spec's periods as inclusive date ranges (ISO weeks start on Monday)."""
-    yesterday = today - timedelta(days=1)
-    return {
-        "today": (today, today),
-        "yesterday": (yesterday, yesterday),
-        "this_week": (today - timedelta(days=today.weekday()), today),
-        "this_month": (today.replace(day=1), today),
-    }
-
-
-def earliest_day(today: date) -> date:
-    return min(start for start, _ in periods(today).values())
-
-
 def build_payload(site: Site, snap: Snapshot, now_ms: int, stale: bool) -> dict[str, Any]:
-    tz = site.tz
-    now = datetime.fromtimestamp(now_ms / 1000, UTC).astimezone(tz)
-    days = snap.days.get(site.id, {})
+    numbers = snap.periods.get(site.id, _NO_PERIODS)
     total_visits, total_pageviews = snap.totals.get(site.id, (0, 0))
-    visits: dict[str, int] = {}
-    pageviews: dict[str, int] = {}
-    for name, (start, end) in periods(now.date()).items():
-        v = p = 0
-        for day, (dv, dp) in days.items():
-            if start <= day <= end:
-                v += dv
-                p += dp
-        visits[name] = v
-        pageviews[name] = p
+    visits = dict(zip(PERIODS, numbers[0::2], strict=True))
+    pageviews = dict(zip(PERIODS, numbers[1::2], strict=True))
     visits["total"] = site.baseline_visits + total_visits
     pageviews["total"] = site.baseline_pageviews + total_pageviews
     online = snap.online.get(site.id, Online())
@@ -111,6 +86,9 @@ def build_payload(site: Site, snap: Snapshot, now_ms: int, stale: bool) -> dict[
         "as_of": _iso(now_ms, site),
         "stale": stale,
     }
+
+
+_NO_PERIODS = (0,) * (2 * len(PERIODS))
 
 
 def _iso(ms: int, site: Site) -> str:
@@ -387,14 +365,12 @@ class CounterService:
     async def refresh(self) -> None:
         now_ms = int(self.clock() * 1000)
         flushed, self._flushed = self._flushed, []
-        since = min(
-            (earliest_day(datetime.fromtimestamp(now_ms / 1000, tz).date()) for tz in self._zones),
-            default=date.today(),
-        )
+        days = {tz: datetime.fromtimestamp(now_ms / 1000, tz).date() for tz in self._zones}
+        today = {s.id: days[s.tz] for s in self.registry}
         started = time.monotonic()
         try:
             snap = await asyncio.wait_for(
-                self.store.snapshot(self._windows, since, now_ms, self.topic), 10
+                self.store.snapshot(self._windows, today, now_ms, self.topic), 10
             )
             metrics.SNAPSHOT_REFRESH.observe(time.monotonic() - started)
         except Exception as e:
@@ -462,7 +438,7 @@ class CounterService:
                 stamp = stamps[site.tz] = (local.isoformat(timespec="seconds"), local.date())
             made_of = (
                 snap.online.get(site.id),
-                snap.days.get(site.id),
+                snap.periods.get(site.id),
                 snap.totals.get(site.id),
                 snap.peaks.get(site.id),
                 stamp[1],

@@ -16,10 +16,10 @@ import queue
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from datetime import date
+from datetime import date, timedelta
 from pathlib import Path
 from typing import Any, TypeVar
 from urllib.parse import urlsplit
@@ -200,14 +200,34 @@ class Online:
 @dataclass(frozen=True)
 class Snapshot:
     online: dict[str, Online]
-    days: dict[str, dict[date, tuple[int, int]]]  # site -> day -> (visits, pageviews), recent
+    # site -> visits and page views of each of ``PERIODS`` in turn (v, p, v, p, ...)
+    periods: dict[str, tuple[int, ...]]
     totals: dict[str, tuple[int, int]]  # site -> (visits, pageviews), all time
     peaks: dict[str, tuple[int, int]]  # site -> (online, at ms)
 
 
+PERIODS = ("today", "yesterday", "this_week", "this_month")
+
+
+def periods(today: date) -> dict[str, tuple[date, date]]:
+    """The spec's periods as inclusive date ranges (ISO weeks start on Monday); what the
+    ``periods`` rows of ``NUMBERS_QUERY`` sum."""
+    yesterday = today - timedelta(days=1)
+    return {
+        "today": (today, today),
+        "yesterday": (yesterday, yesterday),
+        "this_week": (today - timedelta(days=today.weekday()), today),
+        "this_month": (today.replace(day=1), today),
+    }
+
+
+def earliest_day(today: date) -> date:
+    return min(start for start, _ in periods(today).values())
+
+
 # Everything a counter refresh reads, in one query (one round trip: each query costs the reading
 # thread a few waits for the GIL, which the consumer's loop holds most of the time under load).
-# Rows (kind, site, day, a, b, n):
+# Rows (kind, site, numbers):
 # * "online": the sum over partitions of each partition's latest tallies (the row with the
 #   greatest version per topic, partition and site of ``online_now``, of ``topic`` or of every
 #   topic with ''): a guests, b members, n bots; a site with no one online has no row. A latest
@@ -216,11 +236,14 @@ class Snapshot:
 #   writes its tallies again at least every ``consume.TALLY_REFRESH_MS``, so its owner is gone
 #   (and no other has taken the partition over yet), and everyone in it has left the window
 #   since;
-# * "day" / "total": visits (a) and page views (b) per recent day and in all, from the ``daily``
-#   projection;
-# * "peak": the most online (a) and when (b, ms).
+# * "periods": visits and page views of each of ``PERIODS`` in turn, summed in ClickHouse from the
+#   ``daily`` projection's rows per site and day (a month of days of thousands of sites is too
+#   many rows to hand over at every refresh); the site's day is ``today``, or the one beside the
+#   site in ``day_sites`` (another time zone's);
+# * "total": visits and page views in all, from the ``daily`` projection;
+# * "peak": the most online and when (ms).
 NUMBERS_QUERY = """
-SELECT 'online' AS kind, site, toDate(0), toInt64(sum(t.1)), toInt64(sum(t.2)), toInt64(sum(t.3))
+SELECT 'online' AS kind, site, [toInt64(sum(t.1)), toInt64(sum(t.2)), toInt64(sum(t.3))] AS n
 FROM (
     SELECT site, argMax((guests, members, bots), version) AS t, argMax(at, version) AS latest
     FROM online_now
@@ -232,14 +255,24 @@ WHERE toUnixTimestamp64Milli(latest)
 GROUP BY site
 HAVING sum(t.1) + sum(t.2) + sum(t.3) > 0
 UNION ALL
-SELECT 'day', site, day, toInt64(sum(starts_visit)), toInt64(sum(pageview)), toInt64(0)
-FROM events WHERE day >= {since:Date} GROUP BY site, day
+WITH transform(site, {day_sites:Array(String)}, {day_days:Array(Date)}, {today:Date}) AS local_today
+SELECT 'periods', site, [
+    toInt64(sumIf(v, day = local_today)), toInt64(sumIf(p, day = local_today)),
+    toInt64(sumIf(v, day = local_today - 1)), toInt64(sumIf(p, day = local_today - 1)),
+    toInt64(sumIf(v, day BETWEEN toMonday(local_today) AND local_today)),
+    toInt64(sumIf(p, day BETWEEN toMonday(local_today) AND local_today)),
+    toInt64(sumIf(v, day BETWEEN toStartOfMonth(local_today) AND local_today)),
+    toInt64(sumIf(p, day BETWEEN toStartOfMonth(local_today) AND local_today))]
+FROM (
+    SELECT site, day, sum(starts_visit) AS v, sum(pageview) AS p
+    FROM events WHERE day >= {since:Date} GROUP BY site, day
+)
+GROUP BY site
 UNION ALL
-SELECT 'total', site, toDate(0), toInt64(sum(starts_visit)), toInt64(sum(pageview)), toInt64(0)
+SELECT 'total', site, [toInt64(sum(starts_visit)), toInt64(sum(pageview))]
 FROM events GROUP BY site
 UNION ALL
-SELECT 'peak', site, toDate(0), toInt64(max(online)), toUnixTimestamp64Milli(argMax(at, online)),
-       toInt64(0)
+SELECT 'peak', site, [toInt64(max(online)), toUnixTimestamp64Milli(argMax(at, online))]
 FROM peaks GROUP BY site
 """
 
@@ -714,7 +747,11 @@ class Store:
         return await self.run(replay)
 
     async def snapshot(
-        self, windows: dict[str, int], since_day: date, now_ms: int, topic: str = ""
+        self,
+        windows: dict[str, int],
+        today: date | Mapping[str, date],
+        now_ms: int,
+        topic: str = "",
     ) -> Snapshot:
         """Everything the counters of all sites need, in one query (``NUMBERS_QUERY``). Online:
         the sum of the tallies the consumers published per partition (``online_now``, of
@@ -723,21 +760,33 @@ class Store:
         from the ``daily`` projection (rows per part, site and day, not per event); peaks from
         their own small table. ``now_ms`` is the counter's clock: who is online is as of the
         consumers' latest tick. A site with no one online has no ``online`` entry; one not in
-        ``windows`` has the commonest window."""
+        ``windows`` has the commonest window. ``today``: the day it is in every site's time zone
+        (one for all, or per site: one not in it has the commonest), which the periods are of."""
         # One cutoff for the sites of the commonest window, and the others' beside their names:
         # the query's text stays short with thousands of sites (each in it cost the query a
         # lookup in every row, and its parsing: 130 ms a refresh at 5,000 sites, 10 ms now).
         common = Counter(windows.values()).most_common(1)
         usual = common[0][0] if common else 0
         odd = {site: window for site, window in windows.items() if window != usual}
+        # and in the same way the day of the commonest time zone, the others' beside them
+        if isinstance(today, date):
+            usual_day, odd_days = today, {}
+        else:
+            common_day = Counter(today.values()).most_common(1)
+            usual_day = common_day[0][0] if common_day else date.today()
+            odd_days = {site: day for site, day in today.items() if day != usual_day}
+        since = min(earliest_day(day) for day in {usual_day, *odd_days.values()})
 
         def query(c: Any) -> Snapshot:
             online: dict[str, Online] = {}
-            days: dict[str, dict[date, tuple[int, int]]] = {}
+            periods: dict[str, tuple[int, ...]] = {}
             totals: dict[str, tuple[int, int]] = {}
             peaks: dict[str, tuple[int, int]] = {}
             parameters = {
-                "since": since_day,
+                "since": since,
+                "today": usual_day,
+                "day_sites": list(odd_days),
+                "day_days": list(odd_days.values()),
                 "topic": topic,
                 "cutoff": now_ms - usual * 1000 - ONLINE_GRACE_MS,
                 "odd_sites": list(odd),
@@ -751,18 +800,18 @@ class Store:
             finally:
                 if landed:
                     self._landing.release()
-            for kind, site, day, a, b, n in result:
+            for kind, site, n in result:
                 if kind == "online":
-                    online[site] = Online(a, b, n)
-                elif kind == "day":
-                    days.setdefault(site, {})[day] = (a, b)
+                    online[site] = Online(*n)
+                elif kind == "periods":
+                    periods[site] = tuple(n)
                 elif kind == "total":
-                    totals[site] = (a, b)
+                    totals[site] = (n[0], n[1])
                 else:
-                    peaks[site] = (a, b)
+                    peaks[site] = (n[0], n[1])
             return Snapshot(
                 online=online,
-                days=days,
+                periods=periods,
                 totals=totals,
                 peaks=peaks,
             )

@@ -11,8 +11,8 @@ from zoneinfo import ZoneInfo
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from services.aggregate.counter import periods
 from services.aggregate.counting import PartitionState, local_day
+from services.aggregate.store import periods
 from services.record import Event
 
 UTC = ZoneInfo("UTC")
