@@ -19,6 +19,9 @@ slow or odd client meets aiohttp's limits and timeouts. A connection in the lane
 after ``idle_timeout`` seconds without a request, and counts against the process's cap on open
 connections like any other (``services.http._Gate``). Answers are written in request order:
 while one request waits for its answer (the beacon's publication), the next is not started.
+A client that half-closes (done sending, still reading) gets the answer of every complete
+request it sent, then the connection is closed; once a connection is closing, no request
+still buffered is taken (it would be published, and its answer lost).
 """
 
 from __future__ import annotations
@@ -86,6 +89,7 @@ class LaneProtocol(asyncio.Protocol):
         "_buf",
         "_busy",
         "_close_after",
+        "_eof",
         "_fallback",
         "_gate",
         "_lane",
@@ -117,6 +121,7 @@ class LaneProtocol(asyncio.Protocol):
         self._buf = b""
         self._busy = False
         self._close_after = False
+        self._eof = False  # the client is done sending (a half-close): it still reads
         self._paused = False  # reading paused: a pipelining client waits for an answer
         self._unread = False  # reading paused: the client does not read its answers
         self._unread_at = 0.0  # since when
@@ -192,7 +197,20 @@ class LaneProtocol(asyncio.Protocol):
             self._transport.resume_reading()
 
     def eof_received(self) -> bool:
-        return False  # the client is done sending: the transport closes (as with aiohttp)
+        """The client is done sending, not reading (a half-close, RFC 9112 9.6): every complete
+        request received is answered, in order, and then the connection is closed. (A
+        streaming answer goes on: the client still reads it.)"""
+        self._eof = True
+        self._close_if_done()
+        return True  # the transport stays open for the answers
+
+    def _close_if_done(self) -> None:
+        """After the client's half-close: close once nothing is left to answer (a request
+        still incomplete never will be)."""
+        if self._eof and not self._busy and self._stream_lost is None:
+            self._buf = b""
+            if self._transport is not None:
+                self._transport.close()  # (what is written still goes out first)
 
     def data_received(self, data: bytes) -> None:
         if self._transport is None or self._stream_lost is not None:
@@ -214,6 +232,9 @@ class LaneProtocol(asyncio.Protocol):
     def _serve(self, data: bytes) -> None:
         """Answer the complete requests at the front of ``data`` that the lane takes; keep the
         rest for later if one is being answered; hand over at the first one it does not take."""
+        transport = self._transport
+        if transport is None or transport.is_closing():
+            return  # no answer could be delivered: nothing more is taken (nor published)
         pos, size = 0, len(data)
         lane = self._lane
         max_line, max_headers = self._limits
@@ -280,6 +301,8 @@ class LaneProtocol(asyncio.Protocol):
                 return
         if pos < size:
             self._hand_over(data[pos:])
+        else:
+            self._close_if_done()
 
     def answer(self, reply: Reply) -> None:
         """The answer to the request being handled (see ``LaneHandler``)."""
@@ -298,6 +321,8 @@ class LaneProtocol(asyncio.Protocol):
         if self._buf:
             data, self._buf = self._buf, b""
             self._serve(data)
+        else:
+            self._close_if_done()
 
     def _write(self, reply: Reply) -> bool:
         """Write one answer; False if the connection is now closing."""
@@ -373,6 +398,9 @@ class LaneProtocol(asyncio.Protocol):
         handler.connection_made(transport)
         if not transport.is_closing():
             handler.data_received(data)
+        # the client's EOF came to the lane: the handler is told, as the transport would
+        if self._eof and not transport.is_closing() and not handler.eof_received():
+            transport.close()
 
 
 def header_dict(fields: Iterable[tuple[str, str]]) -> dict[str, str]:

@@ -343,13 +343,15 @@ class _Handler(web.RequestHandler):
     """aiohttp's connection handler with a cap on open connections, and errors for malformed
     requests that are JSON and logged without the client's address."""
 
-    __slots__ = ("_gate", "_started", "_unread_at")
+    __slots__ = ("_answered", "_eof", "_gate", "_started", "_unread_at")
 
     def __init__(self, manager: web.Server, *, gate: _Gate, **kwargs: Any) -> None:
         super().__init__(manager, **kwargs)
         self._gate = gate
         self._started = False
         self._unread_at = 0.0
+        self._eof = False  # the client is done sending (a half-close): it still reads
+        self._answered = 0  # requests whose answer is written
 
     def pause_writing(self) -> None:  # a client that does not read its answers
         super().pause_writing()
@@ -390,6 +392,26 @@ class _Handler(web.RequestHandler):
     def data_received(self, data: bytes) -> None:
         if self._started:
             super().data_received(data)
+
+    def eof_received(self) -> bool:  # type: ignore[override]  # (asyncio's: keep it open)
+        """The client is done sending, not reading (a half-close, RFC 9112 9.6): the requests
+        received are answered, in order, then the connection is closed. (aiohttp's own handler
+        let the transport close at once, and the requests being answered were cancelled.)"""
+        if not self._started:
+            return False
+        self._eof = True
+        if self._answered >= self._request_count:
+            self.force_close()  # nothing to answer (what is written still goes out first)
+        return True
+
+    async def finish_response(
+        self, request: web.BaseRequest, resp: web.StreamResponse, start_time: float | None
+    ) -> tuple[web.StreamResponse, bool]:
+        done = await super().finish_response(request, resp, start_time)
+        self._answered += 1
+        if self._eof and self._answered >= self._request_count:
+            self.close()  # the last request received is answered: the connection ends
+        return done
 
     def handle_error(
         self,
