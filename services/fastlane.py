@@ -39,8 +39,8 @@ class RawRequest(NamedTuple):
     method: str
     path: str
     query: str  # after "?", still percent-encoded; "" if none
-    # lower-case names; of a repeated name the first line counts, except X-Forwarded-For: all
-    # its lines, joined with ","
+    # lower-case names; of a repeated name the first line counts, except X-Forwarded-For,
+    # Content-Length and Transfer-Encoding: all their lines, joined with "," (``header_dict``)
     headers: dict[str, str]
     body: bytes
     peer: str | None
@@ -406,7 +406,7 @@ class LaneProtocol(asyncio.Protocol):
 def header_dict(fields: Iterable[tuple[str, str]]) -> dict[str, str]:
     """Header lines as ``RawRequest.headers``: lower-case names; of a repeated name the first
     line counts, except for X-Forwarded-For (every line, joined with ","); a repeated
-    Content-Length is joined too, so that it is refused."""
+    Content-Length or Transfer-Encoding is joined too, so that it is refused."""
     headers: dict[str, str] = {}
     for name, value in fields:
         name, value = name.lower(), value.rstrip(" \t")
@@ -418,7 +418,7 @@ def header_dict(fields: Iterable[tuple[str, str]]) -> dict[str, str]:
     return headers
 
 
-_JOINED = frozenset(("x-forwarded-for", "content-length"))
+_JOINED = frozenset(("x-forwarded-for", "content-length", "transfer-encoding"))
 
 
 def chunk(data: bytes) -> bytes:

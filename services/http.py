@@ -14,7 +14,8 @@ Limits against slow and oversized clients, per process (``Settings``; defaults i
   make room for them). At the limit a new connection replaces the oldest idle one (between
   requests, or still sending its request head); when every one is busy, it is answered ``503``
   at once and closed, before anything is read from it;
-* request bodies are never decompressed (``Content-Encoding`` is refused by ``/collect``);
+* request bodies are never decompressed (``Content-Encoding``, and a transfer coding other
+  than ``chunked``, are refused by ``/collect``);
 * no log line names a client: the access log (off by default) writes method, path, status,
   size and time, and malformed requests are logged without the peer's address.
 

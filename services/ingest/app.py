@@ -3,7 +3,8 @@
 Only this module touches HTTP; the request becomes a ``Beacon`` (beacon.py) and a
 ``ClientContext``, and the ``Pipeline`` decides. Every refusal is a JSON
 ``{"error": ..., "field": ...}`` with a 4xx status from the OpenAPI document (or 503):
-``415`` another content type or a compressed body, ``413`` a body over 8 KiB, ``408`` a body
+``415`` another content type or a compressed body (a ``Content-Encoding``, or a transfer
+coding other than ``chunked``), ``413`` a body over 8 KiB, ``408`` a body
 not received within ``read_timeout_seconds``, ``400`` anything malformed or invalid.
 
 The two beacon endpoints are the hot path. ``_Ingest.collect`` and ``_Ingest.pixel`` decide
@@ -224,17 +225,23 @@ def _refused(endpoint: str, r: _Refused) -> Answer:
     return error_answer(r.status, r.message, r.field)
 
 
-def _check_body_headers(length: int | None, encoding: str | None) -> None:
+def _check_body_headers(length: int | None, headers: dict[str, str]) -> None:
+    """Refuse a body by what its headers say (``RawRequest.headers``): too large, or coded."""
     if length is not None and length > MAX_BODY:
         raise _Refused(413, "the body is larger than 8 KiB", "body")
+    encoding = headers.get("content-encoding")
     if encoding and encoding.strip().lower() != "identity":
         # Browsers never compress a request body; decompressing one is an amplifier.
         raise _Refused(415, "a compressed body is not accepted", "content-encoding")
+    transfer = headers.get("transfer-encoding")
+    if transfer is not None and transfer.strip().lower() != "chunked":
+        # gzip, deflate, compress (before the chunks): a compressed body, never read as plain
+        raise _Refused(415, "only the chunked transfer coding is accepted", "transfer-encoding")
 
 
-async def _read_body(request: web.Request, timeout: float) -> bytes:
+async def _read_body(request: web.Request, headers: dict[str, str], timeout: float) -> bytes:
     """At most 8 KiB, within ``timeout`` seconds (a slow sender is cut off with 408)."""
-    _check_body_headers(request.content_length, request.headers.get("Content-Encoding"))
+    _check_body_headers(request.content_length, headers)
     try:
         if request.content.is_eof():  # all of it arrived with the head: nothing to wait for
             body = await request.read()
@@ -317,7 +324,7 @@ class _Ingest:
                 raise _Refused(415, "send text/plain or application/json", "content-type")
             if len(body) > MAX_BODY:  # client_max_size may be configured above 8 KiB
                 raise _Refused(413, "the body is larger than 8 KiB", "body")
-            _check_body_headers(None, headers.get("content-encoding"))
+            _check_body_headers(None, headers)
             if not body.strip():
                 raise _Refused(400, "the body is empty", "body")
             try:
@@ -356,7 +363,7 @@ class _Ingest:
             ctype = headers.get("content-type")
             if ctype not in _JSON_CONTENT_TYPES and _media_type(ctype) not in _JSON_TYPES:
                 raise _Refused(415, "send text/plain or application/json", "content-type")
-            body = await _read_body(request, self.read_timeout)
+            body = await _read_body(request, headers, self.read_timeout)
         except _Refused as r:
             return _refused("collect", r).for_origin(request.headers.get("Origin")).response()
         decided = self.collect(headers, request.remote, body)
@@ -450,7 +457,7 @@ async def collect_expect(request: web.Request) -> web.Response | None:
         ctype = request.headers.get("Content-Type")
         if ctype not in _JSON_CONTENT_TYPES and _media_type(ctype) not in _JSON_TYPES:
             raise _Refused(415, "send text/plain or application/json", "content-type")
-        _check_body_headers(request.content_length, request.headers.get("Content-Encoding"))
+        _check_body_headers(request.content_length, _headers_of(request))
     except _Refused as r:
         return _refused("collect", r).for_origin(request.headers.get("Origin")).response()
     await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")

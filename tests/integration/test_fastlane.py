@@ -604,3 +604,28 @@ async def test_a_half_closed_connection_gets_every_answer_and_counts_only_those(
     finally:
         await runner.cleanup()  # ships the spool
     assert await count_records(tansu.bootstrap, topic) == sent
+
+
+@pytest.mark.parametrize(
+    "coding",
+    ["gzip, chunked", "deflate, chunked", "compress,chunked", "identity, chunked", "x-y, chunked"],
+)
+async def test_a_transfer_coding_other_than_chunked_is_refused_and_counts_nothing(
+    server: Server, coding: str
+) -> None:
+    """A body declared compressed (a transfer coding before the chunks) is never read as
+    plain, as with ``Content-Encoding`` (an outside audit: ``gzip, chunked`` and a plain JSON
+    chunk got 202 and counted). Also with ``Expect: 100-continue``: refused before the body."""
+    body = beacon_body()
+    request = post(b"", f"Transfer-Encoding: {coding}").replace(b"Content-Length: 0\r\n", b"")
+    request += b"%x\r\n%s\r\n0\r\n\r\n" % (len(body), body)
+    # the head alone: the body would follow a 100 Continue
+    expect = post(b"", f"Transfer-Encoding: {coding}", "Expect: 100-continue").replace(
+        b"Content-Length: 0\r\n", b""
+    )
+    for raw in (request, expect):
+        answers = split_answers(await server.exchange(raw))
+        assert [a[0] for a in answers] == [415], raw
+        assert json.loads(answers[0][2])["field"] == "transfer-encoding"
+        assert answers[0][1]["access-control-allow-origin"] == "*"
+    assert server.records == []
