@@ -204,6 +204,27 @@ def _json_error(status: int, message: str, headers: Any = None) -> web.Response:
     )
 
 
+def _json_expectations(
+    handler: Callable[[web.BaseRequest], Awaitable[web.StreamResponse]],
+) -> Callable[[web.BaseRequest], Awaitable[web.StreamResponse]]:
+    """``handler`` (the app's, for the server), whose ``417`` for an ``Expect`` other than
+    ``100-continue`` is JSON and readable by any page, like every other refusal: aiohttp asks a
+    route's expect handler before any middleware runs, and its own answers in text."""
+
+    async def handle(request: web.BaseRequest) -> web.StreamResponse:
+        try:
+            return await handler(request)
+        except web.HTTPExpectationFailed:
+            return web.Response(
+                status=417,
+                body=orjson.dumps({"error": "only 100-continue is expected", "field": "expect"}),
+                content_type="application/json",
+                headers={"Access-Control-Allow-Origin": "*"},
+            )
+
+    return handle
+
+
 @web.middleware
 async def json_errors(
     request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -536,6 +557,7 @@ async def start_server(
     await runner.setup()
     server = runner.server
     assert server is not None
+    server.request_handler = _json_expectations(server.request_handler)
     loop = asyncio.get_running_loop()
 
     def handler() -> _Handler:

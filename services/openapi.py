@@ -69,6 +69,7 @@ _PROTOCOL: dict[str, Any] = {
         "the process holds its maximum of open connections (or the service cannot take more)",
         _RETRY_AFTER,
     ),
+    "417": _error("an Expect other than 100-continue"),
 }
 
 
@@ -312,7 +313,10 @@ def _paths() -> dict[str, Any]:
                     **_BEACON_REFUSALS,
                     "408": _error("the body was not received within the read timeout"),
                     "413": _error("the body is larger than 8 KiB"),
-                    "415": _error("another content type, or a compressed body"),
+                    "415": _error(
+                        "another content type, or a compressed body (a Content-Encoding, or "
+                        "a transfer coding other than chunked)"
+                    ),
                 },
                 tags=["ingest"],
                 request_body={

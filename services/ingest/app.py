@@ -83,6 +83,7 @@ _OUTCOME_LABELS = {
     408: "timeout",
     413: "too_large",
     415: "unsupported_media_type",
+    417: "expectation_failed",
     429: "rate_limited",
     503: "unavailable",
 }
@@ -451,9 +452,9 @@ async def collect_expect(request: web.Request) -> web.Response | None:
     """``Expect: 100-continue``: a body that would be refused for its size or type is refused
     before the client sends it, without a ``100 Continue`` first (aiohttp's own handler
     answers ``100`` to any)."""
-    if request.headers.get("Expect", "").lower() != "100-continue":
-        raise web.HTTPExpectationFailed(text="only 100-continue is expected")
     try:
+        if request.headers.get("Expect", "").strip().lower() != "100-continue":
+            raise _Refused(417, "only 100-continue is expected", "expect")
         ctype = request.headers.get("Content-Type")
         if ctype not in _JSON_CONTENT_TYPES and _media_type(ctype) not in _JSON_TYPES:
             raise _Refused(415, "send text/plain or application/json", "content-type")

@@ -251,3 +251,27 @@ def test_a_page_can_read_when_to_send_again(run: Service) -> None:
         assert int(headers["Retry-After"]) >= 1
         assert headers["Access-Control-Expose-Headers"] == "Retry-After"
         assert headers["Access-Control-Allow-Origin"] == PORTAL
+
+
+def test_an_expectation_that_cannot_be_met_is_a_json_error_a_page_can_read(run: Service) -> None:
+    """``Expect`` other than ``100-continue``: ``417`` as JSON naming the header, with the
+    headers of every other refusal (an outside audit got aiohttp's text, without CORS)."""
+    status, headers, body = http(
+        "POST",
+        f"{run.url}/collect",
+        json.dumps({"site": "open", "url": f"{PORTAL}/a.html"}).encode(),
+        {"Content-Type": "text/plain", "Expect": "foo", "Origin": PORTAL, "User-Agent": CHROME_UA},
+    )
+    assert status == 417, body
+    assert json.loads(body)["field"] == "expect"
+    assert headers["Content-Type"] == "application/json"
+    assert headers["Access-Control-Allow-Origin"] == PORTAL
+    assert headers["X-Content-Type-Options"] == "nosniff"
+    for path in ("/healthz", "/v1/sites/open/counter", "/collect.gif?site=open", "/no/such"):
+        status, headers, body = http("GET", f"{run.url}{path}", headers={"Expect": "foo"})
+        assert status == 417, (path, body)
+        assert json.loads(body) == {"error": "only 100-continue is expected", "field": "expect"}
+        assert headers["Content-Type"] == "application/json", path
+        assert headers["Access-Control-Allow-Origin"] == "*", path
+        assert headers["X-Content-Type-Options"] == "nosniff", path
+        assert headers["Server"] == "visitorstats", path

@@ -74,14 +74,15 @@ def test_every_operation_documents_its_statuses_and_every_error_is_json() -> Non
             if method not in openapi.METHODS:
                 continue
             responses: dict[str, Any] = op["responses"]
-            assert {"400", "503"} <= set(responses), (path, method)  # protocol-level refusals
+            # protocol-level refusals
+            assert {"400", "417", "503"} <= set(responses), (path, method)
             for status, response in responses.items():
                 assert response["description"]
                 if int(status) >= 400 and (path, status) not in NOT_JSON:
                     schema = response["content"]["application/json"]["schema"]
                     assert schema == {"$ref": "#/components/schemas/Error"}, (path, status)
     collect = openapi.document()["paths"]["/collect"]["post"]["responses"]
-    assert set(collect) == {"202", "400", "403", "408", "413", "415", "429", "503"}
+    assert set(collect) == {"202", "400", "403", "408", "413", "415", "417", "429", "503"}
     assert "Retry-After" in collect["429"]["headers"]
 
 
