@@ -275,7 +275,10 @@ async def _common_headers(request: web.Request, response: web.StreamResponse) ->
     """On every answer of aiohttp (the lane's heads carry the same, ``fastlane.reply_head``):
     its type is the one it says (no sniffing), and the server names no versions."""
     response.headers.setdefault("X-Content-Type-Options", "nosniff")
-    response.headers["Server"] = "visitorstats"  # (aiohttp sets its own before this)
+    response.headers["Server"] = SERVER  # (aiohttp sets its own before this)
+
+
+SERVER = "visitorstats"  # the Server header: no versions
 
 
 class AccessLogger(AbstractAccessLogger):
@@ -359,6 +362,12 @@ class _Gate:
 
 
 _GONE = object()
+# The headers of ``_common_headers``, and readable by a script on any page (as ``json_errors``)
+_ERROR_HEADERS = {
+    "X-Content-Type-Options": "nosniff",
+    "Server": SERVER,
+    "Access-Control-Allow-Origin": "*",
+}
 
 
 class _Handler(web.RequestHandler):
@@ -448,6 +457,7 @@ class _Handler(web.RequestHandler):
         else:
             # The exception's message quotes the offending bytes (a header, say): not logged.
             self.logger.debug("malformed request refused: %s", type(exc).__name__)
+            metrics.MALFORMED_REQUESTS.inc()
             text = (
                 "request line or header too long"
                 if isinstance(exc, LineTooLong)
@@ -457,10 +467,12 @@ class _Handler(web.RequestHandler):
             )
         if request.writer.output_size > 0:
             raise ConnectionError("the response is under way: no error can be sent")
+        # (no route's response hook runs for a request that could not be read: its headers here)
         resp = web.Response(
             status=status,
             body=orjson.dumps({"error": text, "field": "request"}),
             content_type="application/json",
+            headers=_ERROR_HEADERS,
         )
         resp.force_close()
         return resp

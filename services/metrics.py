@@ -40,6 +40,9 @@ INGEST_REQUESTS = Counter(
     "HTTP requests to the ingest endpoints, by endpoint and outcome.",
     ["endpoint", "outcome"],
 )
+# HTTP that could not be read as a request (a bad header, two Content-Lengths, a line over the
+# limit: the server's own 400), by any route: which endpoint it was for is not known
+MALFORMED_REQUESTS = INGEST_REQUESTS.labels("unknown", "malformed")
 BEACONS_DROPPED = Counter(
     "visitorstats_beacons_dropped_total",
     "Beacons refused or not counted, by reason.",

@@ -210,9 +210,19 @@ async def test_split_heads_and_bodies_are_read_by_aiohttp(server: Server) -> Non
 async def test_odd_framing_goes_to_aiohttp_and_counts_nothing(
     server: Server, request_bytes: bytes, status: int
 ) -> None:
+    before = malformed_requests()
     answers = split_answers(await server.exchange(request_bytes))
     assert [a[0] for a in answers] == [status]
     assert server.records == []
+    # not a beacon, but a request refused: counted (the endpoint it was for is not known)
+    assert malformed_requests() == before + 1
+    assert answers[0][1]["x-content-type-options"] == "nosniff"
+    assert answers[0][1]["access-control-allow-origin"] == "*"
+
+
+def malformed_requests() -> float:
+    labels = {"endpoint": "unknown", "outcome": "malformed"}
+    return PROMETHEUS.get_sample_value("visitorstats_ingest_requests_total", labels) or 0.0
 
 
 async def test_chunked_and_expect_continue_beacons_are_served_by_aiohttp(server: Server) -> None:
