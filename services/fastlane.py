@@ -20,8 +20,9 @@ after ``idle_timeout`` seconds without a request, and counts against the process
 connections like any other (``services.http._Gate``). Answers are written in request order:
 while one request waits for its answer (the beacon's publication), the next is not started.
 A client that half-closes (done sending, still reading) gets the answer of every complete
-request it sent, then the connection is closed; once a connection is closing, no request
-still buffered is taken (it would be published, and its answer lost).
+request it sent, then the connection is closed (a stream ends at once: see ``eof_received``);
+once a connection is closing, no request still buffered is taken (it would be published, and
+its answer lost).
 """
 
 from __future__ import annotations
@@ -197,17 +198,18 @@ class LaneProtocol(asyncio.Protocol):
             self._transport.resume_reading()
 
     def eof_received(self) -> bool:
-        """The client is done sending, not reading (a half-close, RFC 9112 9.6): every complete
-        request received is answered, in order, and then the connection is closed. (A
-        streaming answer goes on: the client still reads it.)"""
+        """The client is done sending, maybe not reading (a half-close, RFC 9112 9.6): every
+        complete request received is answered, in order, and then the connection is closed.
+        A streaming answer ends: its client's EOF cannot be told from a client gone (whose
+        subscription would otherwise last until a keep-alive's write failed)."""
         self._eof = True
         self._close_if_done()
         return True  # the transport stays open for the answers
 
     def _close_if_done(self) -> None:
         """After the client's half-close: close once nothing is left to answer (a request
-        still incomplete never will be)."""
-        if self._eof and not self._busy and self._stream_lost is None:
+        still incomplete never will be), or at once when the answer is a stream."""
+        if self._eof and (not self._busy or self._stream_lost is not None):
             self._buf = b""
             if self._transport is not None:
                 self._transport.close()  # (what is written still goes out first)
@@ -291,6 +293,7 @@ class LaneProtocol(asyncio.Protocol):
                     return
                 continue
             if self._stream_lost is not None:
+                self._close_if_done()  # (the client is gone, or no longer sending)
                 return  # a never-ending answer: nothing after this request is read
             if self._busy:
                 # the answer comes later: the rest waits (answers go out in request order)

@@ -243,6 +243,16 @@ async def json_errors(
         return _json_error(e.status, e.reason.lower(), headers)
 
 
+def never_ending(request: web.BaseRequest) -> None:
+    """Say that the answer to ``request`` never ends (server-sent events): the client's EOF
+    then ends it and closes the connection, rather than waiting for it to be answered (a FIN
+    cannot tell a half-close from a client gone, and no write would tell before the next
+    keep-alive)."""
+    handler = request.protocol
+    if isinstance(handler, _Handler):
+        handler.never_ending()
+
+
 def add_routes(app: web.Application) -> None:
     app[READY_CHECKS] = {}
     app[OPENAPI] = {}
@@ -374,7 +384,7 @@ class _Handler(web.RequestHandler):
     """aiohttp's connection handler with a cap on open connections, and errors for malformed
     requests that are JSON and logged without the client's address."""
 
-    __slots__ = ("_answered", "_eof", "_gate", "_started", "_unread_at")
+    __slots__ = ("_answered", "_eof", "_gate", "_started", "_streaming", "_unread_at")
 
     def __init__(self, manager: web.Server, *, gate: _Gate, **kwargs: Any) -> None:
         super().__init__(manager, **kwargs)
@@ -383,6 +393,7 @@ class _Handler(web.RequestHandler):
         self._unread_at = 0.0
         self._eof = False  # the client is done sending (a half-close): it still reads
         self._answered = 0  # requests whose answer is written
+        self._streaming = False  # the answer under way never ends (``never_ending``)
 
     def pause_writing(self) -> None:  # a client that does not read its answers
         super().pause_writing()
@@ -425,15 +436,22 @@ class _Handler(web.RequestHandler):
             super().data_received(data)
 
     def eof_received(self) -> bool:  # type: ignore[override]  # (asyncio's: keep it open)
-        """The client is done sending, not reading (a half-close, RFC 9112 9.6): the requests
-        received are answered, in order, then the connection is closed. (aiohttp's own handler
-        let the transport close at once, and the requests being answered were cancelled.)"""
-        if not self._started:
-            return False
+        """The client is done sending, maybe still reading (a half-close, RFC 9112 9.6): the
+        requests received are answered, in order, then the connection is closed. (aiohttp's own
+        handler let the transport close at once, and the requests being answered were
+        cancelled.)"""
+        if not self._started or self._streaming:
+            return False  # (a stream ends: see ``never_ending``)
         self._eof = True
         if self._answered >= self._request_count:
             self.force_close()  # nothing to answer (what is written still goes out first)
         return True
+
+    def never_ending(self) -> None:
+        """The answer under way is a stream (``never_ending``)."""
+        self._streaming = True
+        if self._eof:
+            self.force_close()
 
     async def finish_response(
         self, request: web.BaseRequest, resp: web.StreamResponse, start_time: float | None

@@ -161,6 +161,7 @@ async def counter_stream(request: web.Request) -> web.StreamResponse:
     fanout = request.app[COUNTER].fanout
     response = web.StreamResponse(headers={**_STREAM_HEADERS, **_CORS})
     await response.prepare(request)
+    http.never_ending(request)  # the client's close (its EOF) ends it at once
     metrics.STREAM_SUBSCRIBERS.inc()
     try:
         await response.write(_RETRY)

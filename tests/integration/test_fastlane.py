@@ -639,3 +639,42 @@ async def test_a_transfer_coding_other_than_chunked_is_refused_and_counts_nothin
         assert json.loads(answers[0][2])["field"] == "transfer-encoding"
         assert answers[0][1]["access-control-allow-origin"] == "*"
     assert server.records == []
+
+
+async def test_a_stream_ends_at_its_clients_eof_on_either_path(tmp_path: Path) -> None:
+    """A stream's client that closes (its FIN: a half-close cannot be told from a client gone)
+    is dropped at once, on the lane and on aiohttp's path, not at the next keep-alive's failed
+    write: the answer never ends, so waiting to finish it would hold the subscriber for good."""
+    s = settings_for(tmp_path, stream_keepalive_seconds=3600)
+    runner = await http.start_server(create_standalone_app(s, REGISTRY), s)
+    get = b"GET /v1/sites/open/counter/stream HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"
+    before = subscribers()
+    try:
+        async with asyncio.timeout(30):
+            while True:  # the first snapshot takes a moment
+                r, w = await asyncio.open_connection("127.0.0.1", s.port)
+                w.write(get)
+                first = await r.readuntil(b"\r\n\r\n")
+                w.close()
+                if first.startswith(b"HTTP/1.1 200"):
+                    break
+                await asyncio.sleep(0.2)
+        for writes in ((get,), (get[:10], get[10:])):  # the lane's, aiohttp's (a split head)
+            reader, writer = await asyncio.open_connection("127.0.0.1", s.port)
+            for i, part in enumerate(writes):
+                if i:
+                    await writer.drain()
+                    await asyncio.sleep(0.05)
+                writer.write(part)
+            async with asyncio.timeout(30):
+                await read_stream(reader, 1)
+            writer.write_eof()
+            await read_to_close(reader)  # the server closes
+            writer.close()
+        async with asyncio.timeout(30):
+            while True:  # (the handlers see their connection lost in a moment)
+                if subscribers() == before:
+                    break
+                await asyncio.sleep(0.05)
+    finally:
+        await runner.cleanup()
