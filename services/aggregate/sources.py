@@ -10,6 +10,7 @@ import contextlib
 import logging
 import time
 import uuid
+from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -76,9 +77,12 @@ class Source(Protocol):
 
 
 class LocalLog:
-    """The standalone hand-off: an in-memory log with one partition, holding only what was
-    appended and not yet fetched. Its offsets continue from what ClickHouse already holds (set
-    by ``seek`` at start), so the same progress rule works as with Kafka.
+    """The standalone hand-off: an in-memory log with one partition, holding what was appended
+    and not yet stored in ClickHouse: what waits to be fetched, and what was fetched and not
+    yet committed (``seek`` back reads that again, as Kafka would: a partition rebuilt after
+    the clock went back resumes where ClickHouse's rows end). Its offsets continue from what
+    ClickHouse already holds (set by ``seek`` at start), so the same progress rule works as with
+    Kafka.
 
     With a ``journal`` (an on-disk ``Spool``) every record is written there before it is taken
     (before its ``202``) and forgotten once ClickHouse holds it (``commit``), so a process
@@ -89,7 +93,8 @@ class LocalLog:
     topic = "local"
 
     def __init__(self, journal: Spool | None = None) -> None:
-        self._records: list[InRecord] = []
+        self._records: list[InRecord] = []  # to fetch
+        self._fetched: deque[InRecord] = deque()  # fetched, not yet committed
         self._next = 0
         self._arrived = asyncio.Event()
         self._paused = False
@@ -129,13 +134,19 @@ class LocalLog:
             if self._paused:
                 return []
         batch, self._records = self._records[:max_records], self._records[max_records:]
+        self._fetched.extend(batch)
         metrics.CONSUMER_LAG.labels("0").set(len(self._records))
         return batch
 
     async def commit(self, offsets: dict[int, int]) -> None:
         """ClickHouse holds everything before ``offsets[0]``: the journal forgets it. The
         journal holds the latest records appended, so its oldest has offset ``_next - len``."""
-        if self._journal is None or 0 not in offsets:
+        if 0 not in offsets:
+            return
+        fetched = self._fetched
+        while fetched and fetched[0].offset < offsets[0]:
+            fetched.popleft()
+        if self._journal is None:
             return
         stored = offsets[0] - (self._next - len(self._journal))
         if stored > 0:
@@ -145,10 +156,16 @@ class LocalLog:
         return {}
 
     async def seek(self, offsets: dict[int, int]) -> None:
-        """Nothing can be re-read (what was fetched is gone); but what waits here, appended
-        (or read back from the journal) before the resume point was known, is renumbered
-        from it."""
+        """Back: what was fetched from there on, not yet committed, is fetched again. Forward
+        (the resume point at start): what waits here, appended (or read back from the journal)
+        before the resume point was known, is renumbered from it."""
         target = offsets.get(0, 0)
+        if self._fetched and self._fetched[-1].offset >= target:
+            again = [r for r in self._fetched if r.offset >= target]
+            self._records[:0] = again
+            for _ in again:
+                self._fetched.pop()
+            return
         first = self._records[0].offset if self._records else self._next
         if target > first:
             shift = target - first
@@ -157,7 +174,10 @@ class LocalLog:
             self._next += shift
 
     async def rewind(self, records: list[InRecord]) -> None:
+        """``records``, the last fetched, go back to be fetched again."""
         self._records[:0] = records
+        for _ in records:
+            self._fetched.pop()
 
     def assigned(self) -> list[int]:
         return [0]
