@@ -3,7 +3,10 @@
   "use strict";
   var s = d.currentScript || d.querySelector("script[data-site][src*='beacon.js']");
   var site = s && s.getAttribute("data-site");
-  if (!site) return;
+  var mine = "visitorstats " + site;
+  // one beacon a site on a page (the tag in a header and a footer counted each view twice)
+  if (!site || d[mine]) return;
+  d[mine] = 1;
   var base = s.src.split(/[?#]/)[0].replace(/\/[^\/]*$/, "");
   var endpoint = base + "/collect";
   var visitor = s.getAttribute("data-visitor");
