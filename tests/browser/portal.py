@@ -250,8 +250,10 @@ def portal_page(
     widget_from: str | None = None,
     widget_attrs: str = "",
     extra: str = "",
+    head: str = "",
 ) -> str:
-    """A portal page as an editor would paste the two snippets into its template."""
+    """A portal page as an editor would paste the two snippets into its template (``head``:
+    what comes first in its head, a Content-Security-Policy ``<meta>``)."""
     beacon_tag = (
         f'<script defer src="{beacon_from or service}/beacon.js" data-site="{site}" '
         f'data-member="{member}" data-heartbeat="{heartbeat}"></script>'
@@ -270,6 +272,7 @@ def portal_page(
 <html lang="vi">
 <head>
 <meta charset="utf-8">
+{head}
 <title>{title}</title>
 <link rel="icon" href="data:,">
 {beacon_tag}

@@ -397,3 +397,33 @@ def test_the_tag_pasted_twice_counts_a_page_once_and_another_sites_tag_counts_to
     assert wait_until(lambda: totals(service)["pageviews_today"], lambda n: n >= 2) == 2
     assert totals(service) == expect(guests=1, members=0, visits=1, pageviews=2)
     assert accepted(service, SITE) == 2
+
+
+def test_under_a_strict_content_security_policy_the_beacons_go_through_the_pixel(
+    service: Service, portal: Portal, browsers: Browsers
+) -> None:
+    """A portal whose CSP lets the service's script and images in, but no connection to it:
+    fetch is refused, and so is sendBeacon (which says true all the same). The pixel, allowed
+    as an image, carries the page view, the heartbeats and the leave (nothing counted, before)."""
+    csp = f"default-src 'none'; script-src {service.url}; connect-src 'self'; img-src {service.url}"
+    head = f'<meta http-equiv="Content-Security-Policy" content="{csp}">'
+    strict = portal.page("strict", portal_page(service.url, widgets=(), head=head))
+    other = portal.page("other", portal_page(service.url, site="utc", widgets=()))
+    driver = browsers.open()
+    open_tab(driver, strict)
+    one = expect(guests=1, members=0, visits=1, pageviews=1)
+    assert wait_until(lambda: totals(service), lambda t: t == one) == one
+
+    def pixels() -> float:
+        return metric(
+            service.url, "visitorstats_ingest_requests_total", endpoint="pixel", outcome="accepted"
+        )
+
+    # heartbeats (every 2 s here) through the pixel too
+    assert pixels() >= 1
+    beats = pixels() + 2
+    assert wait_until(pixels, lambda n: n >= beats) >= beats
+    # hidden (the reader opens another tab): its leave takes the reader off at once
+    open_tab(driver, other)
+    gone = expect(guests=0, members=0, visits=1, pageviews=1)
+    assert wait_until(lambda: totals(service), lambda t: t == gone) == gone

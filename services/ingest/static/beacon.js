@@ -11,7 +11,7 @@
   var endpoint = base + "/collect";
   var visitor = s.getAttribute("data-visitor");
   var every = Math.max(parseFloat(s.getAttribute("data-heartbeat")) || 60, 1);
-  var timer = 0, left = 0, page = here();
+  var timer = 0, left = 0, pixel = 0, page = here();
 
   function uuid() {
     var c = w.crypto, b = new Uint8Array(16), h = "", i;
@@ -27,14 +27,6 @@
     return t.slice(0, m).replace(/[\ud800-\udbff]$/, ""); // never half a character
   }
 
-  function beacon(body) {
-    try {
-      return n.sendBeacon(endpoint, new Blob([body], { type: "text/plain" }));
-    } catch (e) {
-      return false;
-    }
-  }
-
   function send(type, referrer) {
     var ev = {
       site: site, type: type, url: cut(here(), 2048), event_id: uuid(),
@@ -45,21 +37,24 @@
     if (d.title) ev.title = cut(d.title, 512);
     if (visitor) ev.visitor = cut(visitor, 128);
     body = JSON.stringify(ev);
-    function fallback() {
-      if (beacon(body)) return;
+    function img() {
+      // fetch refused (a CSP: sendBeacon then too, yet says true): the pixel from now on
+      pixel = 1;
       for (k in ev) q.push(k + "=" + encodeURIComponent(ev[k]));
       new Image().src = base + "/collect.gif?" + q.join("&");
     }
     left = type == "leave";
-    if (left && beacon(body)) return;
     try {
+      if (pixel) return img();
+      // a leave as the page goes: sendBeacon outlives it
+      if (left && n.sendBeacon(endpoint, new Blob([body], { type: "text/plain" }))) return;
       // text/plain: no preflight
       fetch(endpoint, {
         method: "POST", body: body, keepalive: true, credentials: "omit", mode: "no-cors",
         headers: { "Content-Type": "text/plain" }
-      })["catch"](fallback);
+      })["catch"](img);
     } catch (e) {
-      fallback();
+      img();
     }
   }
 
