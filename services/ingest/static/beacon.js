@@ -11,7 +11,7 @@
   var endpoint = base + "/collect";
   var visitor = s.getAttribute("data-visitor");
   var every = Math.max(parseFloat(s.getAttribute("data-heartbeat")) || 60, 1);
-  var timer = 0, left = 0, pixel = 0, page = here();
+  var timer = 0, left = 0, late = 0, next = 0, pixel = 0, page = here();
 
   function uuid() {
     var c = w.crypto, b = new Uint8Array(16), h = "", i;
@@ -58,6 +58,18 @@
     }
   }
 
+  // 1 s late: after the leave of the page hidden or left (ingest stamps the time); a page
+  // view waiting wins. Hidden again within it, none (leave): passed through (Back, Forward),
+  // not read; else frozen in the bfcache, it went at the next restore.
+  function soon(type) {
+    if (next != "pageview") next = type;
+    clearTimeout(late);
+    late = setTimeout(function () {
+      send(next, next == "pageview" ? d.referrer : "");
+      next = 0;
+    }, 1e3);
+  }
+
   function beat() {
     send("heartbeat");
   }
@@ -68,7 +80,8 @@
 
   function leave() {
     clearInterval(timer);
-    timer = 0;
+    clearTimeout(late);
+    timer = next = 0;
     if (!left) send("leave");
   }
 
@@ -94,12 +107,11 @@
     w.addEventListener("popstate", navigated);
     w.addEventListener("pagehide", leave);
     w.addEventListener("pageshow", function (e) {
-      if (e.persisted) setTimeout(send, 1e3, "pageview", d.referrer); // bfcache
+      if (e.persisted) soon("pageview"); // bfcache
     });
     d.addEventListener("visibilitychange", function () {
       if (d.visibilityState == "hidden") leave();
-      // 1 s late: after the leave of the tab hidden
-      else if (!timer) setTimeout(beat, 1e3), start();
+      else if (!timer) soon("heartbeat"), start();
     });
   }
 
