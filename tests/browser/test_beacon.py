@@ -482,3 +482,68 @@ def test_a_page_passed_through_within_a_second_of_its_restore_is_no_page_view(
     assert sent_of(portal, "heartbeat", first) == 0  # a page view said it already
     want = expect(guests=1, members=0, visits=1, pageviews=5)
     assert wait_until(lambda: totals(service), lambda t: t == want) == want
+
+
+def test_a_page_closed_while_another_of_the_reader_is_visible_leaves_the_reader_online(
+    service: Service, portal: Portal, browsers: Browsers
+) -> None:
+    """One reader, four pages of the portal in one browser: ``a`` in a minimised window, ``b``,
+    ``c`` and ``d`` each in a window of its own. Closing ``d`` sends its leave, the reader's
+    latest event: they were off the counter (for up to a heartbeat, minutes here) while
+    reading ``b`` and ``c``. Now each visible page says, a second later, that the reader is
+    still here: one heartbeat each, and none from the hidden ``a``.
+
+    The marks: each page hears the leaves on the site's channel too (``visitorstats dongha``,
+    beacon.js's) and, 2.5 s later, after its own heartbeat would have gone, asks the proxy for
+    ``/mark/<page>/<leaves heard>``: those of ``d``'s leave in, all the heartbeats are. (``a``
+    hears its own leave too: the channel's other objects in the page get a message.)"""
+    mark = f"""<script>
+    var heard = 0;
+    new BroadcastChannel('visitorstats {SITE}').onmessage = function () {{
+      var mark = '{portal.proxy_url}/mark' + location.pathname + '/' + (++heard);
+      setTimeout(function () {{ fetch(mark, {{mode: 'no-cors'}}); }}, 2500);
+    }};
+    </script>"""
+    options: dict[str, Any] = {"widgets": (), "heartbeat": "3600", "beacon_from": portal.proxy_url}
+    pages = {
+        name: portal.page(name, portal_page(service.url, extra=mark, **options)) for name in "abcd"
+    }
+    driver = browsers.open()
+    driver.get(pages["a"])
+    assert wait_until(lambda: totals(service)["pageviews_today"], lambda n: n == 1) == 1
+    driver.minimize_window()  # hidden: its leave (no other page yet to hear it)
+    assert wait_until(lambda: sent_of(portal, "leave", pages["a"]), lambda n: n == 1) == 1
+    for name in "bcd":
+        driver.switch_to.new_window("window")
+        driver.get(pages[name])
+    one = expect(guests=1, members=0, visits=1, pageviews=4)
+    assert wait_until(lambda: totals(service), lambda t: t == one) == one
+    assert sent_of(portal, "heartbeat", pages["b"]) == sent_of(portal, "heartbeat", pages["c"]) == 0
+
+    driver.close()  # d's window
+    assert wait_until(lambda: sent_of(portal, "leave", pages["d"]), lambda n: n == 1) == 1
+    marks = {"/mark/a/2", "/mark/b/1", "/mark/c/1"}
+    seen = wait_until(lambda: {h.path for h in portal.proxied("GET", "/mark/")}, marks.issubset)
+    assert marks <= seen
+    beats = {name: sent_of(portal, "heartbeat", pages[name]) for name in "abcd"}
+    assert beats == {"a": 0, "b": 1, "c": 1, "d": 0}
+    assert wait_until(lambda: totals(service), lambda t: t == one) == one
+
+
+def test_a_framed_page_removed_leaves_the_reader_of_the_page_around_it_online(
+    service: Service, portal: Portal, browsers: Browsers
+) -> None:
+    """A portal page frames another page of its own (with the beacon), then removes the frame:
+    the framed page's leave, and the page around it, visible, says the reader is still here."""
+    options: dict[str, Any] = {"widgets": (), "heartbeat": "3600", "beacon_from": portal.proxy_url}
+    framed = portal.page("framed", portal_page(service.url, **options))
+    frame = f'<iframe id="frame" src="{framed}" title="framed" width="300" height="200"></iframe>'
+    host = portal.page("host", portal_page(service.url, extra=frame, **options))
+    driver = browsers.open()
+    driver.get(host)
+    one = expect(guests=1, members=0, visits=1, pageviews=2)
+    assert wait_until(lambda: totals(service), lambda t: t == one) == one
+    driver.execute_script("document.getElementById('frame').remove()")
+    assert wait_until(lambda: sent_of(portal, "leave", framed), lambda n: n == 1) == 1
+    assert wait_until(lambda: sent_of(portal, "heartbeat", host), lambda n: n == 1) == 1
+    assert wait_until(lambda: totals(service), lambda t: t == one) == one

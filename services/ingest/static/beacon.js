@@ -11,7 +11,7 @@
   var endpoint = base + "/collect";
   var visitor = s.getAttribute("data-visitor");
   var every = Math.max(parseFloat(s.getAttribute("data-heartbeat")) || 60, 1);
-  var timer = 0, left = 0, late = 0, next = 0, pixel = 0, page = here();
+  var timer = 0, left = 0, late = 0, next = 0, pixel = 0, chan, page = here();
 
   function uuid() {
     var c = w.crypto, b = new Uint8Array(16), h = "", i;
@@ -82,7 +82,20 @@
     clearInterval(timer);
     clearTimeout(late);
     timer = next = 0;
-    if (!left) send("leave");
+    if (!left) {
+      send("leave");
+      // to the site's other pages here: a visible one says the reader stays
+      if (chan) chan.postMessage(1);
+    }
+  }
+
+  function tune() {
+    try {
+      chan = new BroadcastChannel(mine);
+      chan.onmessage = function () {
+        if (d.visibilityState == "visible") soon("heartbeat"); // hidden ones: not a word
+      };
+    } catch (e) {}
   }
 
   function here() {
@@ -99,15 +112,20 @@
     var h = history, push = h.pushState;
     send("pageview", d.referrer);
     start();
+    tune();
     h.pushState = function () {
       var r = push.apply(this, arguments);
       navigated();
       return r;
     };
     w.addEventListener("popstate", navigated);
-    w.addEventListener("pagehide", leave);
+    w.addEventListener("pagehide", function () {
+      leave();
+      if (chan) chan.close(); // none held in the bfcache (a message evicts)
+      chan = 0;
+    });
     w.addEventListener("pageshow", function (e) {
-      if (e.persisted) soon("pageview"); // bfcache
+      if (e.persisted) tune(), soon("pageview"); // bfcache
     });
     d.addEventListener("visibilitychange", function () {
       if (d.visibilityState == "hidden") leave();
