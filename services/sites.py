@@ -16,6 +16,9 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 from services.memo import memo
 
 SITE_ID = re.compile(r"[a-z0-9][a-z0-9-]{0,63}")
+# How often beacon.js says a visible page is still read, unless its tag's data-heartbeat says
+# otherwise: a site's online window should hold two of them.
+BEACON_HEARTBEAT_SECONDS = 60
 
 log = logging.getLogger(__name__)
 
@@ -176,6 +179,7 @@ class Registry:
                 "have" if len(untimed) > 1 else "has",
                 "their" if len(untimed) > 1 else "its",
             )
+        _say_short_windows(registry)
         return registry
 
     @classmethod
@@ -187,3 +191,23 @@ class Registry:
         except (OSError, UnicodeDecodeError) as e:
             raise RegistryError(f"cannot read the site registry {path}: {e}") from None
         return cls.parse(text, str(path))
+
+
+def _say_short_windows(registry: Registry) -> None:
+    """One line for the sites whose online window does not hold two default heartbeats: their
+    readers drop offline between heartbeats unless their pages set ``data-heartbeat`` (the
+    beacon cannot learn the window: its POSTs are ``no-cors``, their answers opaque)."""
+    short = [s for s in registry if s.online_window_seconds < 2 * BEACON_HEARTBEAT_SECONDS]
+    if not short:
+        return
+    many = len(short) > 1
+    log.warning(
+        "%s%s %s an online_window_seconds under twice beacon.js's default heartbeat (%d s): a "
+        "reader with a visible page drops offline between its heartbeats; set data-heartbeat "
+        "on %s pages to at most half the window",
+        ", ".join(f"sites.{s.id} ({s.online_window_seconds} s)" for s in short[:5]),
+        f" and {len(short) - 5} more" if len(short) > 5 else "",
+        "have" if many else "has",
+        BEACON_HEARTBEAT_SECONDS,
+        "their" if many else "its",
+    )

@@ -17,7 +17,7 @@ from services.ingest.visitor import (
     verify_member_token,
 )
 from services.settings import Settings, database_of, redact
-from services.sites import Registry, RegistryError
+from services.sites import BEACON_HEARTBEAT_SECONDS, Registry, RegistryError
 
 DAY_MS = 86_400_000
 
@@ -122,6 +122,44 @@ def test_a_site_without_a_timezone_is_utc_and_said(caplog: pytest.LogCaptureFixt
     assert said == [  # one line for a registry of many (not 2,000)
         "sites.s0, sites.s1, sites.s2, sites.s3, sites.s4 and 1995 more have no timezone: "
         'their days, weeks and months are UTC\'s (timezone = "Asia/Ho_Chi_Minh" for Việt Nam)'
+    ]
+
+
+def test_sites_whose_window_a_heartbeat_does_not_fit_twice_are_said_in_one_line(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A visible page beats every 60 s (beacon.js's default data-heartbeat): with a window of
+    20 s its reader is offline 40 s of every minute, and the beacon cannot learn the window
+    (its POSTs are no-cors: the answer is opaque). So the start says it, once."""
+    beacon = (Path(__file__).parents[2] / "services/ingest/static/beacon.js").read_text()
+    assert f'getAttribute("data-heartbeat")) || {BEACON_HEARTBEAT_SECONDS},' in beacon
+    text = "".join(
+        f'[sites.{sid}]\ntimezone = "UTC"\nonline_window_seconds = {window}\n'
+        for sid, window in (("a", 20), ("b", 300), ("c", 119), ("d", 120))
+    )
+    Registry.parse(text)
+    said = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert said == [
+        "sites.a (20 s), sites.c (119 s) have an online_window_seconds under twice beacon.js's "
+        "default heartbeat (60 s): a reader with a visible page drops offline between its "
+        "heartbeats; set data-heartbeat on their pages to at most half the window"
+    ]
+    caplog.clear()
+    Registry.parse("".join(f"[sites.s{i}]\nonline_window_seconds = 30\n" for i in range(7)))
+    said = [r.getMessage() for r in caplog.records if "heartbeat" in r.getMessage()]
+    assert said == [
+        "sites.s0 (30 s), sites.s1 (30 s), sites.s2 (30 s), sites.s3 (30 s), sites.s4 (30 s) "
+        "and 2 more have an online_window_seconds under twice beacon.js's default heartbeat "
+        "(60 s): a reader with a visible page drops offline between its heartbeats; set "
+        "data-heartbeat on their pages to at most half the window"
+    ]
+    caplog.clear()
+    Registry.parse('[sites.a]\ntimezone = "UTC"\nonline_window_seconds = 60\n')
+    said = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert said == [
+        "sites.a (60 s) has an online_window_seconds under twice beacon.js's default heartbeat "
+        "(60 s): a reader with a visible page drops offline between its heartbeats; set "
+        "data-heartbeat on its pages to at most half the window"
     ]
 
 
