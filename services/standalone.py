@@ -17,7 +17,7 @@ from services.ingest.publish import LocalPublisher, Publisher
 from services.ingest.service import add_publisher, kafka_publisher, make_pipeline
 from services.ingest.spool import Spool
 from services.settings import Settings
-from services.sites import Registry
+from services.sites import Registry, normalize_origin
 
 
 def create_standalone_app(settings: Settings, registry: Registry) -> web.Application:
@@ -42,12 +42,22 @@ def create_standalone_app(settings: Settings, registry: Registry) -> web.Applica
     # Registered last, so it stops first: no new beacons, then the last batch is written.
     add_publisher(app, publisher)
     ingest_routes.add_routes(app, make_pipeline(settings, registry, publisher), settings)
-    demo = next(iter(registry), None)
 
     async def index(request: web.Request) -> web.Response:
-        if demo is None:
+        if not len(registry):
             return web.Response(text="visitorstats: no site in the registry")
         public_url, page_url = _public_url(request, settings)
+        # The page counts itself for the first site that takes its beacons (the first site of
+        # the registry may list only its portal's origins: every beacon refused, 403).
+        origin = normalize_origin(public_url)
+        demo = next((site for site in registry if site.origin_allowed(origin)), None)
+        if demo is None:
+            return web.Response(
+                text=f"visitorstats: no site of the registry takes beacons from this page's "
+                f"origin, {origin}: each lists its origins, without it. For this page to count "
+                "itself, add it to a site's origins (or leave a site's origins empty).",
+                headers={"Cache-Control": "no-store"},
+            )
         return web.Response(
             text=render.render_demo_page(demo.id, page_url=page_url, public_url=public_url),
             content_type="text/html",

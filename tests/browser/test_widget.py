@@ -23,7 +23,7 @@ from tests.browser.portal import (
     wait_until,
     widget,
 )
-from tests.support.procs import Service, counter, send_beacon, wait_counter
+from tests.support.procs import Service, counter, http, send_beacon, wait_counter, write_sites
 
 pytestmark = pytest.mark.browser
 SITE = "dongha"
@@ -347,6 +347,45 @@ def test_the_demo_page_counts_itself_and_shows_it(
     assert (c["pageviews"]["today"], c["visits"]["today"]) == (2, 1)
     driver.save_screenshot(str(artifacts / "demo-page.png"))
     assert png_size(artifacts / "demo-page.png")[0] > 100
+
+
+def test_the_demo_page_counts_itself_for_a_site_that_takes_its_beacons(
+    tmp_path: Path, browsers: Browsers
+) -> None:
+    """The registry's first site lists only its portal's origin: the demo page once embedded
+    its beacon, refused (403), and counted nothing. It takes the first site that allows the
+    page's own origin (here by name; an empty list allows it too); with none, it says so."""
+    locked = '[sites.portal]\norigins = ["https://portal.example.vn"]\ntimezone = "UTC"\n'
+    service = Service("run", tmp_path / "some")
+    service.workdir.mkdir()
+    write_sites(
+        service.workdir,
+        locked + f'[sites.own]\norigins = ["{service.url}"]\ntimezone = "UTC"\n[sites.open]\n',
+    )
+    service.start()
+    try:
+        driver = browsers.open()
+        driver.get(f"{service.url}/")
+        c = wait_counter(service.url, "own", lambda c: c["online"]["total"] == 1)
+        assert (c["online"]["guests"], c["pageviews"]["today"]) == (1, 1)
+        assert metric(service.url, "visitorstats_beacons_dropped_total", reason="origin") == 0
+    finally:
+        service.stop()
+
+    service = Service("run", tmp_path / "none")
+    service.workdir.mkdir()
+    write_sites(service.workdir, locked)
+    service.start()
+    try:
+        status, _, body = http("GET", f"{service.url}/")
+        assert status == 200
+        assert b"beacon.js" not in body
+        assert (
+            "no site of the registry takes beacons from this page's origin, "
+            f"{service.url}: each lists its origins, without it"
+        ) in body.decode()
+    finally:
+        service.stop()
 
 
 def test_the_widget_keeps_the_last_numbers_with_a_stale_mark_while_the_service_is_away(
