@@ -157,10 +157,13 @@
     el.textContent = "";
     el.className = (el.className ? el.className + " " : "") + "vs-widget";
     el.setAttribute("lang", lang);
-    var err = h("p", { "class": "vs-err", "data-vs": "error", hidden: "" }, [L.unknown + ": " + site]);
+    // a polite live region: it changes once
+    var err = h("p", { "class": "vs-err", "data-vs": "error", "aria-live": "polite", hidden: "" }, [L.unknown + ": " + site]);
     el.appendChild(h("h2", { "class": "vs-h" }, [h("span", {}, [L.title]), mark]));
     el.appendChild(err);
-    var body = h("div", { "class": "vs-body", "aria-live": "polite" }, [
+    // No live region: the numbers change up to once a second, a screen reader would keep
+    // reading them out. A labelled group, read when the reader comes to it.
+    var body = h("div", { "class": "vs-body", role: "group", "aria-label": L.title }, [
       h("p", { "class": "vs-sub" }, [L.online]),
       h("ul", { "class": "vs-online", "aria-label": L.online }, [
         row("guests", L.guests),
