@@ -47,11 +47,13 @@ TOKENS = [
 ]
 
 
+# At most 8 tokens: 8 of the longest (55 characters), spaces and pads make 451 characters, all
+# within what the check reads (``bots.CHECKED_CHARACTERS``, 512). With 14, a User-Agent of 513
+# was made once, and the library reads past where the check stops.
 @settings(max_examples=3000)
-@given(st.lists(st.sampled_from(TOKENS), min_size=1, max_size=14), st.sampled_from(["", " ", "  "]))
+@given(st.lists(st.sampled_from(TOKENS), min_size=1, max_size=8), st.sampled_from(["", " ", "  "]))
 def test_the_verdict_is_crawlerdetects(tokens: list[str], pad: str) -> None:
     user_agent = pad + " ".join(tokens) + pad
-    assert len(user_agent) <= bots.CHECKED_CHARACTERS
     assert bots._is_crawler(user_agent) == LIBRARY.isCrawler(user_agent), user_agent
 
 
