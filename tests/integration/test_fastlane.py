@@ -463,6 +463,21 @@ def head_fields(head: bytes) -> dict[str, str]:
     return {k.lower(): v.strip() for k, _, v in (line.partition(":") for line in lines if line)}
 
 
+async def first_numbers(port: int, get: bytes) -> None:
+    """Wait until the stream ``get`` asks for answers 200: the first snapshot takes a moment
+    (503 until then)."""
+    async with asyncio.timeout(30):
+        while True:
+            r, w = await asyncio.open_connection("127.0.0.1", port)
+            w.write(get)
+            first = await r.readuntil(b"\r\n\r\n")
+            w.close()
+            if first.startswith(b"HTTP/1.1 200"):
+                return
+            assert first.startswith(b"HTTP/1.1 503"), first
+            await asyncio.sleep(0.2)
+
+
 async def test_the_stream_in_the_lane_is_the_stream_of_aiohttp(tmp_path: Path) -> None:
     """``GET /v1/sites/{site}/counter/stream``: the lane's subscriber (a sink of the fan-out,
     written to directly) gets the head and the events aiohttp's does; it stays open past the
@@ -474,16 +489,7 @@ async def test_the_stream_in_the_lane_is_the_stream_of_aiohttp(tmp_path: Path) -
     get = b"GET /v1/sites/open/counter/stream HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"
     before = subscribers()
     try:
-        async with asyncio.timeout(30):
-            while True:  # the first snapshot takes a moment
-                r, w = await asyncio.open_connection("127.0.0.1", s.port)
-                w.write(get)
-                first = await r.readuntil(b"\r\n\r\n")
-                w.close()
-                if first.startswith(b"HTTP/1.1 200"):
-                    break
-                assert first.startswith(b"HTTP/1.1 503"), first
-                await asyncio.sleep(0.2)
+        await first_numbers(s.port, get)
         lane_r, lane_w = await asyncio.open_connection("127.0.0.1", s.port)
         lane_w.write(get)
         full_r, full_w = await asyncio.open_connection("127.0.0.1", s.port)
@@ -650,15 +656,7 @@ async def test_a_stream_ends_at_its_clients_eof_on_either_path(tmp_path: Path) -
     get = b"GET /v1/sites/open/counter/stream HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"
     before = subscribers()
     try:
-        async with asyncio.timeout(30):
-            while True:  # the first snapshot takes a moment
-                r, w = await asyncio.open_connection("127.0.0.1", s.port)
-                w.write(get)
-                first = await r.readuntil(b"\r\n\r\n")
-                w.close()
-                if first.startswith(b"HTTP/1.1 200"):
-                    break
-                await asyncio.sleep(0.2)
+        await first_numbers(s.port, get)
         for writes in ((get,), (get[:10], get[10:])):  # the lane's, aiohttp's (a split head)
             reader, writer = await asyncio.open_connection("127.0.0.1", s.port)
             for i, part in enumerate(writes):
