@@ -229,8 +229,10 @@ def earliest_day(today: date) -> date:
 # thread a few waits for the GIL, which the consumer's loop holds most of the time under load).
 # Rows (kind, site, numbers):
 # * "online": the sum over partitions of each partition's latest tallies (the row with the
-#   greatest version per topic, partition and site of ``online_now``, of ``topic`` or of every
-#   topic with ''): a guests, b members, n bots; a site with no one online has no row. A latest
+#   greatest version per topic, partition and site of ``online_now``, its sorting key: what
+#   ``FINAL`` keeps, and only then filtered (WHERE is not moved before FINAL; on a cluster each
+#   key lives on one shard, see migrate.SHARDING_KEYS), of ``topic`` or of every topic with ''):
+#   guests, members, bots; a site with no one online has no row. A latest
 #   tally stamped at or before its site's cutoff (``ONLINE_GRACE_MS`` more than the site's
 #   window ago: ``cutoff``, or the one beside the site in ``odd_sites``) counts no one: a live owner
 #   writes its tallies again at least every ``consume.TALLY_REFRESH_MS``, so its owner is gone
@@ -243,17 +245,13 @@ def earliest_day(today: date) -> date:
 # * "total": visits and page views in all, from the ``daily`` projection;
 # * "peak": the most online and when (ms).
 NUMBERS_QUERY = """
-SELECT 'online' AS kind, site, [toInt64(sum(t.1)), toInt64(sum(t.2)), toInt64(sum(t.3))] AS n
-FROM (
-    SELECT site, argMax((guests, members, bots), version) AS t, argMax(at, version) AS latest
-    FROM online_now
-    WHERE {topic:String} = '' OR topic = {topic:String}
-    GROUP BY topic, kafka_partition, site
-)
-WHERE toUnixTimestamp64Milli(latest)
+SELECT 'online' AS kind, site, [toInt64(sum(guests)), toInt64(sum(members)), toInt64(sum(bots))]
+FROM online_now FINAL
+WHERE ({topic:String} = '' OR topic = {topic:String})
+    AND toUnixTimestamp64Milli(at)
     > transform(site, {odd_sites:Array(String)}, {odd_cutoffs:Array(Int64)}, {cutoff:Int64})
 GROUP BY site
-HAVING sum(t.1) + sum(t.2) + sum(t.3) > 0
+HAVING sum(guests) + sum(members) + sum(bots) > 0
 UNION ALL
 WITH transform(site, {day_sites:Array(String)}, {day_days:Array(Date)}, {today:Date}) AS local_today
 SELECT 'periods', site, [
