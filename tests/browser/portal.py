@@ -104,6 +104,7 @@ class Portal:
         self.pages: dict[str, str] = {}
         self.stream_mode: StreamMode = "pass"
         self.counter_hangs = False  # the counter's JSON never answered (a hung service)
+        self.collect_down = False  # beacons' POSTs cut off unanswered (the service out of reach)
         self.hits: list[Hit] = []
         self.url = self.proxy_url = ""
         self._loop = asyncio.new_event_loop()
@@ -150,6 +151,11 @@ class Portal:
                 await silent.prepare(request)
                 await asyncio.Event().wait()  # until the browser gives up (handler cancelled)
                 return silent
+        if request.method == "POST" and request.path.endswith("/collect") and self.collect_down:
+            self._hit(request, 0, await request.read())
+            assert request.transport is not None
+            request.transport.abort()  # a network error for the page's fetch
+            return web.Response(status=502)  # (never sent)
         if request.method == "GET" and request.path.endswith("/counter") and self.counter_hangs:
             self._hit(request, 0)
             await asyncio.Event().wait()  # until the browser gives up (handler cancelled)

@@ -345,7 +345,7 @@ def test_demo_page_escapes_the_site() -> None:
 
 def test_beacon_js_is_small() -> None:
     size = len(gzip.compress(BEACON_JS.read_bytes(), compresslevel=9))
-    assert size <= 2048, f"beacon.js is {size} bytes gzipped"
+    assert size <= 2560, f"beacon.js is {size} bytes gzipped"
 
 
 def test_beacon_js_uses_the_right_browser_apis() -> None:

@@ -1,4 +1,4 @@
-/*! visitorstats beacon.js: data-site, data-member, data-heartbeat (s), data-visitor */
+/*! visitorstats beacon.js: data-site, data-member, data-member-token, data-heartbeat (s), data-visitor */
 (function (w, d, n) {
   "use strict";
   var s = d.currentScript || d.querySelector("script[data-site][src*='beacon.js']");
@@ -10,8 +10,9 @@
   var base = s.src.split(/[?#]/)[0].replace(/\/[^\/]*$/, "");
   var endpoint = base + "/collect";
   var visitor = s.getAttribute("data-visitor");
+  var token = s.getAttribute("data-member-token");
   var every = Math.max(parseFloat(s.getAttribute("data-heartbeat")) || 60, 1);
-  var timer = 0, left = 0, late = 0, next = 0, pixel = 0, chan, page = here();
+  var timer = 0, left = 0, late = 0, next = 0, refused = 0, chan, page = here();
 
   function uuid() {
     var c = w.crypto, b = new Uint8Array(16), h = "", i;
@@ -36,23 +37,29 @@
     if (/^https?:/i.test(referrer)) ev.referrer = cut(referrer, 2048);
     if (d.title) ev.title = cut(d.title, 512);
     if (visitor) ev.visitor = cut(visitor, 128);
+    if (token) ev.member_token = cut(token, 256);
     body = JSON.stringify(ev);
     function img() {
-      // fetch refused (a CSP: sendBeacon then too, yet says true): the pixel from now on
-      pixel = 1;
+      // fetch refused (a CSP, or the service out of reach): this one by the pixel; and a leave
+      // not by sendBeacon (refused too, yet says true) until a fetch goes through again
+      refused = 1;
       for (k in ev) q.push(k + "=" + encodeURIComponent(ev[k]));
-      new Image().src = base + "/collect.gif?" + q.join("&");
+      k = base + "/collect.gif?" + q.join("&");
+      // within the server's request line: without the referrer and title if need be
+      new Image().src = k.length > 8e3 ? k.replace(/&(referrer|title)=[^&]*/g, "") : k;
     }
     left = type == "leave";
     try {
-      if (pixel) return img();
       // a leave as the page goes: sendBeacon outlives it
-      if (left && n.sendBeacon(endpoint, new Blob([body], { type: "text/plain" }))) return;
+      if (left && !refused && n.sendBeacon(endpoint, new Blob([body], { type: "text/plain" })))
+        return;
       // text/plain: no preflight
       fetch(endpoint, {
         method: "POST", body: body, keepalive: true, credentials: "omit", mode: "no-cors",
         headers: { "Content-Type": "text/plain" }
-      })["catch"](img);
+      }).then(function () {
+        refused = 0;
+      }, img);
     } catch (e) {
       img();
     }
