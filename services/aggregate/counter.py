@@ -177,6 +177,12 @@ class Fanout:
             else:
                 self._timers[site] = loop.call_at(due, self._push, site)
 
+    def current(self, site: str) -> Prepared | None:
+        """What a new subscriber gets first: the latest numbers as of the latest refresh (the
+        pushes carry the ``as_of`` of their change; an outside audit saw a first event hours
+        old on a counter unchanged since)."""
+        return self.prepared.get(site) or self._pushed.get(site)
+
     def replace(self, site: str, prepared: Prepared) -> None:
         """Same numbers (same ETag), newer ``as_of``: served to requests, not pushed."""
         self.prepared[site] = prepared
@@ -208,7 +214,7 @@ class Fanout:
         self._sinks[site].add(sub)
         if self._keepalive is None:
             self._keepalive = loop.call_later(self.keepalive / 3, self._keep_alive)
-        latest = self._pushed.get(site)
+        latest = self.current(site)
         if latest is not None:
             self._send(site, sub, latest, loop.time())
         return sub
@@ -277,7 +283,7 @@ class Fanout:
         while not self.closed:
             # No await between taking the event and reading the latest: no change is missed.
             changed = self._changed[site]
-            latest = self._pushed.get(site)
+            latest = self._pushed.get(site) if sent is not None else self.current(site)
             if latest is not None and latest.etag != sent:
                 sent = latest.etag
                 yield latest

@@ -243,7 +243,8 @@ def earliest_day(today: date) -> date:
 #   many rows to hand over at every refresh); the site's day is ``today``, or the one beside the
 #   site in ``day_sites`` (another time zone's);
 # * "total": visits and page views in all, from the ``daily`` projection;
-# * "peak": the most online and when (ms).
+# * "peak": the most online and when (ms): the first time, of a peak stored twice (two aggregate
+#   processes see the same new peak in one snapshot, and store it a few ms apart).
 NUMBERS_QUERY = """
 SELECT 'online' AS kind, site, [toInt64(sum(guests)), toInt64(sum(members)), toInt64(sum(bots))]
 FROM online_now FINAL
@@ -270,7 +271,9 @@ UNION ALL
 SELECT 'total', site, [toInt64(sum(starts_visit)), toInt64(sum(pageview))]
 FROM events GROUP BY site
 UNION ALL
-SELECT 'peak', site, [toInt64(max(online)), toUnixTimestamp64Milli(argMax(at, online))]
+SELECT 'peak', site, [
+    toInt64(max(online)),
+    toUnixTimestamp64Milli(argMax(at, (online, -toUnixTimestamp64Milli(at))))]
 FROM peaks GROUP BY site
 """
 

@@ -208,3 +208,20 @@ async def test_closing_ends_every_sink_and_refuses_new_ones() -> None:
     await asyncio.sleep(0.6)
     assert all(s.ended for s in (*sinks, late))
     assert len(sinks[0].events()) == 1 and late.writes == []
+
+
+async def test_a_new_subscriber_gets_the_numbers_as_of_the_latest_refresh() -> None:
+    """Unchanged numbers are pushed once, with the ``as_of`` of their change; a subscriber that
+    comes later gets them first as of the latest refresh (an outside audit: a first event hours
+    old on a counter unchanged since), the same ETag, so it is not sent them again."""
+    fanout = Fanout(["dongha"], min_interval=0, keepalive=30)
+    fanout.publish("dongha", snapshot(1))
+    newer = prepare({"site": "dongha", "online": {"total": 1}, "as_of": "later"})
+    fanout.replace("dongha", newer)
+    sink = FakeSink()
+    fanout.attach("dongha", sink)
+    assert [c for _, c in sink.events()] == [newer.chunk]
+    sub = fanout.subscribe("dongha", min_interval=0, keepalive=0.05)
+    assert await anext(sub) is newer
+    assert await anext(sub) is None  # a keep-alive: the same numbers are not sent again
+    await sub.aclose()
