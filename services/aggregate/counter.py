@@ -291,7 +291,8 @@ class Fanout:
                     await asyncio.sleep(min_interval)
                 continue
             try:
-                await asyncio.wait_for(changed.wait(), keepalive)
+                async with asyncio.timeout(keepalive):  # (not wait_for: see api.counter_stream)
+                    await changed.wait()
             except TimeoutError:
                 if not self.closed:
                     yield None

@@ -9,6 +9,8 @@ import asyncio
 import itertools
 from typing import Any
 
+import pytest
+
 from services.aggregate.counter import KEEPALIVE_CHUNK, Fanout, Prepared, prepare
 
 
@@ -225,3 +227,19 @@ async def test_a_new_subscriber_gets_the_numbers_as_of_the_latest_refresh() -> N
     assert await anext(sub) is newer
     assert await anext(sub) is None  # a keep-alive: the same numbers are not sent again
     await sub.aclose()
+
+
+async def test_a_subscriber_cancelled_as_a_change_comes_ends() -> None:
+    """The server cancels a stream's handler when its client goes; a change arriving in the
+    same turn must not swallow that cancel (Python 3.11's ``wait_for`` did: the stream outlived
+    its client until a keep-alive's write failed, an outside audit)."""
+    fanout = Fanout(["dongha"])
+    fanout.publish("dongha", snapshot(1))
+    sub = fanout.subscribe("dongha", min_interval=0, keepalive=30)
+    await anext(sub)
+    waiting = asyncio.ensure_future(anext(sub))
+    await asyncio.sleep(0.01)  # it waits for the next change
+    fanout.publish("dongha", snapshot(2))
+    waiting.cancel()  # the client went away, in the same turn
+    with pytest.raises(asyncio.CancelledError):
+        await waiting
