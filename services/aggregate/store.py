@@ -225,6 +225,13 @@ def earliest_day(today: date) -> date:
     return min(start for start, _ in periods(today).values())
 
 
+def _commonest(values: Mapping[str, T], default: T) -> tuple[T, dict[str, T]]:
+    """The commonest of ``values`` (``default`` if none), and those that differ from it."""
+    common = Counter(values.values()).most_common(1)
+    usual = common[0][0] if common else default
+    return usual, {key: value for key, value in values.items() if value != usual}
+
+
 # Everything a counter refresh reads, in one query (one round trip: each query costs the reading
 # thread a few waits for the GIL, which the consumer's loop holds most of the time under load).
 # Rows (kind, site, numbers):
@@ -766,16 +773,13 @@ class Store:
         # One cutoff for the sites of the commonest window, and the others' beside their names:
         # the query's text stays short with thousands of sites (each in it cost the query a
         # lookup in every row, and its parsing: 130 ms a refresh at 5,000 sites, 10 ms now).
-        common = Counter(windows.values()).most_common(1)
-        usual = common[0][0] if common else 0
-        odd = {site: window for site, window in windows.items() if window != usual}
+        usual, odd = _commonest(windows, 0)
         # and in the same way the day of the commonest time zone, the others' beside them
+        odd_days: dict[str, date] = {}
         if isinstance(today, date):
-            usual_day, odd_days = today, {}
+            usual_day = today
         else:
-            common_day = Counter(today.values()).most_common(1)
-            usual_day = common_day[0][0] if common_day else date.today()
-            odd_days = {site: day for site, day in today.items() if day != usual_day}
+            usual_day, odd_days = _commonest(today, date.today())
         since = min(earliest_day(day) for day in {usual_day, *odd_days.values()})
 
         def query(c: Any) -> Snapshot:
