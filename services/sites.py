@@ -170,14 +170,13 @@ class Registry:
             raise RegistryError(f"{name}: {e}") from None
         untimed = [sid for sid, raw in raw_sites.items() if "timezone" not in raw]
         if untimed:  # one line, however many (a registry of 2,000 sites said 2,000)
-            shown = ", ".join(f"sites.{sid}" for sid in untimed[:5])
+            shown, have, their = _some([f"sites.{sid}" for sid in untimed])
             log.warning(
-                "%s%s %s no timezone: %s days, weeks and months are UTC's (timezone = "
+                "%s %s no timezone: %s days, weeks and months are UTC's (timezone = "
                 '"Asia/Ho_Chi_Minh" for Việt Nam)',
                 shown,
-                f" and {len(untimed) - 5} more" if len(untimed) > 5 else "",
-                "have" if len(untimed) > 1 else "has",
-                "their" if len(untimed) > 1 else "its",
+                have,
+                their,
             )
         _say_short_windows(registry)
         return registry
@@ -200,14 +199,21 @@ def _say_short_windows(registry: Registry) -> None:
     short = [s for s in registry if s.online_window_seconds < 2 * BEACON_HEARTBEAT_SECONDS]
     if not short:
         return
-    many = len(short) > 1
+    shown, have, their = _some([f"sites.{s.id} ({s.online_window_seconds} s)" for s in short])
     log.warning(
-        "%s%s %s an online_window_seconds under twice beacon.js's default heartbeat (%d s): a "
+        "%s %s an online_window_seconds under twice beacon.js's default heartbeat (%d s): a "
         "reader with a visible page drops offline between its heartbeats; set data-heartbeat "
         "on %s pages to at most half the window",
-        ", ".join(f"sites.{s.id} ({s.online_window_seconds} s)" for s in short[:5]),
-        f" and {len(short) - 5} more" if len(short) > 5 else "",
-        "have" if many else "has",
+        shown,
+        have,
         BEACON_HEARTBEAT_SECONDS,
-        "their" if many else "its",
+        their,
     )
+
+
+def _some(named: list[str]) -> tuple[str, str, str]:
+    """``named`` (one or more) for one log line: the first five and how many more, and the
+    verb and the possessive that agree with them."""
+    more = f" and {len(named) - 5} more" if len(named) > 5 else ""
+    many = len(named) > 1
+    return ", ".join(named[:5]) + more, "have" if many else "has", "their" if many else "its"
