@@ -195,10 +195,12 @@ async def openapi_endpoint(request: web.Request) -> web.Response:
     )
 
 
-def _json_error(status: int, message: str, headers: Any = None) -> web.Response:
+def _json_error(
+    status: int, message: str, headers: Any = None, field: str | None = None
+) -> web.Response:
     return web.Response(
         status=status,
-        body=orjson.dumps({"error": message, "field": None}),
+        body=orjson.dumps({"error": message, "field": field}),
         content_type="application/json",
         headers=headers,
     )
@@ -215,11 +217,8 @@ def _json_expectations(
         try:
             return await handler(request)
         except web.HTTPExpectationFailed:
-            return web.Response(
-                status=417,
-                body=orjson.dumps({"error": "only 100-continue is expected", "field": "expect"}),
-                content_type="application/json",
-                headers={"Access-Control-Allow-Origin": "*"},
+            return _json_error(
+                417, "only 100-continue is expected", {"Access-Control-Allow-Origin": "*"}, "expect"
             )
 
     return handle
@@ -486,12 +485,7 @@ class _Handler(web.RequestHandler):
         if request.writer.output_size > 0:
             raise ConnectionError("the response is under way: no error can be sent")
         # (no route's response hook runs for a request that could not be read: its headers here)
-        resp = web.Response(
-            status=status,
-            body=orjson.dumps({"error": text, "field": "request"}),
-            content_type="application/json",
-            headers=_ERROR_HEADERS,
-        )
+        resp = _json_error(status, text, _ERROR_HEADERS, "request")
         resp.force_close()
         return resp
 
