@@ -150,6 +150,9 @@ class _MemorySource:
     def behind(self) -> int:
         return 0
 
+    def partitions(self) -> list[int]:
+        return self._partitions
+
     def rebase(self, bases: dict[int, int]) -> None:
         pass
 

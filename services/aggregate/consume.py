@@ -96,6 +96,13 @@ GAP_RETRIES = 3
 # site may have (10 s), and the counter can take an older one for a gone owner's, whose
 # visitors have all left the window since (store.NUMBERS_QUERY).
 TALLY_REFRESH_MS = 5_000
+# Every owned partition gets a row in ``online_now`` at least this often (ms): its tallies, or,
+# when they are as last written, a row of no site (``ALIVE_SITE``, no one online). Every
+# aggregate's counter sees by it that the partition is being counted: one whose latest row
+# stops changing has lost its owner (killed, frozen, or its writes stuck) before the consumer
+# group has noticed (``counter.UNATTENDED_SECONDS``).
+ALIVE_MS = 1_000
+ALIVE_SITE = ""  # never a site id (``sites.SITE_ID``)
 
 
 @dataclass
@@ -179,6 +186,7 @@ class Aggregator:
         # per owned partition: the ``at`` of its latest tallies written (by any owner, as of the
         # rebuild): the next are later, even after the clock went back
         self.last_at: dict[int, int] = {}
+        self.tallied_at: dict[int, int] = {}  # per owned partition: when its tallies were written
         self.states: dict[int, PartitionState] = {}
         self.next_offset: dict[int, int] = {}  # per owned partition: the first offset not counted
         # per owned partition: its log base, position - Kafka offset (see 10 above)
@@ -337,6 +345,7 @@ class Aggregator:
             self.published.pop(p, None)
             self.tally_offset.pop(p, None)
             self.last_at.pop(p, None)
+            self.tallied_at.pop(p, None)
             with contextlib.suppress(KeyError):
                 metrics.CONSUMER_LAG.remove(str(p))
 
@@ -537,7 +546,7 @@ class Aggregator:
                 next_offset = pending.rows[-1].offset + 1
                 tallies = state.tallies()
                 pending.online = (next_offset, tallies)
-                at = self._stamp(p, state.now)
+                at = self._stamp(p, state.now, tallied=True)
                 pending.online_rows = online_rows(self.topic, p, next_offset, at, tallies)
             if pending.online_rows is not None:
                 online.append((p, pending.rows[-1].offset, pending.online_rows))
@@ -633,17 +642,24 @@ class Aggregator:
                 continue  # its tallies go with its flush
             tallies = state.tallies()
             offset = self.tally_offset[p]
-            fresh = state.now - self.last_at.get(p, 0) < TALLY_REFRESH_MS
+            fresh = state.now - self.tallied_at.get(p, 0) < TALLY_REFRESH_MS
             if fresh and self.published.get(p) == (offset, tallies):
+                if state.now - self.last_at.get(p, 0) >= ALIVE_MS:  # still counted: say so
+                    at = self._stamp(p, state.now)
+                    out.extend(online_rows(self.topic, p, offset, at, {ALIVE_SITE: (0, 0, 0)}))
                 continue
             self.published[p] = (offset, tallies)
-            out.extend(online_rows(self.topic, p, offset, self._stamp(p, state.now), tallies))
+            at = self._stamp(p, state.now, tallied=True)
+            out.extend(online_rows(self.topic, p, offset, at, tallies))
         return out
 
-    def _stamp(self, partition: int, now_ms: int) -> int:
-        """The ``at`` of tallies of ``partition`` as of ``now_ms``: later than its last."""
+    def _stamp(self, partition: int, now_ms: int, tallied: bool = False) -> int:
+        """The ``at`` of a row of ``partition`` as of ``now_ms``: later than its last (of
+        its tallies when ``tallied``)."""
         at = max(now_ms, self.last_at.get(partition, 0) + 1)
         self.last_at[partition] = at
+        if tallied:
+            self.tallied_at[partition] = at
         return at
 
     async def publish(self, rows: list[list[Any]]) -> None:

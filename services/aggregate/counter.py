@@ -5,8 +5,11 @@ projection; see store.py) and prepared as ready bytes with their ETag, then serv
 request and every stream subscriber as they are. A tick follows each flush of events
 closely (``min_gap_seconds``), so that a beacon shows soon after it is written.
 
-``stale`` turns true when a refresh fails, or while the broker does not answer
-(``SILENT_SECONDS``): the last good numbers stay, with their ``as_of``.
+``stale`` turns true when a refresh fails, while the broker does not answer
+(``SILENT_SECONDS``), and while the numbers do not follow the beacons: the consumer group
+rebalancing, ClickHouse refusing writes, reading behind the log's end, or a partition of the
+topic counted by no one (``UNATTENDED_SECONDS``). The last good numbers stay, with their
+``as_of``.
 
 Stream subscribers share one ``Fanout``: a change of a site's numbers is written to every
 subscriber of that site as the very same prepared bytes; ten thousand open pages cost ten
@@ -22,7 +25,7 @@ import contextlib
 import hashlib
 import logging
 import time
-from collections.abc import AsyncIterator, Callable, Iterable
+from collections.abc import AsyncIterator, Callable, Collection, Iterable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, date, datetime
 from functools import cached_property
@@ -315,6 +318,12 @@ WRITES_FAILING_STALE_SECONDS = 2.0
 # the numbers are marked ``stale``: the broker answers, but the numbers fall behind the beacons
 # (a soak on the test broker saw them minutes old, online fallen to 0, and "stale": false).
 BEHIND_STALE_SECONDS = 10.0
+# Seconds a partition's latest row of online tallies may stay as it was before the numbers are
+# marked ``stale``: its owner writes one at least every ``consume.ALIVE_MS``, so it is gone
+# (killed, frozen, or its writes stuck) and the beacons of the partition no longer show. The
+# consumer group notices a member's death only after its session timeout (10 s), and hands its
+# partitions on only then.
+UNATTENDED_SECONDS = 4.0
 
 
 class CounterService:
@@ -330,8 +339,17 @@ class CounterService:
         rebalancing: Callable[[], float] = lambda: 0.0,
         writes_failing: Callable[[], float] = lambda: 0.0,
         behind: Callable[[], int] = lambda: 0,
+        partitions: Callable[[], Collection[int] | None] = lambda: None,
+        unattended_seconds: float = UNATTENDED_SECONDS,
+        monotonic: Callable[[], float] = time.monotonic,
     ) -> None:
         self.store = store
+        # the partitions of ``topic`` (Source.partitions; None: not known, none is judged)
+        self.partitions = partitions
+        self.unattended_seconds = unattended_seconds
+        self.monotonic = monotonic  # how long a partition's row stays as it was
+        # partition -> its latest row's ``at`` as last read, and since when (monotonic) it is
+        self._heard: dict[int, tuple[int, float]] = {}
         self.silent = silent  # seconds since the broker last answered (Source.silent_seconds)
         # seconds no partition has been read for (a rebalance, a rebuild), 0 when reading
         self.rebalancing = rebalancing
@@ -401,11 +419,13 @@ class CounterService:
         # site that has none yet).
         silence, rebalancing, failing = self.silent(), self.rebalancing(), self.writes_failing()
         lagging = self._lagging(now_ms)
+        unattended = self._unattended(snap.alive)
         silent = (
             silence > SILENT_SECONDS
             or rebalancing > REBALANCE_STALE_SECONDS
             or failing > WRITES_FAILING_STALE_SECONDS
             or lagging > BEHIND_STALE_SECONDS
+            or bool(unattended)
         )
         if silent and not self._silent_logged:
             if lagging > BEHIND_STALE_SECONDS:
@@ -424,6 +444,14 @@ class CounterService:
                     "no partition read for %.0f s (a rebalance of the consumer group, or the "
                     "counting state rebuilt): numbers are stale",
                     rebalancing,
+                )
+            elif unattended:
+                log.warning(
+                    "partitions %s of %s not counted for %.0f s (their consumer killed, frozen "
+                    "or stuck; the group has not handed them on yet): numbers are stale",
+                    ", ".join(map(str, unattended)),
+                    self.topic,
+                    self.unattended_seconds,
                 )
             else:
                 log.warning("the broker has not answered for %.0f s: numbers are stale", silence)
@@ -472,6 +500,27 @@ class CounterService:
         for ts in flushed:
             metrics.FRESHNESS.observe(max(0.0, done - ts / 1000))
         self._unwritten.update(new_peaks)
+
+    def _unattended(self, alive: Mapping[int, int]) -> list[int]:
+        """The partitions of the topic whose latest row of tallies (``alive``, as read) has
+        stayed as it was for ``unattended_seconds``. Its owner's clock made it, so it is compared
+        with the one read before, never with this process's clock. A partition never tallied is
+        not judged: its first owner has not written yet, and the group's rebalance says so."""
+        parts = self.partitions()
+        if parts is None:
+            return []
+        now = self.monotonic()
+        out = []
+        for p in sorted(parts):
+            at = alive.get(p)
+            if at is None:
+                continue
+            heard = self._heard.get(p)
+            if heard is None or heard[0] != at:
+                self._heard[p] = (at, now)
+            elif now - heard[1] > self.unattended_seconds:
+                out.append(p)
+        return out
 
     def _lagging(self, now_ms: int) -> float:
         """Seconds the numbers fall behind the beacons while records wait past what was read:

@@ -11,7 +11,7 @@ import logging
 import time
 import uuid
 from collections import deque
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Collection
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -71,6 +71,7 @@ class Source(Protocol):
     def silent_seconds(self) -> float: ...
     def rebalancing_seconds(self) -> float: ...
     def behind(self) -> int: ...
+    def partitions(self) -> Collection[int] | None: ...
     def rebase(self, bases: dict[int, int]) -> None: ...
     async def replaced(self, last: dict[int, tuple[int, str]]) -> dict[int, int]: ...
     def shrunk(self) -> list[int]: ...
@@ -205,6 +206,9 @@ class LocalLog:
 
     def behind(self) -> int:
         return len(self._records)
+
+    def partitions(self) -> Collection[int]:
+        return (0,)
 
     def rebalancing_seconds(self) -> float:
         return 0.0  # no group
@@ -405,6 +409,12 @@ class KafkaSource:
         """Records after where this process reads, up to the ends of its partitions as last
         heard (the consumer lag, summed)."""
         return sum(self._waiting(tp) or 0 for tp in self._consumer.assignment())
+
+    def partitions(self) -> Collection[int] | None:
+        """The partitions of the topic, as the broker's metadata last said (None before it
+        has)."""
+        found: set[int] | None = self._consumer.partitions_for_topic(self.topic)
+        return found
 
     def _waiting(self, tp: TopicPartition) -> int | None:
         """Records of ``tp`` after where this process reads, up to its end as last heard:

@@ -18,7 +18,7 @@ import time
 from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import date, timedelta
 from pathlib import Path
 from typing import Any, TypeVar
@@ -204,6 +204,9 @@ class Snapshot:
     periods: dict[str, tuple[int, ...]]
     totals: dict[str, tuple[int, int]]  # site -> (visits, pageviews), all time
     peaks: dict[str, tuple[int, int]]  # site -> (online, at ms)
+    # partition of the topic -> the ``at`` (ms) of its latest row in ``online_now`` (by its
+    # owner's clock): while it is counted, a newer one comes at least every ``consume.ALIVE_MS``
+    alive: dict[int, int] = field(default_factory=dict)
 
 
 PERIODS = ("today", "yesterday", "this_week", "this_month")
@@ -252,6 +255,8 @@ def _commonest(values: Mapping[str, T], default: T) -> tuple[T, dict[str, T]]:
 # * "total": visits and page views in all, from the ``daily`` projection;
 # * "peak": the most online and when (ms): the first time, of a peak stored twice (two aggregate
 #   processes see the same new peak in one snapshot, and store it a few ms apart).
+# * "alive": per partition of ``topic`` (none with ''), the ``at`` of its latest row (the site
+#   column holds the partition's number).
 NUMBERS_QUERY = """
 SELECT 'online' AS kind, site, [toInt64(sum(guests)), toInt64(sum(members)), toInt64(sum(bots))]
 FROM online_now FINAL
@@ -282,6 +287,11 @@ SELECT 'peak', site, [
     toInt64(max(online)),
     toUnixTimestamp64Milli(argMax(at, (online, -toUnixTimestamp64Milli(at))))]
 FROM peaks GROUP BY site
+UNION ALL
+SELECT 'alive', toString(kafka_partition), [toInt64(toUnixTimestamp64Milli(max(at)))]
+FROM online_now
+WHERE {topic:String} != '' AND topic = {topic:String}
+GROUP BY kafka_partition
 """
 
 
@@ -769,7 +779,8 @@ class Store:
         their own small table. ``now_ms`` is the counter's clock: who is online is as of the
         consumers' latest tick. A site with no one online has no ``online`` entry; one not in
         ``windows`` has the commonest window. ``today``: the day it is in every site's time zone
-        (one for all, or per site: one not in it has the commonest), which the periods are of."""
+        (one for all, or per site: one not in it has the commonest), which the periods are of.
+        ``alive``: when each partition of ``topic`` was last heard of (none with ``''``)."""
         # One cutoff for the sites of the commonest window, and the others' beside their names:
         # the query's text stays short with thousands of sites (each in it cost the query a
         # lookup in every row, and its parsing: 130 ms a refresh at 5,000 sites, 10 ms now).
@@ -787,6 +798,7 @@ class Store:
             periods: dict[str, tuple[int, ...]] = {}
             totals: dict[str, tuple[int, int]] = {}
             peaks: dict[str, tuple[int, int]] = {}
+            alive: dict[int, int] = {}
             parameters = {
                 "since": since,
                 "today": usual_day,
@@ -812,14 +824,11 @@ class Store:
                     periods[site] = tuple(n)
                 elif kind == "total":
                     totals[site] = (n[0], n[1])
-                else:
+                elif kind == "peak":
                     peaks[site] = (n[0], n[1])
-            return Snapshot(
-                online=online,
-                periods=periods,
-                totals=totals,
-                peaks=peaks,
-            )
+                else:
+                    alive[int(site)] = n[0]
+            return Snapshot(online=online, periods=periods, totals=totals, peaks=peaks, alive=alive)
 
         try:
             return await self.run_read(query)

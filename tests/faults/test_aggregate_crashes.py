@@ -4,6 +4,7 @@ every number of the counter ends equal to the ground truth."""
 from __future__ import annotations
 
 import random
+import re
 import signal
 import time
 
@@ -114,3 +115,43 @@ def test_a_stopped_aggregate_leaves_the_group_and_its_successor_joins_once(
     assert "left the group" in first
     joined = second.partition("Setting newly assigned partitions")[0]
     assert joined.count("(Re-)joining group") == 1, second
+
+
+def test_a_survivor_says_stale_while_a_killed_members_partitions_go_uncounted(
+    shared_deployment: Deployment,
+) -> None:
+    """Two aggregate processes; one SIGKILLed while beacons flow. The group hands its
+    partitions on only once its session has timed out (10 s); their beacons do not show
+    meanwhile. The survivor marks its numbers stale before that, because those partitions'
+    rows of tallies stopped changing, and says which; then it counts them, and its numbers
+    are the ground truth."""
+    d = shared_deployment
+    ingest = d.ingest()
+    survivor, doomed = d.aggregate(), d.aggregate()
+    every = set(range(PARTITIONS))
+
+    def split() -> bool:
+        mine, theirs = owned_partitions(survivor), owned_partitions(doomed)
+        return bool(mine) and bool(theirs) and mine | theirs == every
+
+    wait_for(split, timeout=120, what="the partitions to be shared by both processes")
+    lost = owned_partitions(doomed)
+    plan = Plan.generate(4_000, seed=13)
+    sender = Sender([ingest.url], plan, rate=200).start()
+    wait_counting(doomed.url, 0)
+    wait_counting(survivor.url, 0)
+    before = len(survivor.log_path.read_text())
+    doomed.kill()
+    wait_for(
+        lambda: owned_partitions(survivor) == every,
+        timeout=120,
+        what="the killed process's partitions to be given to the survivor",
+    )
+    sender.join()
+    assert_counter(survivor.url, plan)
+    log = survivor.log_path.read_text()[before:]
+    said = re.search(r"partitions ([\d, ]+) of pageviews not counted", log)
+    assert said, log
+    assert {int(p) for p in said[1].split(", ")} == lost, said[0]
+    # said before the group's rebalance: its own partitions revoked, then all assigned
+    assert said.start() < log.index("Setting newly assigned partitions"), log

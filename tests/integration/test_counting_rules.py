@@ -28,6 +28,7 @@ from services.aggregate.counter import (
     REBALANCE_STALE_SECONDS,
     SILENT_SECONDS,
     SITES_PER_SLICE,
+    UNATTENDED_SECONDS,
     CounterService,
 )
 from services.aggregate.sources import InRecord
@@ -505,6 +506,66 @@ async def test_the_numbers_are_stale_while_the_group_rebalances(rig: Rig) -> Non
     now = service.prepared["hcm"].payload
     assert now["stale"] is False
     assert now["pageviews"]["total"] == good["pageviews"]["total"] + 1
+
+
+async def test_the_numbers_are_stale_while_a_partition_is_counted_by_no_one(
+    rig: Rig, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Another member of the group dies: its partition's beacons stop showing, and the group
+    hands the partition on only after its session timeout. Every owner writes a row of each
+    partition it counts every second; once a partition's latest row has stayed as it was for
+    ``UNATTENDED_SECONDS``, the last good numbers are marked stale, and the log names it. The
+    current ones come back when a new owner counts it. A partition the topic no longer has,
+    or before the topic's partitions are known, is not judged."""
+    mono = [0.0]
+    parts: list[list[int] | None] = [[0, 1]]
+    service = CounterService(
+        rig.store,
+        rig.registry,
+        clock=lambda: rig.now,
+        topic=rig.topic,
+        partitions=lambda: parts[0],
+        monotonic=lambda: mono[0],
+    )
+    agg = rig.aggregator
+    assert agg is not None
+    await rig.send("hcm", "a", t=T0)
+    await rig.send("hcm", "b", t=T0, partition=1)
+    await tick_at(rig, T0 + 1)
+    await service.refresh()
+    good = service.prepared["hcm"].payload
+    assert good["stale"] is False and good["online"]["total"] == 2
+    agg.forget([1])  # partition 1's owner is gone; this one still counts partition 0
+    for second in range(2, 2 + int(UNATTENDED_SECONDS)):  # a while under the limit: fine
+        await tick_at(rig, T0 + second)
+        mono[0] = second - 1.0
+        await service.refresh()
+        assert service.prepared["hcm"].payload["stale"] is False, second
+    last = service.prepared["hcm"].payload
+    assert {**last, "as_of": good["as_of"]} == good
+    await rig.send("hcm", "c", t=T0 + 5)
+    await tick_at(rig, T0 + 6)
+    mono[0] = UNATTENDED_SECONDS + 0.1
+    with caplog.at_level("WARNING", logger="services.aggregate.counter"):
+        await service.refresh()
+    assert service.prepared["hcm"].payload == {**last, "stale": True}  # c does not show
+    assert f"partitions 1 of {rig.topic} not counted" in caplog.text
+    parts[0] = None  # the topic's partitions not known: not judged
+    await service.refresh()
+    assert service.prepared["hcm"].payload["stale"] is False
+    parts[0] = [0]  # nor is a partition the topic no longer has
+    await service.refresh()
+    assert service.prepared["hcm"].payload["stale"] is False
+    parts[0] = [0, 1]
+    await service.refresh()
+    assert service.prepared["hcm"].payload["stale"] is True
+    await agg.assign([1])  # the group hands it on: counted again
+    await tick_at(rig, T0 + 7)
+    await service.refresh()
+    now = service.prepared["hcm"].payload
+    assert now["stale"] is False
+    assert now["pageviews"]["total"] == good["pageviews"]["total"] + 1
+    assert now["online"]["total"] == 3
 
 
 async def test_the_numbers_are_stale_while_the_consumer_reads_far_behind(rig: Rig) -> None:

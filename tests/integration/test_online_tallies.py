@@ -21,7 +21,7 @@ from zoneinfo import ZoneInfo
 import pytest
 
 from services.aggregate import store as store_module
-from services.aggregate.consume import TALLY_REFRESH_MS, Aggregator, Consumer
+from services.aggregate.consume import ALIVE_MS, TALLY_REFRESH_MS, Aggregator, Consumer
 from services.aggregate.counting import PartitionState
 from services.aggregate.migrate import migrations, render, schema_migrations_ddl
 from services.aggregate.online import ONLINE_BY_QUERY
@@ -316,6 +316,45 @@ async def test_a_live_owner_writes_its_unchanged_tallies_again_before_they_look_
     clock.ms = ts + 60_001  # the window after the reader's last event: gone
     await tick(agg)
     assert (await published(store, clock.ms)).get("short", Online()) == Online()
+
+
+async def test_a_live_owner_says_every_second_that_it_counts_each_partition(
+    store: Store,
+) -> None:
+    """With nothing new for a minute, every partition an owner counts still gets a row every
+    ``ALIVE_MS``, while its unchanged tallies are written again only every
+    ``TALLY_REFRESH_MS``: the counter's ``alive`` follows each, and the rows that say so count
+    no one. A partition given away is no longer said to be counted."""
+    clock = Clock(T0)
+    agg = aggregator(store, clock)
+    await agg.assign([0, 1])
+    for p in (0, 1):
+        event = Event(
+            str(uuid.uuid4()), "long", "pageview", T0, f"reader{p}", None, False, False,
+            "https://x.example.vn/", "", "",
+        )  # fmt: skip
+        agg.process([InRecord(p, 0, encode(event))])
+    await agg.flush()
+    tallied = 0
+    for ms in range(500, 60_000, 500):  # the loop's ticks
+        clock.ms = T0 + ms
+        rows = agg.tick_rows()
+        tallied += any(row[2] != "" for row in rows)
+        await agg.publish(rows)
+        snap = await store.snapshot(dict(WINDOWS), date(2026, 1, 1), clock.ms, TOPIC)
+        for p in (0, 1):
+            assert clock.ms - ALIVE_MS <= snap.alive[p] <= clock.ms, (ms, p, snap.alive)
+        assert snap.online == {"long": Online(2, 0, 0)}, ms
+    assert tallied <= 60_000 // TALLY_REFRESH_MS, tallied
+    agg.forget([1])
+    before = (await store.snapshot(dict(WINDOWS), date(2026, 1, 1), clock.ms, TOPIC)).alive
+    for ms in range(60_000, 65_000, 500):
+        clock.ms = T0 + ms
+        await agg.tick()
+    after = (await store.snapshot(dict(WINDOWS), date(2026, 1, 1), clock.ms, TOPIC)).alive
+    assert after[1] == before[1] and after[0] > before[0]
+    # the counter of every topic at once judges none
+    assert (await store.snapshot(dict(WINDOWS), date(2026, 1, 1), clock.ms, "")).alive == {}
 
 
 async def test_totals_and_days_read_the_daily_projection(store: Store) -> None:
