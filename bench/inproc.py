@@ -150,8 +150,8 @@ class _MemorySource:
     def behind(self) -> int:
         return 0
 
-    def partitions(self) -> list[int]:
-        return self._partitions
+    def others(self) -> list[int]:
+        return []
 
     def rebase(self, bases: dict[int, int]) -> None:
         pass

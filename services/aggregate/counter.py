@@ -339,13 +339,14 @@ class CounterService:
         rebalancing: Callable[[], float] = lambda: 0.0,
         writes_failing: Callable[[], float] = lambda: 0.0,
         behind: Callable[[], int] = lambda: 0,
-        partitions: Callable[[], Collection[int] | None] = lambda: None,
+        others: Callable[[], Collection[int] | None] = lambda: None,
         unattended_seconds: float = UNATTENDED_SECONDS,
         monotonic: Callable[[], float] = time.monotonic,
     ) -> None:
         self.store = store
-        # the partitions of ``topic`` (Source.partitions; None: not known, none is judged)
-        self.partitions = partitions
+        # the partitions of ``topic`` other processes count (Source.others; None: not known,
+        # none is judged). This one's own are judged by its own reading and writing (above).
+        self.others = others
         self.unattended_seconds = unattended_seconds
         self.monotonic = monotonic  # how long a partition's row stays as it was
         # partition -> its latest row's ``at`` as last read, and since when (monotonic) it is
@@ -502,11 +503,12 @@ class CounterService:
         self._unwritten.update(new_peaks)
 
     def _unattended(self, alive: Mapping[int, int]) -> list[int]:
-        """The partitions of the topic whose latest row of tallies (``alive``, as read) has
-        stayed as it was for ``unattended_seconds``. Its owner's clock made it, so it is compared
-        with the one read before, never with this process's clock. A partition never tallied is
-        not judged: its first owner has not written yet, and the group's rebalance says so."""
-        parts = self.partitions()
+        """The partitions of the topic that other processes count whose latest row of tallies
+        (``alive``, as read) has stayed as it was for ``unattended_seconds``. Its owner's
+        clock made it, so it is compared with the one read before, never with this process's
+        clock. A partition never tallied is not judged: its first owner has not written yet,
+        and the group's rebalance says so."""
+        parts = self.others()
         if parts is None:
             return []
         now = self.monotonic()

@@ -46,7 +46,7 @@ def add_aggregate(
         topic=source.topic,
         silent=source.silent_seconds,
         behind=source.behind,
-        partitions=source.partitions,
+        others=source.others,
     )
     stopping = asyncio.Event()
     migrated = asyncio.Event()

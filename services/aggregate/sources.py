@@ -71,7 +71,7 @@ class Source(Protocol):
     def silent_seconds(self) -> float: ...
     def rebalancing_seconds(self) -> float: ...
     def behind(self) -> int: ...
-    def partitions(self) -> Collection[int] | None: ...
+    def others(self) -> Collection[int] | None: ...
     def rebase(self, bases: dict[int, int]) -> None: ...
     async def replaced(self, last: dict[int, tuple[int, str]]) -> dict[int, int]: ...
     def shrunk(self) -> list[int]: ...
@@ -207,8 +207,8 @@ class LocalLog:
     def behind(self) -> int:
         return len(self._records)
 
-    def partitions(self) -> Collection[int]:
-        return (0,)
+    def others(self) -> Collection[int]:
+        return ()  # its one partition is this process's
 
     def rebalancing_seconds(self) -> float:
         return 0.0  # no group
@@ -410,11 +410,13 @@ class KafkaSource:
         heard (the consumer lag, summed)."""
         return sum(self._waiting(tp) or 0 for tp in self._consumer.assignment())
 
-    def partitions(self) -> Collection[int] | None:
-        """The partitions of the topic, as the broker's metadata last said (None before it
-        has)."""
+    def others(self) -> Collection[int] | None:
+        """The partitions of the topic that this process does not own, as the broker's
+        metadata last said (None before it has): other members of the group count them."""
         found: set[int] | None = self._consumer.partitions_for_topic(self.topic)
-        return found
+        if found is None:
+            return None
+        return found - {tp.partition for tp in self._consumer.assignment()}
 
     def _waiting(self, tp: TopicPartition) -> int | None:
         """Records of ``tp`` after where this process reads, up to its end as last heard:

@@ -515,8 +515,10 @@ async def test_the_numbers_are_stale_while_a_partition_is_counted_by_no_one(
     hands the partition on only after its session timeout. Every owner writes a row of each
     partition it counts every second; once a partition's latest row has stayed as it was for
     ``UNATTENDED_SECONDS``, the last good numbers are marked stale, and the log names it. The
-    current ones come back when a new owner counts it. A partition the topic no longer has,
-    or before the topic's partitions are known, is not judged."""
+    current ones come back when a new owner counts it. Only the partitions other processes
+    count are judged (here the rig's aggregator stands for them): not one this process owns
+    (its own reading and writing say how it goes), nor one the topic no longer has, nor any
+    before the topic's partitions are known."""
     mono = [0.0]
     parts: list[list[int] | None] = [[0, 1]]
     service = CounterService(
@@ -524,7 +526,7 @@ async def test_the_numbers_are_stale_while_a_partition_is_counted_by_no_one(
         rig.registry,
         clock=lambda: rig.now,
         topic=rig.topic,
-        partitions=lambda: parts[0],
+        others=lambda: parts[0],
         monotonic=lambda: mono[0],
     )
     agg = rig.aggregator
@@ -553,7 +555,7 @@ async def test_the_numbers_are_stale_while_a_partition_is_counted_by_no_one(
     parts[0] = None  # the topic's partitions not known: not judged
     await service.refresh()
     assert service.prepared["hcm"].payload["stale"] is False
-    parts[0] = [0]  # nor is a partition the topic no longer has
+    parts[0] = [0]  # nor is one this process now owns, or the topic no longer has
     await service.refresh()
     assert service.prepared["hcm"].payload["stale"] is False
     parts[0] = [0, 1]
