@@ -62,7 +62,7 @@ from prometheus_client.registry import Collector
 
 from services import gcpause, metrics, openapi
 from services.fastlane import TOO_MANY, LaneHandler, LaneProtocol
-from services.settings import CannotStart, Settings
+from services.settings import CannotStart, Settings, log_level
 
 ReadyCheck = Callable[[], Awaitable[tuple[bool, str]]]
 READY_CHECKS = web.AppKey("ready_checks", dict[str, ReadyCheck])
@@ -604,7 +604,7 @@ def serve(
     """Run one server process until SIGTERM/SIGINT; then stop taking requests, finish the ones
     in flight, and run every cleanup (flush, drain) before exiting."""
     logging.basicConfig(
-        level=os.environ.get("VISITORSTATS_LOG_LEVEL", "INFO"),
+        level=log_level(os.environ),
         format="%(asctime)s %(process)d %(levelname)s %(name)s: %(message)s",
     )
 

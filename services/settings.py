@@ -53,6 +53,19 @@ def _float(env: Mapping[str, str], name: str, default: float) -> float:
         raise SystemExit(f"{name} must be a number, got {raw!r}") from None
 
 
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+
+
+def log_level(env: Mapping[str, str]) -> str:
+    """``VISITORSTATS_LOG_LEVEL``: one of ``LOG_LEVELS`` in any case; unset or empty, INFO."""
+    raw = _str(env, "VISITORSTATS_LOG_LEVEL", "INFO")
+    if raw.upper() not in LOG_LEVELS:
+        raise SystemExit(
+            f"VISITORSTATS_LOG_LEVEL must be one of {', '.join(LOG_LEVELS)}, got {raw!r}"
+        )
+    return raw.upper()
+
+
 def _float_or_none(env: Mapping[str, str], name: str) -> float | None:
     if env.get(name) in (None, ""):
         return None
@@ -77,6 +90,9 @@ def _bool(env: Mapping[str, str], name: str, default: bool) -> bool:
 
 
 def parse_networks(raw: str) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]:
+    """Networks, comma-separated; ``none`` is none (no proxy is trusted)."""
+    if raw.strip().lower() == "none":
+        return ()
     nets = []
     for part in raw.split(","):
         part = part.strip()
@@ -197,7 +213,7 @@ class Settings:
         data_dir = Path(_str(e, "VISITORSTATS_DATA_DIR", "data"))
         topic = _str(e, "VISITORSTATS_KAFKA_TOPIC", "pageviews")
         s = cls(
-            host=e.get("VISITORSTATS_HOST", "127.0.0.1"),
+            host=_str(e, "VISITORSTATS_HOST", "127.0.0.1"),
             port=_int(e, "VISITORSTATS_PORT", 8080),
             kafka_bootstrap=e.get("VISITORSTATS_KAFKA_BOOTSTRAP") or None,
             kafka_topic=topic,
@@ -209,7 +225,7 @@ class Settings:
             secret=e.get("VISITORSTATS_SECRET", "").encode(),
             workers=_int(e, "VISITORSTATS_WORKERS", 1),
             trusted_proxies=parse_networks(
-                e.get("VISITORSTATS_TRUSTED_PROXIES", DEFAULT_TRUSTED_PROXIES)
+                _str(e, "VISITORSTATS_TRUSTED_PROXIES", DEFAULT_TRUSTED_PROXIES)
             ),
             access_log=_bool(e, "VISITORSTATS_ACCESS_LOG", False),
             salt_period_seconds=_int(e, "VISITORSTATS_SALT_PERIOD_SECONDS", 86400),

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from services.settings import Settings
+from services.settings import Settings, log_level
 
 
 def test_publish_ack_defaults_to_the_spool() -> None:
@@ -47,3 +47,30 @@ def test_the_embedded_clickhouse_is_in_the_data_directory(
     url = Settings.from_env({"VISITORSTATS_DATA_DIR": data_dir} if data_dir else {}).clickhouse_url
     assert url.startswith("chdb://")
     assert Path(url[len("chdb://") :]).resolve() == tmp_path / path  # "/" + absolute: absolute
+
+
+def test_a_variable_set_but_empty_is_its_default() -> None:
+    empty = {
+        name: ""
+        for name in (
+            "VISITORSTATS_HOST",
+            "VISITORSTATS_PORT",
+            "VISITORSTATS_TRUSTED_PROXIES",
+            "VISITORSTATS_KAFKA_TOPIC",
+            "VISITORSTATS_WORKERS",
+        )
+    }
+    assert Settings.from_env(empty) == Settings.from_env({})
+    assert log_level({"VISITORSTATS_LOG_LEVEL": ""}) == "INFO"
+
+
+def test_no_proxy_is_trusted_when_told_none() -> None:
+    assert Settings.from_env({}).trusted_proxies  # (loopback, by default)
+    assert Settings.from_env({"VISITORSTATS_TRUSTED_PROXIES": "none"}).trusted_proxies == ()
+
+
+def test_the_log_level_is_one_of_the_standard_ones_in_any_case() -> None:
+    assert log_level({"VISITORSTATS_LOG_LEVEL": "debug"}) == "DEBUG"
+    with pytest.raises(SystemExit) as e:
+        log_level({"VISITORSTATS_LOG_LEVEL": "loud"})
+    assert str(e.value).startswith("VISITORSTATS_LOG_LEVEL must be one of DEBUG, INFO")
