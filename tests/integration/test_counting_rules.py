@@ -99,6 +99,12 @@ class Rig:
         await self.aggregator.flush()
         return event_id
 
+    def service(self, **kwargs: Any) -> CounterService:
+        """A counter over the rig's store and registry, on its clock and topic."""
+        return CounterService(
+            self.store, self.registry, clock=lambda: self.now, topic=self.topic, **kwargs
+        )
+
     async def counter(self, site: str, t: float) -> dict[str, Any]:
         self.now = t
         agg = self.aggregator
@@ -107,9 +113,7 @@ class Rig:
         if agg.needs_reset:  # the clock went back: rebuilt from the rows, as the loop does
             await agg.rebuild(sorted(agg.needs_reset), {})
             await agg.tick()
-        service = CounterService(
-            self.store, self.registry, clock=lambda: self.now, topic=self.topic
-        )
+        service = self.service()
         await service.refresh()
         await service.write_peaks()  # (as the service does, soon after)
         payload: dict[str, Any] = service.prepared[site].payload
@@ -417,14 +421,7 @@ async def test_the_running_service_stores_new_peaks_in_the_background_and_when_i
     rig.now = T0 + 1
     await agg.tick()
     # one write at once, then none for an hour: what comes later waits for the stop
-    service = CounterService(
-        rig.store,
-        rig.registry,
-        interval_seconds=0.05,
-        clock=lambda: rig.now,
-        topic=rig.topic,
-        peak_write_seconds=3600,
-    )
+    service = rig.service(interval_seconds=0.05, peak_write_seconds=3600)
     stopping = asyncio.Event()
     running = asyncio.create_task(service.run(stopping))
 
@@ -455,9 +452,7 @@ async def test_the_numbers_are_stale_while_the_broker_is_silent(rig: Rig) -> Non
     with their ``as_of``, marked stale: who is online does not wear away meanwhile (readers'
     beacons wait in ingest's spool). Once it answers again, the current numbers."""
     silent = [0.0]
-    service = CounterService(
-        rig.store, rig.registry, clock=lambda: rig.now, topic=rig.topic, silent=lambda: silent[0]
-    )
+    service = rig.service(silent=lambda: silent[0])
     await rig.send("hcm", "a", t=T0)
     await tick_at(rig, T0 + 1)
     await service.refresh()
@@ -481,13 +476,7 @@ async def test_the_numbers_are_stale_while_the_group_rebalances(rig: Rig) -> Non
     answers: after ``REBALANCE_STALE_SECONDS`` the last good numbers are marked stale (a new
     page view does not show), and the current ones come back with the assignment."""
     rebalancing = [0.0]
-    service = CounterService(
-        rig.store,
-        rig.registry,
-        clock=lambda: rig.now,
-        topic=rig.topic,
-        rebalancing=lambda: rebalancing[0],
-    )
+    service = rig.service(rebalancing=lambda: rebalancing[0])
     await rig.send("hcm", "a", t=T0)
     await tick_at(rig, T0 + 1)
     await service.refresh()
@@ -521,14 +510,7 @@ async def test_the_numbers_are_stale_while_a_partition_is_counted_by_no_one(
     before the topic's partitions are known."""
     mono = [0.0]
     parts: list[list[int] | None] = [[0, 1]]
-    service = CounterService(
-        rig.store,
-        rig.registry,
-        clock=lambda: rig.now,
-        topic=rig.topic,
-        others=lambda: parts[0],
-        monotonic=lambda: mono[0],
-    )
+    service = rig.service(others=lambda: parts[0], monotonic=lambda: mono[0])
     agg = rig.aggregator
     assert agg is not None
     await rig.send("hcm", "a", t=T0)
@@ -576,9 +558,7 @@ async def test_the_numbers_are_stale_while_the_consumer_reads_far_behind(rig: Ri
     them minutes old, online fallen to 0, unmarked). Under a steady load records always wait,
     but what was written is a moment old: not stale."""
     waiting = [0]
-    service = CounterService(
-        rig.store, rig.registry, clock=lambda: rig.now, topic=rig.topic, behind=lambda: waiting[0]
-    )
+    service = rig.service(behind=lambda: waiting[0])
 
     async def written(visitor: str, t: float, refresh_at: float) -> dict[str, Any]:
         await rig.send("hcm", visitor, t=t)
@@ -608,9 +588,7 @@ async def test_a_counter_with_no_numbers_yet_serves_the_stored_ones_stale_while_
 ) -> None:
     await rig.send("hcm", "a", t=T0)
     await tick_at(rig, T0 + 1)
-    service = CounterService(
-        rig.store, rig.registry, clock=lambda: rig.now, topic=rig.topic, silent=lambda: 60.0
-    )
+    service = rig.service(silent=lambda: 60.0)
     await service.refresh()  # e.g. started while the broker was down
     payload = service.prepared["hcm"].payload
     assert payload["stale"] is True and payload["online"]["total"] == 1
@@ -627,9 +605,7 @@ async def test_a_counter_kept_running_rebuilds_what_changed_and_restamps_the_res
     rows keeps its ETag and its numbers, with a newer ``as_of``; a new day, a visitor gone, a
     stale spell and its end, each change what they change, and the gauges follow."""
     silent = [0.0]
-    service = CounterService(
-        rig.store, rig.registry, clock=lambda: rig.now, topic=rig.topic, silent=lambda: silent[0]
-    )
+    service = rig.service(silent=lambda: silent[0])
 
     def shown(site: str) -> dict[str, Any]:
         prepared = service.prepared[site]
