@@ -8,9 +8,9 @@
  * data-stream="off" (poll only).
  *
  * Connections: a browser opens at most 6 to one host over HTTP/1.1, and a stream holds one for
- * as long as the page is open. So the tabs of one portal share one stream per site: the tab
- * holding a Web Lock for it streams and relays each snapshot to the others over a
- * BroadcastChannel; when it closes, another tab takes over. A page streams at most
+ * as long as the page is open. So the tabs of one portal share one stream per site: one tab
+ * leads, streams and relays each snapshot to the others over a BroadcastChannel; when it
+ * closes, another tab takes over (see Source). A page streams at most
  * MAX_STREAMS sites and polls any others. The reader's beacons always find a connection.
  * Theme: set --vs-bg, --vs-fg, --vs-accent, --vs-border, --vs-font (also --vs-muted, --vs-warn,
  * --vs-radius) on the div or any ancestor.
@@ -210,7 +210,7 @@
     var etag = "", seq = 0, inflight = false, down = false, gone = false, pollTimer = 0, fellBack = 0;
     var retryMs = STREAM_RETRY_MS;
     var me = Math.random(), chan = null, relayed = "", heard = 0, beat = 0, claim = 0, watch = 0;
-    var streamHeard = 0, silence = 0;
+    var streamHeard = 0, silence = 0, streamer = false; // (one of the page's MAX_STREAMS)
 
     this.data = null;
     this.poll = poll;
@@ -272,6 +272,7 @@
         .then(function (res) {
           inflight = false;
           clearTimeout(late);
+          var back = down; // the service answers again after an outage
           // A stream message that arrived meanwhile is newer than this answer.
           if (res && mine == seq) {
             etag = res.etag;
@@ -281,8 +282,10 @@
             down = false;
             paint(false);
           }
-          if (mode == "poll" && everStreamed && Date.now() - fellBack > retryMs) {
-            retryMs = Math.min(retryMs * 2, 600000);
+          // Polling since the stream failed: try it again now and then (if it ever worked),
+          // and at once when the service is back from an outage (a restart took the stream).
+          if (mode == "poll" && ((back && streamer) || (everStreamed && Date.now() - fellBack > retryMs))) {
+            if (!back) retryMs = Math.min(retryMs * 2, 600000);
             openStream();
           }
         }, function () {
@@ -354,6 +357,7 @@
         got = everStreamed = open = true;
         streamHeard = Date.now();
         errors = 0;
+        retryMs = STREAM_RETRY_MS;
         seq++;
         show(data);
       };
@@ -490,6 +494,7 @@
         startPolling();
       } else {
         streams++;
+        streamer = true;
         load(); // numbers at once; the stream (this tab's or a relayed one) keeps them current
         if (w.BroadcastChannel) share();
         else openStream();
