@@ -174,8 +174,15 @@ ONLINE = Gauge(
 COUNTER_STALE = Gauge(
     "visitorstats_snapshot_stale",
     "1 while the counter of a site has no fresh numbers: it serves its last good ones (or, "
-    "before any, 503) because a refresh failed or the broker is silent.",
+    "before any, 503) because a refresh failed, the broker is silent, or the numbers do not "
+    "follow the beacons (a rebalance, refused writes, reading behind, a partition no one counts).",
     ["site"],
+    multiprocess_mode="max",
+)
+PARTITIONS_UNATTENDED = Gauge(
+    "visitorstats_partitions_unattended",
+    "Partitions of the topic that another aggregate process owns and has not counted for 4 s "
+    "(killed, frozen, or its writes stuck): the counter is stale until they are counted again.",
     multiprocess_mode="max",
 )
 COUNTER_AGE = Gauge(

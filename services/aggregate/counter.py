@@ -421,6 +421,7 @@ class CounterService:
         silence, rebalancing, failing = self.silent(), self.rebalancing(), self.writes_failing()
         lagging = self._lagging(now_ms)
         unattended = self._unattended(snap.alive)
+        metrics.PARTITIONS_UNATTENDED.set(len(unattended))
         silent = (
             silence > SILENT_SECONDS
             or rebalancing > REBALANCE_STALE_SECONDS

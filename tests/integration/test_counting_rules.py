@@ -534,6 +534,7 @@ async def test_the_numbers_are_stale_while_a_partition_is_counted_by_no_one(
         await service.refresh()
     assert service.prepared["hcm"].payload == {**last, "stale": True}  # c does not show
     assert f"partitions 1 of {rig.topic} not counted" in caplog.text
+    assert REGISTRY.get_sample_value("visitorstats_partitions_unattended") == 1
     parts[0] = None  # the topic's partitions not known: not judged
     await service.refresh()
     assert service.prepared["hcm"].payload["stale"] is False
@@ -550,6 +551,7 @@ async def test_the_numbers_are_stale_while_a_partition_is_counted_by_no_one(
     assert now["stale"] is False
     assert now["pageviews"]["total"] == good["pageviews"]["total"] + 1
     assert now["online"]["total"] == 3
+    assert REGISTRY.get_sample_value("visitorstats_partitions_unattended") == 0
 
 
 async def test_the_numbers_are_stale_while_the_consumer_reads_far_behind(rig: Rig) -> None:
