@@ -12,7 +12,7 @@ import tempfile
 from pathlib import Path
 from typing import IO
 
-from services.settings import CannotStart, Settings, database_of, reason, redact
+from services.settings import CannotStart, Settings, database_of, log_level, reason, redact
 from services.sites import Registry, RegistryError
 from services.version import VERSION
 
@@ -136,6 +136,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.command == "aggregate":
         settings = replace(settings, workers=1)
     settings.check()
+    log_level(env)  # (each server process sets it up; a bad one stops the start here, once)
 
     if args.command == "migrate":
         from services.aggregate.migrate import (

@@ -181,7 +181,7 @@ COUNTER_STALE = Gauge(
 )
 PARTITIONS_UNATTENDED = Gauge(
     "visitorstats_partitions_unattended",
-    "Partitions of the topic that another aggregate process owns and has not counted for 4 s "
+    "Partitions of the topic that another aggregate process owns and has not counted for 7 s "
     "(killed, frozen, or its writes stuck): the counter is stale until they are counted again.",
     multiprocess_mode="max",
 )

@@ -39,8 +39,9 @@ def _embedded_url(data_dir: Path) -> str:
 
 
 def _str(env: Mapping[str, str], name: str, default: str) -> str:
-    """A text setting; set but empty is unset, as for the numbers."""
-    return env.get(name) or default
+    """A text setting; set but empty (or only blanks) is unset, as for the numbers."""
+    raw = env.get(name)
+    return raw if raw and raw.strip() else default
 
 
 def _float(env: Mapping[str, str], name: str, default: float) -> float:

@@ -186,7 +186,11 @@ class Aggregator:
         # per owned partition: the ``at`` of its latest tallies written (by any owner, as of the
         # rebuild): the next are later, even after the clock went back
         self.last_at: dict[int, int] = {}
-        self.tallied_at: dict[int, int] = {}  # per owned partition: when its tallies were written
+        # per owned partition: when (by this process's clock, unlike ``last_at``, which a
+        # rebuild takes from the stored rows, ahead if another owner's clock was) its tallies,
+        # and any row of it, were last written
+        self.tallied_at: dict[int, int] = {}
+        self.sent_at: dict[int, int] = {}
         self.states: dict[int, PartitionState] = {}
         self.next_offset: dict[int, int] = {}  # per owned partition: the first offset not counted
         # per owned partition: its log base, position - Kafka offset (see 10 above)
@@ -346,6 +350,7 @@ class Aggregator:
             self.tally_offset.pop(p, None)
             self.last_at.pop(p, None)
             self.tallied_at.pop(p, None)
+            self.sent_at.pop(p, None)
             with contextlib.suppress(KeyError):
                 metrics.CONSUMER_LAG.remove(str(p))
 
@@ -644,7 +649,7 @@ class Aggregator:
             offset = self.tally_offset[p]
             fresh = state.now - self.tallied_at.get(p, 0) < TALLY_REFRESH_MS
             if fresh and self.published.get(p) == (offset, tallies):
-                if state.now - self.last_at.get(p, 0) >= ALIVE_MS:  # still counted: say so
+                if state.now - self.sent_at.get(p, 0) >= ALIVE_MS:  # still counted: say so
                     at = self._stamp(p, state.now)
                     out.extend(online_rows(self.topic, p, offset, at, {ALIVE_SITE: (0, 0, 0)}))
                 continue
@@ -658,8 +663,9 @@ class Aggregator:
         its tallies when ``tallied``)."""
         at = max(now_ms, self.last_at.get(partition, 0) + 1)
         self.last_at[partition] = at
+        self.sent_at[partition] = now_ms
         if tallied:
-            self.tallied_at[partition] = at
+            self.tallied_at[partition] = now_ms
         return at
 
     async def publish(self, rows: list[list[Any]]) -> None:

@@ -319,11 +319,14 @@ WRITES_FAILING_STALE_SECONDS = 2.0
 # (a soak on the test broker saw them minutes old, online fallen to 0, and "stale": false).
 BEHIND_STALE_SECONDS = 10.0
 # Seconds a partition's latest row of online tallies may stay as it was before the numbers are
-# marked ``stale``: its owner writes one at least every ``consume.ALIVE_MS``, so it is gone
-# (killed, frozen, or its writes stuck) and the beacons of the partition no longer show. The
-# consumer group notices a member's death only after its session timeout (10 s), and hands its
-# partitions on only then.
-UNATTENDED_SECONDS = 4.0
+# marked ``stale``: its owner writes one at least every ``consume.ALIVE_MS`` (or every tick, if
+# ticks are further apart: the limit is at least four ticks), so it is gone (killed, frozen, or
+# its writes stuck) and the beacons of the partition no longer show. The consumer group notices
+# a member's death only after its session timeout (10 s), and hands its partitions on only
+# then. Over 5 s, because an owner of an earlier version writes unchanged tallies only every
+# ``consume.TALLY_REFRESH_MS`` (5 s) and no row between: during a rolling upgrade its quiet
+# partitions are not taken for unattended.
+UNATTENDED_SECONDS = 7.0
 
 
 class CounterService:
@@ -347,7 +350,7 @@ class CounterService:
         # the partitions of ``topic`` other processes count (Source.others; None: not known,
         # none is judged). This one's own are judged by its own reading and writing (above).
         self.others = others
-        self.unattended_seconds = unattended_seconds
+        self.unattended_seconds = max(unattended_seconds, 4 * interval_seconds)
         self.monotonic = monotonic  # how long a partition's row stays as it was
         # partition -> its latest row's ``at`` as last read, and since when (monotonic) it is
         self._heard: dict[int, tuple[int, float]] = {}
@@ -514,12 +517,15 @@ class CounterService:
             return []
         now = self.monotonic()
         out = []
+        for p in list(self._heard):
+            if p not in parts:  # this process's now, or gone: heard anew when it comes back
+                del self._heard[p]
         for p in sorted(parts):
             at = alive.get(p)
             if at is None:
                 continue
             heard = self._heard.get(p)
-            if heard is None or heard[0] != at:
+            if heard is None or at > heard[0]:  # (an older one: a replica behind the others)
                 self._heard[p] = (at, now)
             elif now - heard[1] > self.unattended_seconds:
                 out.append(p)

@@ -443,7 +443,6 @@ def test_the_widget_keeps_the_last_numbers_with_a_stale_mark_while_the_service_i
     # itself waits before it is tried again)
     service.start()
     got = wait_until(lambda: widget(driver), lambda w: w.get("state") == "live", timeout=30)
-    print(driver.execute_script("return window.__vs"))
     assert got["state"] == "live" and got["stale_mark"] is False
     assert metric(service.url, "visitorstats_stream_subscribers") == 1
     arrive(service, 2)

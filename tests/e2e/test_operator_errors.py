@@ -63,6 +63,11 @@ def stale_gauge(url: str, site: str) -> float:
         (["run", "--host", "not.a.host.invalid"], {}, "cannot listen on http://not.a.host"),
         (
             ["ingest"],
+            {"VISITORSTATS_LOG_LEVEL": "loud", "VISITORSTATS_WORKERS": "3"},
+            "VISITORSTATS_LOG_LEVEL must be one of DEBUG, INFO, WARNING, ERROR, CRITICAL",
+        ),
+        (
+            ["ingest"],
             {"VISITORSTATS_SECRET": "REPLACE-ME-with-openssl-rand-hex-32"},
             "VISITORSTATS_SECRET is the example's placeholder",
         ),

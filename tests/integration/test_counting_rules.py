@@ -527,8 +527,9 @@ async def test_the_numbers_are_stale_while_a_partition_is_counted_by_no_one(
         assert service.prepared["hcm"].payload["stale"] is False, second
     last = service.prepared["hcm"].payload
     assert {**last, "as_of": good["as_of"]} == good
-    await rig.send("hcm", "c", t=T0 + 5)
-    await tick_at(rig, T0 + 6)
+    t = rig.now
+    await rig.send("hcm", "c", t=t + 1)
+    await tick_at(rig, t + 2)
     mono[0] = UNATTENDED_SECONDS + 0.1
     with caplog.at_level("WARNING", logger="services.aggregate.counter"):
         await service.refresh()
@@ -541,11 +542,15 @@ async def test_the_numbers_are_stale_while_a_partition_is_counted_by_no_one(
     parts[0] = [0]  # nor is one this process now owns, or the topic no longer has
     await service.refresh()
     assert service.prepared["hcm"].payload["stale"] is False
-    parts[0] = [0, 1]
+    parts[0] = [0, 1]  # another's again: judged anew, with the same grace
+    await service.refresh()
+    assert service.prepared["hcm"].payload["stale"] is False
+    mono[0] += UNATTENDED_SECONDS + 0.1
+    await tick_at(rig, t + 3)
     await service.refresh()
     assert service.prepared["hcm"].payload["stale"] is True
     await agg.assign([1])  # the group hands it on: counted again
-    await tick_at(rig, T0 + 7)
+    await tick_at(rig, t + 4)
     await service.refresh()
     now = service.prepared["hcm"].payload
     assert now["stale"] is False

@@ -605,3 +605,24 @@ async def test_a_peak_stored_twice_is_the_first_time_it_was_reached(store: Store
         await store.record_peaks(peaks)
     snap = await store.snapshot(dict(WINDOWS), date(2026, 1, 1), T0 + 1_000, TOPIC)
     assert snap.peaks == {"long": (5, T0), "short": (5, T0)}
+
+
+async def test_an_owner_whose_clock_is_behind_the_last_owners_still_says_so_every_second(
+    store: Store,
+) -> None:
+    """The rows of a partition whose previous owner's clock ran 10 s ahead: the new owner's
+    rows are stamped after those (``at`` only grows), and still come every ``ALIVE_MS`` by its
+    own clock, not once its clock has caught up."""
+    await store.write_online(online_rows(TOPIC, 0, 0, T0 + 10_000, {"long": (0, 0, 0)}))
+    clock = Clock(T0)
+    agg = aggregator(store, clock)
+    await agg.assign([0])
+    seen = []
+    for ms in range(0, 8_000, 500):
+        clock.ms = T0 + ms
+        await agg.tick()
+        alive = (await store.snapshot(dict(WINDOWS), date(2026, 1, 1), clock.ms, TOPIC)).alive
+        seen.append(alive[0])
+    assert seen[0] > T0 + 10_000
+    # a newer row at least every second (every other tick)
+    assert all(later > earlier for earlier, later in zip(seen[::2], seen[2::2], strict=False))

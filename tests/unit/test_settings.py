@@ -61,6 +61,8 @@ def test_a_variable_set_but_empty_is_its_default() -> None:
         )
     }
     assert Settings.from_env(empty) == Settings.from_env({})
+    blank = {name: " " for name in ("VISITORSTATS_HOST", "VISITORSTATS_TRUSTED_PROXIES")}
+    assert Settings.from_env(blank) == Settings.from_env({})
     assert log_level({"VISITORSTATS_LOG_LEVEL": ""}) == "INFO"
 
 
