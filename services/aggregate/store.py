@@ -235,6 +235,14 @@ def _commonest(values: Mapping[str, T], default: T) -> tuple[T, dict[str, T]]:
     return usual, {key: value for key, value in values.items() if value != usual}
 
 
+# Per partition of ``topic``, the latest ``at`` (ms) of its rows of ``online_now``: what a rebuild
+# stamps after (``Store.online_stamps``), and what tells a counter it is still counted ("alive").
+STAMPS_QUERY = """
+SELECT kafka_partition AS partition, toUnixTimestamp64Milli(max(at)) AS latest
+FROM online_now WHERE topic = {topic:String} GROUP BY kafka_partition
+"""
+
+
 # Everything a counter refresh reads, in one query (one round trip: each query costs the reading
 # thread a few waits for the GIL, which the consumer's loop holds most of the time under load).
 # Rows (kind, site, numbers):
@@ -257,7 +265,8 @@ def _commonest(values: Mapping[str, T], default: T) -> tuple[T, dict[str, T]]:
 #   processes see the same new peak in one snapshot, and store it a few ms apart).
 # * "alive": per partition of ``topic`` (none with ''), the ``at`` of its latest row (the site
 #   column holds the partition's number).
-NUMBERS_QUERY = """
+NUMBERS_QUERY = (
+    """
 SELECT 'online' AS kind, site, [toInt64(sum(guests)), toInt64(sum(members)), toInt64(sum(bots))]
 FROM online_now FINAL
 WHERE ({topic:String} = '' OR topic = {topic:String})
@@ -288,11 +297,12 @@ SELECT 'peak', site, [
     toUnixTimestamp64Milli(argMax(at, (online, -toUnixTimestamp64Milli(at))))]
 FROM peaks GROUP BY site
 UNION ALL
-SELECT 'alive', toString(kafka_partition), [toInt64(toUnixTimestamp64Milli(max(at)))]
-FROM online_now
-WHERE {topic:String} != '' AND topic = {topic:String}
-GROUP BY kafka_partition
+SELECT 'alive', toString(partition), [toInt64(latest)]
+FROM ("""
+    + STAMPS_QUERY
+    + """) WHERE {topic:String} != ''
 """
+)
 
 
 # The rows a rebuild replays (``replay_recent``), a page from offset ``start`` on.
@@ -706,13 +716,7 @@ class Store:
     async def online_stamps(self, topic: str) -> dict[int, int]:
         """Per partition of ``topic``, the latest ``at`` (ms) of its ``online_now`` rows."""
         rows = await self.run(
-            lambda c: (
-                c.query(
-                    "SELECT kafka_partition, toUnixTimestamp64Milli(max(at)) FROM online_now "
-                    "WHERE topic = {topic:String} GROUP BY kafka_partition",
-                    parameters={"topic": topic},
-                ).result_rows
-            )
+            lambda c: c.query(STAMPS_QUERY, parameters={"topic": topic}).result_rows
         )
         return {int(p): int(at) for p, at in rows}
 
