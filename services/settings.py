@@ -39,9 +39,8 @@ def _embedded_url(data_dir: Path) -> str:
 
 
 def _str(env: Mapping[str, str], name: str, default: str) -> str:
-    """A text setting; set but empty (or only blanks) is unset, as for the numbers."""
-    raw = env.get(name)
-    return raw if raw and raw.strip() else default
+    """A text setting; set but empty is unset, as for the numbers."""
+    return env.get(name) or default
 
 
 def _float(env: Mapping[str, str], name: str, default: float) -> float:
@@ -91,7 +90,8 @@ def _bool(env: Mapping[str, str], name: str, default: bool) -> bool:
 
 
 def parse_networks(raw: str) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]:
-    """Networks, comma-separated; ``none`` is none (no proxy is trusted)."""
+    """Networks, comma-separated; ``none`` is none (no proxy is trusted), and nothing else may
+    name none (blanks alone are a mistake, not a choice)."""
     if raw.strip().lower() == "none":
         return ()
     nets = []
@@ -102,6 +102,10 @@ def parse_networks(raw: str) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Netw
                 nets.append(ipaddress.ip_network(part, strict=False))
             except ValueError:
                 raise SystemExit(f"VISITORSTATS_TRUSTED_PROXIES: bad network {part!r}") from None
+    if not nets:
+        raise SystemExit(
+            f"VISITORSTATS_TRUSTED_PROXIES names no network ({raw!r}); 'none' trusts no proxy"
+        )
     return tuple(nets)
 
 

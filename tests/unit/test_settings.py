@@ -61,14 +61,16 @@ def test_a_variable_set_but_empty_is_its_default() -> None:
         )
     }
     assert Settings.from_env(empty) == Settings.from_env({})
-    blank = {name: " " for name in ("VISITORSTATS_HOST", "VISITORSTATS_TRUSTED_PROXIES")}
-    assert Settings.from_env(blank) == Settings.from_env({})
     assert log_level({"VISITORSTATS_LOG_LEVEL": ""}) == "INFO"
 
 
-def test_no_proxy_is_trusted_when_told_none() -> None:
+def test_no_proxy_is_trusted_when_told_none_and_blanks_are_a_mistake() -> None:
     assert Settings.from_env({}).trusted_proxies  # (loopback, by default)
     assert Settings.from_env({"VISITORSTATS_TRUSTED_PROXIES": "none"}).trusted_proxies == ()
+    for blank in (" ", " , "):
+        with pytest.raises(SystemExit) as e:
+            Settings.from_env({"VISITORSTATS_TRUSTED_PROXIES": blank})
+        assert str(e.value).startswith("VISITORSTATS_TRUSTED_PROXIES names no network"), blank
 
 
 def test_the_log_level_is_one_of_the_standard_ones_in_any_case() -> None:
