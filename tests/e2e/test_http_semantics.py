@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import os
 import time
 from collections.abc import Iterator
 
@@ -61,6 +62,20 @@ def metric_lines(run: Service, name: str) -> dict[str, float]:
             series, _, value = line.rpartition(" ")
             lines[series] = float(value)
     return lines
+
+
+def test_the_disks_it_writes_to_are_watched(run: Service) -> None:
+    """The data directory (the journal) and the embedded ClickHouse: the room left on each file
+    system, as statvfs says (both are under the working directory here)."""
+    room = os.statvfs(run.workdir / "data")
+    for d in ("data", "clickhouse"):
+        free = metric_lines(run, "visitorstats_disk_free_bytes")[
+            f'visitorstats_disk_free_bytes{{dir="{d}"}}'
+        ]
+        size = metric_lines(run, "visitorstats_disk_size_bytes")[
+            f'visitorstats_disk_size_bytes{{dir="{d}"}}'
+        ]
+        assert size == room.f_blocks * room.f_frsize and 0 < free <= size, (d, free, size)
 
 
 def test_every_refusal_series_exists_at_zero_from_the_start(run: Service) -> None:

@@ -7,7 +7,7 @@ from __future__ import annotations
 import json
 import re
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -174,8 +174,15 @@ def owned_partitions(service: Service) -> set[int]:
     }
 
 
-def wait_for(predicate: Any, timeout: float = 60, what: str = "condition") -> None:
+def wait_for(
+    predicate: Any,
+    timeout: float = 60,
+    what: str = "condition",
+    said: Callable[[], str] | None = None,
+) -> None:
+    """Wait for ``predicate``; on a timeout, fail with what ``said`` tells (a process's log)."""
     deadline = time.monotonic() + timeout
     while not predicate():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        if time.monotonic() >= deadline:
+            pytest.fail(f"timed out waiting for {what}" + (f"\n{said()}" if said else ""))
         time.sleep(0.1)
