@@ -29,6 +29,12 @@ def _int(env: Mapping[str, str], name: str, default: int) -> int:
         raise SystemExit(f"{name} must be an integer, got {raw!r}") from None
 
 
+def _int_or_none(env: Mapping[str, str], name: str) -> int | None:
+    """An integer setting whose default depends on more than the environment: None if unset."""
+    raw = env.get(name)
+    return None if raw is None or raw == "" else _int(env, name, 0)
+
+
 _TOPIC = re.compile(r"[A-Za-z0-9._-]{1,249}").fullmatch
 
 
@@ -190,6 +196,8 @@ class Settings:
     publish_batch_bytes: int = 512 * 1024
     spool_dir: Path = Path("data/spool")
     spool_max_bytes: int = 256 * 1024 * 1024
+    # room the spool and the journal leave free on their disk (None: 256 MiB, at most a tenth)
+    disk_reserve_bytes: int | None = None
     # aggregate batching: a batch closes on count or on age, whichever comes first
     flush_max_events: int = 50_000
     flush_interval_seconds: float = 0.25
@@ -239,6 +247,7 @@ class Settings:
             publish_linger_seconds=_float_or_none(e, "VISITORSTATS_PUBLISH_LINGER_SECONDS"),
             spool_dir=Path(_str(e, "VISITORSTATS_SPOOL_DIR", str(data_dir / "spool"))),
             spool_max_bytes=_int(e, "VISITORSTATS_SPOOL_MAX_BYTES", 256 * 1024 * 1024),
+            disk_reserve_bytes=_int_or_none(e, "VISITORSTATS_DISK_RESERVE_BYTES"),
             flush_max_events=_int(e, "VISITORSTATS_FLUSH_MAX_EVENTS", 50_000),
             flush_interval_seconds=_float(e, "VISITORSTATS_FLUSH_INTERVAL_SECONDS", 0.25),
             counter_interval_seconds=_float(e, "VISITORSTATS_COUNTER_INTERVAL_SECONDS", 0.5),
@@ -270,6 +279,10 @@ class Settings:
             )
         if not self.host.strip():
             raise SystemExit("VISITORSTATS_HOST must name an address to listen on")
+        if self.disk_reserve_bytes is not None and self.disk_reserve_bytes < 0:
+            raise SystemExit(
+                f"VISITORSTATS_DISK_RESERVE_BYTES must be 0 or more, got {self.disk_reserve_bytes}"
+            )
         for name, topic in (
             ("VISITORSTATS_KAFKA_TOPIC", self.kafka_topic),
             ("VISITORSTATS_KAFKA_DLQ_TOPIC", self.kafka_dead_letter_topic),

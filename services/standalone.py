@@ -34,7 +34,12 @@ def create_standalone_app(settings: Settings, registry: Registry) -> web.Applica
         publisher = kafka_publisher(settings)
         add_aggregate(app, settings, registry, source)
     else:
-        journal = Spool.claim(settings.data_dir / "journal", settings.spool_max_bytes, False)
+        journal = Spool.claim(
+            settings.data_dir / "journal",
+            settings.spool_max_bytes,
+            metered=False,
+            reserve=settings.disk_reserve_bytes,
+        )
         log = LocalLog(journal)
         source = log
         publisher = LocalPublisher(log.append, journal)

@@ -47,7 +47,9 @@ def kafka_publisher(settings: Settings) -> KafkaPublisher:
     """The publisher to Kafka that ``VISITORSTATS_PUBLISH_ACK`` asks for, with its spool."""
     if not settings.kafka_bootstrap:
         raise SystemExit("VISITORSTATS_KAFKA_BOOTSTRAP is required to publish to Kafka")
-    spool = Spool.claim(settings.spool_dir, settings.spool_max_bytes)
+    spool = Spool.claim(
+        settings.spool_dir, settings.spool_max_bytes, reserve=settings.disk_reserve_bytes
+    )
     metrics.DISK_ROOM.watch("spool", settings.spool_dir)
     linger = settings.publish_linger_seconds
     if settings.publish_ack == "spool":

@@ -19,6 +19,14 @@ bytes are logged with the file and the byte range, counted
 (``visitorstats_spool_damaged_total``), and the segment is copied beside itself as
 ``NNNNNNNNNN.spool.damaged`` before it is drained and deleted. Segments written before the
 checksums (no magic) are read as they were written.
+
+Room kept free: a spool takes no record that would leave less than its reserve free on its
+disk (``VISITORSTATS_DISK_RESERVE_BYTES``; unset, 256 MiB or a tenth of the disk, whichever
+is less). The journal of
+``visitorstats run`` shares its disk with the embedded ClickHouse, which reserves room before
+it writes a part but then writes it whole: chDB commits a part whose files a full disk cut
+short as if written (and merged parts too), and its rows cannot be read again. The beacons are
+refused instead (503), before the disk is full.
 """
 
 from __future__ import annotations
@@ -52,14 +60,32 @@ _SEGMENT_BYTES = 4 * 1024 * 1024
 # After a write the disk refused, the spool is not ready for this long (then the next beacon
 # tries again: a process taken out of service by its readiness gets no beacon to try with).
 WRITE_FAILED_SECONDS = 10.0
-# Less room than this on the spool's disk, and it is not ready (a few beacons' records).
-_ROOM_NEEDED = 64 * 1024
+# The room a spool leaves free on its disk unless told (``VISITORSTATS_DISK_RESERVE_BYTES``),
+# and then at most this share of the disk's size (a small disk keeps a tenth of itself).
+DISK_RESERVE_BYTES = 256 * 1024 * 1024
+_RESERVE_SHARE = 10
+# The room left is read from the disk again after this long, or sooner when the records
+# written since would have used half of what was above the reserve.
+_ROOM_CHECK_SECONDS = 1.0
 
 log = logging.getLogger(__name__)
 
 
 class SpoolFullError(Exception):
     pass
+
+
+class ShortOfRoomError(OSError):
+    """The spool's disk has no room for the records above its reserve: nothing was written."""
+
+    def __init__(self, free: int, reserve: int) -> None:
+        super().__init__(
+            errno.ENOSPC,
+            f"{free:,} bytes free on its disk, and {reserve:,} are kept free for other writers "
+            "(VISITORSTATS_DISK_RESERVE_BYTES)"
+            if reserve
+            else "no room left on its disk",
+        )
 
 
 def _lock(directory: Path) -> int | None:
@@ -76,10 +102,17 @@ def _lock(directory: Path) -> int | None:
 
 class Spool:
     @classmethod
-    def claim(cls, root: Path, max_bytes: int, metered: bool = True) -> Spool:
+    def claim(
+        cls,
+        root: Path,
+        max_bytes: int,
+        metered: bool = True,
+        reserve: int | None = None,
+    ) -> Spool:
         """Take the first free ``root/worker-N`` (an exclusive lock held while the process
         lives), so a restarted process drains what a crashed one spooled. ``metered``: its
-        depth and size are the ``visitorstats_spool_*`` gauges."""
+        depth and size are the ``visitorstats_spool_*`` gauges. ``reserve``: the room it
+        leaves free on its disk (None: the default, see the module's text)."""
         root.mkdir(parents=True, exist_ok=True)
         n = 0
         while True:
@@ -89,7 +122,7 @@ class Spool:
             if fd is None:
                 n += 1
                 continue
-            spool = cls(directory, max_bytes, metered)
+            spool = cls(directory, max_bytes, metered, reserve)
             spool._lock_fd = fd
             return spool
 
@@ -118,7 +151,13 @@ class Spool:
         """Where the spools of the service's processes are (``claim``'s ``root``)."""
         return self._dir.parent
 
-    def __init__(self, directory: Path, max_bytes: int, metered: bool = True) -> None:
+    def __init__(
+        self,
+        directory: Path,
+        max_bytes: int,
+        metered: bool = True,
+        reserve: int | None = None,
+    ) -> None:
         self._lock_fd: int | None = None
         self._head_fd: int | None = None
         self._metered = metered
@@ -138,6 +177,13 @@ class Spool:
         self._failure = ""
         self._failures_unlogged = 0
         self._failure_logged_at = -WRITE_FAILED_SECONDS
+        # the room kept free on the disk, and what was free when last read (then, and the
+        # bytes written since)
+        self._reserve_told = reserve
+        self._reserve = 0
+        self._free = 0
+        self._free_read_at = -_ROOM_CHECK_SECONDS
+        self._written_since_read = 0
         # the oldest segment still held, and how many of its records were popped: kept in
         # ``head`` so that a restarted process does not take them back
         self._head_segment, self._head_popped = self._read_head()
@@ -233,17 +279,44 @@ class Spool:
 
     def write_failure(self) -> str | None:
         """Why the disk refused the last write, for ``WRITE_FAILED_SECONDS`` after it (a write
-        that succeeds since clears it), or that its disk has no room left now; None
-        otherwise."""
+        that succeeds since clears it), or that its disk has no room above the reserve now;
+        None otherwise."""
         if time.monotonic() - self._failed_at < WRITE_FAILED_SECONDS:
             return self._failure
+        if not self._read_room():
+            return None
+        if self._free - self._reserve < self._record_size:
+            short = ShortOfRoomError(self._free, self._reserve)
+            return f"cannot write to {self._dir}: {short.strerror}"
+        return None
+
+    def _read_room(self) -> bool:
+        """Read the room left on the spool's disk (``_free``, and the default ``_reserve`` as
+        a share of its size); False when it cannot be read (no record is refused for it)."""
         try:
             st = os.statvfs(self._dir)
         except OSError:
-            return None
-        if st.f_bavail * st.f_frsize < _ROOM_NEEDED:
-            return f"cannot write to {self._dir}: no room left on its disk"
-        return None
+            return False
+        self._free = st.f_bavail * st.f_frsize
+        told = self._reserve_told
+        share = st.f_blocks * st.f_frsize // _RESERVE_SHARE
+        self._reserve = min(DISK_RESERVE_BYTES, share) if told is None else told
+        self._free_read_at = time.monotonic()
+        self._written_since_read = 0
+        return True
+
+    def _check_room(self, size: int) -> None:
+        """Raise ``ShortOfRoomError`` when writing ``size`` more bytes would leave less than
+        the reserve free. Reads the disk at most once per ``_ROOM_CHECK_SECONDS``, or sooner
+        when what was written since nears the room that was left."""
+        if self._reserve_told == 0:
+            return
+        above = self._free - self._reserve - self._written_since_read - size
+        stale = time.monotonic() - self._free_read_at >= _ROOM_CHECK_SECONDS
+        if (stale or above < (self._free - self._reserve) // 2) and not self._read_room():
+            return
+        if self._free - self._reserve - self._written_since_read < size:
+            raise ShortOfRoomError(self._free, self._reserve)
 
     def refusal(self, full: str) -> str | None:
         """Why this spool takes no record now, for readiness: ``full`` when it is full, else
@@ -285,13 +358,16 @@ class Spool:
             self._refused = True
             raise SpoolFullError(f"spool full ({self._bytes} bytes)")
         try:
-            if self._tail_file is None or self._tail_size + len(blob) > _SEGMENT_BYTES:
+            new_segment = self._tail_file is None or self._tail_size + len(blob) > _SEGMENT_BYTES
+            self._check_room(len(blob) + (len(_MAGIC) if new_segment else 0))
+            if new_segment:
                 self._open_tail()
             self._write_all(memoryview(blob))
         except OSError as e:
             self._failed(e)
             raise
         self._failed_at = -WRITE_FAILED_SECONDS
+        self._written_since_read += len(blob)
         self._tail_size += len(blob)
         self._bytes += len(blob)
         segment = self._tail - 1

@@ -18,10 +18,12 @@ that room."""
 from __future__ import annotations
 
 import json
+import os
 import resource
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import IO
@@ -30,7 +32,7 @@ import pytest
 
 from tests.faults.conftest import counted_pageviews, wait_for
 from tests.support.chdb_http import ChdbHttpServer
-from tests.support.procs import ROOT, Service, http, send_beacon, write_sites
+from tests.support.procs import CHROME_UA, ROOT, Service, http, send_beacon, write_sites
 
 pytestmark = pytest.mark.faults
 
@@ -79,6 +81,13 @@ def unavailable(base: str) -> float:
         for line in lines
         if line.startswith("visitorstats_ingest_requests_total{") and 'ome="unavailable"' in line
     )
+
+
+def alive(base: str) -> bool:
+    try:
+        return http("GET", f"{base}/healthz")[0] == 200
+    except OSError:
+        return False
 
 
 def beacons(base: str, first: int, n: int, status: int) -> None:
@@ -171,3 +180,39 @@ def test_a_full_disk_gets_503s_and_loses_no_answered_beacon(
         assert "damaged" not in run.log(), run.log()
     finally:
         run.stop()
+
+
+def test_beacons_are_refused_before_the_disk_is_full(tmp_path: Path) -> None:
+    """The journal leaves ``VISITORSTATS_DISK_RESERVE_BYTES`` free on its disk for the embedded
+    ClickHouse (and others): past it, beacons get a 503 that says so, readiness says so, and
+    nothing is counted; the service stays up. (Here the reserve is more than the disk has free.)"""
+    write_sites(tmp_path)
+    st = os.statvfs(tmp_path)
+    reserve = st.f_bavail * st.f_frsize + (1 << 30)
+    run = PipedService(
+        "run", tmp_path, {**ENV, "VISITORSTATS_DISK_RESERVE_BYTES": str(reserve)}
+    ).start(wait_ready=False)  # never ready: its journal's disk has no room above the reserve
+    try:
+        wait_for(lambda: alive(run.url), what="the service up", said=telling(run))
+        status, _, body = http(
+            "POST",
+            f"{run.url}/collect",
+            json.dumps({"site": "dongha", "url": "https://portal.example.vn/"}).encode(),
+            {"Content-Type": "application/json", "User-Agent": CHROME_UA},
+        )
+        assert status == 503, body
+        # the public is told no more (the operator's reason is readiness's, below)
+        assert json.loads(body)["error"] == "the service cannot take more beacons now"
+        beacons(run.url, 0, 5, 503)
+        status, _, body = http("GET", f"{run.url}/readyz")
+        assert status == 503, body
+        detail = json.loads(body)["checks"]["publish"]["detail"]
+        assert "kept free" in detail and f"{reserve:,}" in detail, detail
+        assert "VISITORSTATS_DISK_RESERVE_BYTES" in detail and "journal" in detail, detail
+        assert http("GET", f"{run.url}/healthz")[0] == 200
+        assert unavailable(run.url) == 6
+        time.sleep(1)  # a counter tick or two: nothing came in
+        assert counted_pageviews(run.url) == 0
+        assert not any(p.stat().st_size for p in segments(tmp_path / "data" / "journal"))
+    finally:
+        assert run.stop() == 0

@@ -78,3 +78,17 @@ def test_the_log_level_is_one_of_the_standard_ones_in_any_case() -> None:
     with pytest.raises(SystemExit) as e:
         log_level({"VISITORSTATS_LOG_LEVEL": "loud"})
     assert str(e.value).startswith("VISITORSTATS_LOG_LEVEL must be one of DEBUG, INFO")
+
+
+def test_the_disk_reserve_is_a_count_of_bytes_or_the_default() -> None:
+    assert Settings.from_env({}).disk_reserve_bytes is None  # 256 MiB, at most a tenth
+    assert Settings.from_env({"VISITORSTATS_DISK_RESERVE_BYTES": ""}).disk_reserve_bytes is None
+    told = Settings.from_env({"VISITORSTATS_DISK_RESERVE_BYTES": "1048576"})
+    assert told.disk_reserve_bytes == 1048576
+    assert Settings.from_env({"VISITORSTATS_DISK_RESERVE_BYTES": "0"}).disk_reserve_bytes == 0
+    with pytest.raises(SystemExit) as e:
+        Settings.from_env({"VISITORSTATS_DISK_RESERVE_BYTES": "-1"}).check()
+    assert str(e.value) == "VISITORSTATS_DISK_RESERVE_BYTES must be 0 or more, got -1"
+    with pytest.raises(SystemExit) as e:
+        Settings.from_env({"VISITORSTATS_DISK_RESERVE_BYTES": "1G"})
+    assert str(e.value) == "VISITORSTATS_DISK_RESERVE_BYTES must be an integer, got '1G'"

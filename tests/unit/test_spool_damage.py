@@ -6,7 +6,6 @@ and bytes, and keeps a copy of the file. Real files, damaged as a crash or a dis
 from __future__ import annotations
 
 import logging
-import os
 import struct
 from pathlib import Path
 
@@ -189,16 +188,3 @@ def test_damage_on_a_full_disk_says_that_no_copy_was_kept(
     assert len(values(spool)) == 2 * N - 1
     assert "no copy of it could be kept" in caplog.text
     assert not (tmp_path / (old.name + ".damaged")).exists()
-
-
-def test_a_spool_on_a_disk_with_no_room_says_so(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """Readiness follows the room on the spool's disk too, not only the last refused write
-    (which is forgotten after ``WRITE_FAILED_SECONDS``, or never made after a restart)."""
-    spool = Spool(tmp_path, 1 << 20)
-    assert spool.write_failure() is None
-    real = os.statvfs(tmp_path)
-    full = os.statvfs_result((*real[:4], 0, *real[5:]))  # f_bavail: nothing left
-    monkeypatch.setattr(os, "statvfs", lambda path: full)
-    assert spool.write_failure() == f"cannot write to {tmp_path}: no room left on its disk"
