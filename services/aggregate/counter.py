@@ -327,6 +327,11 @@ BEHIND_STALE_SECONDS = 10.0
 # ``consume.TALLY_REFRESH_MS`` (5 s) and no row between: during a rolling upgrade its quiet
 # partitions are not taken for unattended.
 UNATTENDED_SECONDS = 7.0
+# Seconds the counter's reads may fail in a row (every refresh) before readiness says so: the
+# numbers are stale from the first failure; a replica whose reads keep failing (a part damaged
+# on its disk, a ClickHouse replica behind a load balancer that is not well) is then taken out
+# of service, while others may read.
+READS_FAILING_SECONDS = 10.0
 
 
 class CounterService:
@@ -370,6 +375,9 @@ class CounterService:
         self.fanout = Fanout(s.id for s in registry)
         self.prepared = self.fanout.prepared  # site -> the latest numbers, ready to serve
         self.healthy = False
+        # since when (monotonic) every refresh has failed, and the last one's error
+        self._reads_failing_since: float | None = None
+        self.read_error = ""
         self._windows = {s.id: s.online_window_seconds for s in registry}
         self._zones = {s.tz for s in registry}
         # site -> what its last prepared numbers were made of, and their ETag (``refresh``)
@@ -383,6 +391,11 @@ class CounterService:
         self._flushed: list[int] = []  # ts (ms) of events written since the last refresh
         self._landed = asyncio.Event()  # set when a flush lands: refresh now, not at the tick
         self._silent_logged = False
+
+    def reads_failing(self) -> float:
+        """Seconds every refresh has failed for (0 while they succeed)."""
+        since = self._reads_failing_since
+        return 0.0 if since is None else time.monotonic() - since
 
     def note_flushed(self, ts_ms: list[int]) -> None:
         """Events were written: ``run`` refreshes as soon as it may (``min_gap_seconds``)."""
@@ -408,6 +421,9 @@ class CounterService:
             self._flushed = flushed + self._flushed
             if self.healthy:
                 log.warning("counter refresh failed (%s): serving the last numbers as stale", e)
+            if self._reads_failing_since is None:
+                self._reads_failing_since = time.monotonic()
+            self.read_error = str(e) or type(e).__name__
             self.healthy = False
             for site_id, prep in list(self.prepared.items()):
                 if not prep.payload["stale"]:
@@ -416,6 +432,7 @@ class CounterService:
                 metrics.COUNTER_STALE.labels(site.id).set(1)
             return
         self.healthy = True
+        self._reads_failing_since = None
         metrics.COUNTER_AGE.set(now_ms / 1000)
         # The broker has not answered for a while: what ClickHouse holds no longer follows the
         # beacons (they wait in ingest's spool), and who is online would only wear away. The

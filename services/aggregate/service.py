@@ -16,6 +16,7 @@ from services.aggregate import api
 from services.aggregate.consume import Aggregator, Consumer
 from services.aggregate.counter import (
     BEHIND_STALE_SECONDS,
+    READS_FAILING_SECONDS,
     WRITES_FAILING_STALE_SECONDS,
     CounterService,
     first_set,
@@ -148,6 +149,10 @@ def add_aggregate(
         failing = counter.writes_failing()
         if failing > WRITES_FAILING_STALE_SECONDS:  # it answers, but takes no event
             return False, f"ClickHouse has refused the events' writes for {failing:.0f} s"
+        failing = counter.reads_failing()
+        if failing > READS_FAILING_SECONDS:  # it answers, but the counter reads nothing
+            error = counter.read_error.splitlines()[0][:300] if counter.read_error else ""
+            return False, f"the counter's reads have failed for {failing:.0f} s: {error}"
         return True, "ok"
 
     write_waiting: list[Callable[[], float]] = []  # the consumer's, once it is made
