@@ -6,6 +6,7 @@ A CLI flag may override a field (see ``services.cli``); nothing else reads the e
 from __future__ import annotations
 
 import ipaddress
+import math
 import os
 import re
 import secrets
@@ -27,6 +28,18 @@ def _int(env: Mapping[str, str], name: str, default: int) -> int:
         return int(raw)
     except ValueError:
         raise SystemExit(f"{name} must be an integer, got {raw!r}") from None
+
+
+# The least a spool may hold (a few beacons' records), a request line or header line may be
+# (a browser's beacon request), and the header lines a request may have (a browser sends ~15).
+MIN_SPOOL_BYTES = 64 * 1024
+MIN_HEADER_BYTES = 1024
+MIN_HEADERS = 32
+_POSITIVE = 1e-9  # "more than 0" for the numbers of seconds
+
+
+def _at_least(least: float) -> str:
+    return "more than 0" if least == _POSITIVE else f"at least {least:g}"
 
 
 def _int_or_none(env: Mapping[str, str], name: str) -> int | None:
@@ -54,9 +67,12 @@ def _float(env: Mapping[str, str], name: str, default: float) -> float:
     if raw is None or raw == "":
         return default
     try:
-        return float(raw)
+        value = float(raw)
     except ValueError:
         raise SystemExit(f"{name} must be a number, got {raw!r}") from None
+    if not math.isfinite(value):
+        raise SystemExit(f"{name} must be a finite number, got {raw!r}")
+    return value
 
 
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
@@ -279,9 +295,14 @@ class Settings:
             )
         if not self.host.strip():
             raise SystemExit("VISITORSTATS_HOST must name an address to listen on")
-        if self.disk_reserve_bytes is not None and self.disk_reserve_bytes < 0:
+        for name, value, least in self._ranges():
+            if value is not None and value < least:
+                raise SystemExit(f"VISITORSTATS_{name} must be {_at_least(least)}, got {value}")
+        if self.rate_limit_per_second > 0 and self.rate_limit_burst < 1:
             raise SystemExit(
-                f"VISITORSTATS_DISK_RESERVE_BYTES must be 0 or more, got {self.disk_reserve_bytes}"
+                "VISITORSTATS_RATE_LIMIT_BURST must be at least 1 while "
+                f"VISITORSTATS_RATE_LIMIT_PER_SECOND is on, got {self.rate_limit_burst} "
+                "(a rate of 0 turns the limit off)"
             )
         for name, topic in (
             ("VISITORSTATS_KAFKA_TOPIC", self.kafka_topic),
@@ -292,6 +313,29 @@ class Settings:
                     f"{name} must be a Kafka topic name (1 to 249 of a-z A-Z 0-9 . _ -), "
                     f"got {topic!r}"
                 )
+
+    def _ranges(self) -> list[tuple[str, float | None, float]]:
+        """(variable, value, the least that works) of each number with a floor: below it a
+        service starts but refuses every beacon, or divides by zero, or miscounts."""
+        return [
+            ("SALT_PERIOD_SECONDS", self.salt_period_seconds, 1),
+            ("SALT_LINK_SECONDS", self.salt_link_seconds, 0),
+            ("PUBLISH_LINGER_SECONDS", self.publish_linger_seconds, 0),
+            ("SPOOL_MAX_BYTES", self.spool_max_bytes, MIN_SPOOL_BYTES),
+            ("DISK_RESERVE_BYTES", self.disk_reserve_bytes, 0),
+            ("FLUSH_MAX_EVENTS", self.flush_max_events, 1),
+            ("FLUSH_INTERVAL_SECONDS", self.flush_interval_seconds, _POSITIVE),
+            ("COUNTER_INTERVAL_SECONDS", self.counter_interval_seconds, _POSITIVE),
+            ("STREAM_KEEPALIVE_SECONDS", self.stream_keepalive_seconds, _POSITIVE),
+            ("DEDUP_HORIZON_SECONDS", self.dedup_horizon_seconds, 0),
+            ("RATE_LIMIT_PER_SECOND", self.rate_limit_per_second, 0),
+            ("MAX_VISITORS", self.max_visitors_per_partition, 1),
+            ("READ_TIMEOUT_SECONDS", self.read_timeout_seconds, _POSITIVE),
+            ("MAX_CONNECTIONS", self.max_connections, 1),
+            ("MAX_HEADER_BYTES", self.max_header_bytes, MIN_HEADER_BYTES),
+            ("MAX_HEADERS", self.max_headers, MIN_HEADERS),
+            ("RATE_LIMIT_MAX_CLIENTS", self.rate_limit_max_clients, 1),
+        ]
 
     def with_secret(self) -> Settings:
         """Return settings whose ``secret`` is set: from the environment, or generated once and

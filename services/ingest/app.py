@@ -187,6 +187,9 @@ class _Refused(Exception):
 _SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]").search
 
 
+_BOM = b"\xef\xbb\xbf"
+
+
 def _no_constant(name: str) -> Any:
     raise ValueError(f"{name} is not JSON")
 
@@ -199,12 +202,20 @@ def _finite(text: str) -> float:
     return value
 
 
-def _with_lone_surrogates(body: bytes) -> Any:
-    """A body orjson refused, read again when it holds a surrogate escape (``\\ud83d``).
-    JavaScript's ``JSON.stringify`` writes half of a character as one, for a string cut in the
-    middle of an emoji (a page title cut to its limit by another tracker, or by a portal's own
-    script), and orjson refuses a lone one; the standard library reads it, and ``clean`` then
-    drops it from the field. Anything else orjson refused stays refused."""
+def _read_again(body: bytes) -> Any:
+    """A body orjson refused, read again: without the UTF-8 byte order mark some server-side
+    clients begin it with (RFC 8259 lets a reader ignore it), and when it holds a surrogate
+    escape (``\\ud83d``). JavaScript's ``JSON.stringify`` writes half of a character as one,
+    for a string cut in the middle of an emoji (a page title cut to its limit by another
+    tracker, or by a portal's own script), and orjson refuses a lone one; the standard library
+    reads it, and ``clean`` then drops it from the field. Anything else orjson refused stays
+    refused."""
+    if body.startswith(_BOM):
+        body = body[len(_BOM) :]
+        try:
+            return orjson.loads(body)
+        except orjson.JSONDecodeError:
+            pass
     if _SURROGATE_ESCAPE(body) is not None:
         try:
             return json.loads(
@@ -333,7 +344,7 @@ class _Ingest:
             except orjson.JSONDecodeError as e:
                 if "depth" in str(e) or "recursion" in str(e):
                     raise _Refused(400, "the body is nested too deeply", "body") from None
-                raw = _with_lone_surrogates(body)
+                raw = _read_again(body)
             if type(raw) is not dict:
                 raise _Refused(400, "the body must be one JSON object", "body")
             return self._run("collect", raw, headers, peer)

@@ -243,7 +243,9 @@ class Pipeline:
             return self._drop("rate_limit", retry_after=wait)
         bot = is_bot(client.user_agent)
         member = beacon.member
-        if site.member_token_secret is not None:
+        if member and site.member_token_secret is not None:
+            # the reader says it is logged in, and the portal's token vouches for it (a token
+            # left on the page of a reader who logged out is no member)
             member = bool(beacon.member_token) and verify_member_token(
                 beacon.member_token or "", site.id, site.member_token_secret, now
             )

@@ -309,6 +309,26 @@ async def test_a_lone_surrogate_escape_is_dropped_not_the_beacon(ingest: Ingest)
         assert await check(ingest, "/collect", "post", sent, resp, await resp.read()) == 400
 
 
+async def test_a_byte_order_mark_before_the_json_is_read_past(ingest: Ingest) -> None:
+    """Some server-side clients begin UTF-8 with a byte order mark; RFC 8259 lets a reader
+    ignore it (an outside audit saw such a beacon refused as not JSON). Only at the start."""
+    bom = b"\xef\xbb\xbf"
+    for body, status in (
+        (bom + b'{"site":"open","url":"https://a.vn/","title":"Tin t\xe1\xbb\xa9c"}', 202),
+        (bom + b'{"site":"open","url":"https://a.vn/","title":"\\ud83d x"}', 202),
+        (bom, 400),
+        (bom + bom + b'{"site":"open","url":"https://a.vn/"}', 400),
+        (b'{"site":"open",' + bom + b'"url":"https://a.vn/"}', 400),
+    ):
+        sent = len(ingest.records)
+        resp = await ingest.client.post(
+            "/collect", data=body, headers={"Content-Type": "text/plain", "User-Agent": UA}
+        )
+        assert await check(ingest, "/collect", "post", sent, resp, await resp.read()) == status
+        if status == 202:
+            assert json.loads(ingest.records[-1].value)["title"] in ("Tin tức", "x")
+
+
 async def test_expect_100_continue_is_refused_at_once_for_a_body_that_would_be(
     ingest: Ingest,
 ) -> None:
