@@ -11,8 +11,9 @@ handed over, from the first byte of that request (nothing of it has been read or
   visible ASCII, header names that are RFC 9110 tokens, values of visible characters, spaces
   and tabs (no obsolete line folding), lines ended by CRLF, at most ``max_headers`` lines of at
   most ``max_line`` bytes each;
-* no ``Transfer-Encoding``, no ``Expect``, at most one ``Content-Length`` made of digits, and the
-  whole body has arrived.
+* no ``Transfer-Encoding``, no ``Expect``, at most one ``Content-Length`` made of digits, no
+  repeat of a header aiohttp takes once only (``SINGLE_HEADERS``), and the whole body has
+  arrived.
 
 So the framing of every request the lane answers is unambiguous (one length, no chunks), and a
 slow or odd client meets aiohttp's limits and timeouts. A connection in the lane is closed
@@ -259,6 +260,8 @@ class LaneProtocol(asyncio.Protocol):
                 break
             headers = {name.lower(): value.rstrip(" \t") for name, value in fields}
             if len(headers) != len(fields):
+                if _repeats_one_of(fields, SINGLE_HEADERS):
+                    break  # aiohttp refuses it (400): so it is, whichever path it takes
                 headers = header_dict(fields)
             if not _NOT_IN_LANE.isdisjoint(headers):
                 break
@@ -422,6 +425,31 @@ def header_dict(fields: Iterable[tuple[str, str]]) -> dict[str, str]:
 
 
 _JOINED = frozenset(("x-forwarded-for", "content-length", "transfer-encoding"))
+# Headers a request may have once only: aiohttp's parser refuses a request that repeats one
+# (``aiohttp.http_parser.SINGLETON_HEADERS``, but Content-Length and Transfer-Encoding, whose
+# repeats are joined above and so refused here too).
+SINGLE_HEADERS = frozenset(
+    (
+        "host",
+        "etag",
+        "server",
+        "content-range",
+        "content-location",
+        "max-forwards",
+        "content-type",
+        "user-agent",
+    )
+)
+
+
+def _repeats_one_of(fields: list[tuple[str, str]], names: frozenset[str]) -> bool:
+    seen: set[str] = set()
+    for name, _ in fields:
+        name = name.lower()
+        if name in seen and name in names:
+            return True
+        seen.add(name)
+    return False
 
 
 def chunk(data: bytes) -> bytes:

@@ -48,6 +48,7 @@ import orjson
 import uvloop
 from aiohttp import web
 from aiohttp.abc import AbstractAccessLogger
+from aiohttp.http import HttpVersion10, HttpVersion11
 from aiohttp.http_exceptions import LineTooLong
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
@@ -206,14 +207,32 @@ def _json_error(
     )
 
 
+_SERVED_VERSIONS = (HttpVersion10, HttpVersion11)
+
+
 def _json_expectations(
     handler: Callable[[web.BaseRequest], Awaitable[web.StreamResponse]],
 ) -> Callable[[web.BaseRequest], Awaitable[web.StreamResponse]]:
     """``handler`` (the app's, for the server), whose ``417`` for an ``Expect`` other than
     ``100-continue`` is JSON and readable by any page, like every other refusal: aiohttp asks a
-    route's expect handler before any middleware runs, and its own answers in text."""
+    route's expect handler before any middleware runs, and its own answers in text. A request
+    of an HTTP version other than 1.0 and 1.1 (``HTTP/2.0``, ``HTTP/0.9``: aiohttp's parser
+    takes any digits) is answered ``505`` in HTTP/1.1, and the connection closed: aiohttp would
+    serve it, its status line echoing the version (an outside audit)."""
 
     async def handle(request: web.BaseRequest) -> web.StreamResponse:
+        if request._version not in _SERVED_VERSIONS:
+            # the answer's status line is written in the request's version (``version``, read
+            # once and kept: not read before this): 1.1 it is
+            request._version = HttpVersion11
+            refused = _json_error(
+                505,
+                "only HTTP/1.0 and HTTP/1.1 are served",
+                {"Access-Control-Allow-Origin": "*", "X-Content-Type-Options": "nosniff"},
+            )
+            refused.headers["Server"] = SERVER  # (no app's signals run for it)
+            refused.force_close()
+            return refused
         try:
             return await handler(request)
         except web.HTTPExpectationFailed:

@@ -205,6 +205,12 @@ async def test_split_heads_and_bodies_are_read_by_aiohttp(server: Server) -> Non
         (post(beacon_body()).replace(b"Host: 127.0.0.1", b"Host: 127.0\x00.0.1"), 400),
         # space before the colon
         (post(beacon_body()).replace(b"Host:", b"Host :"), 400),
+        # a header that aiohttp takes once only, twice (an outside audit: the lane took the
+        # first, aiohttp refused it)
+        (post(beacon_body(), "Content-Type: text/html"), 400),
+        (post(beacon_body(), "User-Agent: curl/8"), 400),
+        (post(beacon_body(), "Host: elsewhere"), 400),
+        (pixel("site=open&url=https%3A%2F%2Fa.vn%2F", "user-agent: curl/8"), 400),
     ],
 )
 async def test_odd_framing_goes_to_aiohttp_and_counts_nothing(
@@ -218,6 +224,52 @@ async def test_odd_framing_goes_to_aiohttp_and_counts_nothing(
     assert malformed_requests() == before + 1
     assert answers[0][1]["x-content-type-options"] == "nosniff"
     assert answers[0][1]["access-control-allow-origin"] == "*"
+
+
+def test_the_headers_taken_once_are_aiohttps() -> None:
+    from aiohttp.http_parser import SINGLETON_HEADERS
+
+    from services.fastlane import SINGLE_HEADERS
+
+    assert {str(h).lower() for h in SINGLETON_HEADERS} - SINGLE_HEADERS == {
+        "content-length",
+        "transfer-encoding",
+    }
+
+
+@pytest.mark.parametrize("version", [b"HTTP/2.0", b"HTTP/0.9"])
+async def test_a_version_other_than_http_1_gets_505_and_counts_nothing(
+    server: Server, version: bytes
+) -> None:
+    """aiohttp's parser takes these: they are refused, in HTTP/1.1, and the connection closed
+    (an outside audit saw them counted, answered ``HTTP/2.0 202``)."""
+    request = post(beacon_body()).replace(b" HTTP/1.1\r\n", b" " + version + b"\r\n", 1)
+    data = await server.exchange(request, until=2)  # (closed after one)
+    assert data.startswith(b"HTTP/1.1 505 HTTP Version Not Supported\r\n"), data[:80]
+    answers = split_answers(data)
+    assert [a[0] for a in answers] == [505]
+    assert json.loads(answers[0][2])["error"] == "only HTTP/1.0 and HTTP/1.1 are served"
+    assert answers[0][1]["server"] == "visitorstats"
+    assert answers[0][1]["connection"] == "close"
+    assert server.records == []
+
+
+@pytest.mark.parametrize("version", [b"HTTP/1.2", b"HTTP/3.0", b"HTTP/11.1", b"HTTPS/1.1"])
+async def test_a_version_the_parser_does_not_know_is_malformed(
+    server: Server, version: bytes
+) -> None:
+    request = post(beacon_body()).replace(b" HTTP/1.1\r\n", b" " + version + b"\r\n", 1)
+    answers = split_answers(await server.exchange(request, until=2))
+    assert [a[0] for a in answers] == [400]
+    assert json.loads(answers[0][2])["field"] == "request"
+    assert server.records == []
+
+
+async def test_http_1_0_is_served(server: Server) -> None:
+    request = post(beacon_body()).replace(b" HTTP/1.1\r\n", b" HTTP/1.0\r\n", 1)
+    answers = split_answers(await server.exchange(request))
+    assert [a[0] for a in answers] == [202]
+    assert len(server.records) == 1
 
 
 def malformed_requests() -> float:
