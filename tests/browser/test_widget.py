@@ -546,3 +546,54 @@ def test_back_to_a_page_with_the_widget_comes_from_the_back_forward_cache(
     arrive(service, 1)
     got = wait_shown(driver, shown(1, 0, 1, BASELINE + 1))
     assert got["state"] == "live"
+
+
+def test_under_a_nonce_policy_the_widgets_style_carries_the_scripts_nonce(
+    service: Service, portal: Portal, browsers: Browsers
+) -> None:
+    """A portal whose CSP allows scripts and styles by nonce gives widget.js its nonce: the
+    block's own <style> carries it and applies (an outside audit saw the block unstyled, and
+    the refusal in the console)."""
+    csp = (
+        f"default-src 'none'; script-src 'nonce-abc123'; style-src 'nonce-abc123'; "
+        f"connect-src {service.url}; img-src data:"
+    )
+    head = f'<meta http-equiv="Content-Security-Policy" content="{csp}">'
+    html = (
+        portal_page(service.url, beacon=False, head=head)
+        .replace("<script defer src=", '<script nonce="abc123" defer src=')
+        .replace('<aside style="width:20rem">', "<aside>")  # (the page's own, refused too)
+    )
+    driver = browsers.open()
+    driver.get(portal.page("nonce", html))
+    wait_shown(driver, shown(0, 0, 0, BASELINE))
+    style = "return getComputedStyle(document.querySelector('#vs-vi ul'))"
+    assert driver.execute_script(style + ".listStyleType") == "none"
+    refused = [e for e in driver.get_log("browser") if "Content Security Policy" in e["message"]]
+    assert refused == []
+
+
+def test_a_quiet_stream_that_is_well_is_not_opened_again(
+    service: Service, portal: Portal, browsers: Browsers
+) -> None:
+    """A stream silent for a while is checked with one request; numbers the stream already
+    gave are no sign of a lost stream (the check sends the page's first ETag, and a changed
+    counter answers 200 with them: the widget reopened its stream after every change)."""
+    url = portal.page("home", portal_page(service.url, beacon=False, widget_from=portal.proxy_url))
+    driver = browsers.open()
+    driver.get(url)
+    wait_shown(driver, shown(0, 0, 0, BASELINE))
+    got = wait_until(lambda: widget(driver), lambda w: w.get("state") == "live")
+    assert got["state"] == "live"
+    arrive(service, 1)  # said over the stream
+    wait_shown(driver, shown(1, 0, 1, BASELINE + 1))
+    changed = time.monotonic()
+    checks = len(portal.proxied("GET", "/counter"))  # (the stream's path too)
+    # silent for 15 s: checked within 5 s more (the numbers stay: no one else arrives)
+    wait_until(lambda: len(portal.proxied("GET", "/counter")), lambda n: n > checks, timeout=40)
+    check = [h for h in portal.proxied("GET", "/counter") if not h.path.endswith("/stream")][-1]
+    assert check.status == 200 and check.if_none_match  # the first ETag: the numbers since
+    assert time.monotonic() - changed >= 14
+    time.sleep(1)
+    assert len(portal.proxied("GET", "/counter/stream")) == 1  # not opened again
+    assert widget(driver)["state"] == "live"

@@ -28,6 +28,9 @@
   var script = d.currentScript || d.querySelector("script[src*='widget.js']");
   if (!script || !w.fetch) return;
   var base = script.src.split(/[?#]/)[0].replace(/\/[^\/]*$/, "");
+  // A portal whose CSP allows scripts by nonce gave this one its nonce: the block's style
+  // carries it too (the attribute reads empty once set: the property keeps it).
+  var nonce = script.nonce || script.getAttribute("nonce") || "";
 
   var LABELS = {
     vi: {
@@ -119,6 +122,15 @@
     };
   }
 
+  /* Two counters with the same numbers (``as_of`` aside: it moves with every refresh). */
+  function same(a, b) {
+    if (!a || !b) return false;
+    var x = {}, y = {}, k;
+    for (k in a) if (k != "as_of") x[k] = a[k];
+    for (k in b) if (k != "as_of") y[k] = b[k];
+    return JSON.stringify(x) == JSON.stringify(y);
+  }
+
   function pick(data, path) {
     var v = data;
     for (var i = 0; v != null && i < path.length; i++) v = v[path[i]];
@@ -129,7 +141,9 @@
     if (d.getElementById("visitorstats-widget-style")) return;
     var head = d.head || d.documentElement;
     // First in <head>, so the portal's own rules win over these defaults.
-    head.insertBefore(h("style", { id: "visitorstats-widget-style" }, [CSS]), head.firstChild);
+    var style = h("style", { id: "visitorstats-widget-style" }, [CSS]);
+    if (nonce) style.nonce = nonce;
+    head.insertBefore(style, head.firstChild);
   }
 
   /* "en", "EN", "en-US" -> "en"; anything not known -> "vi". */
@@ -275,9 +289,12 @@
           var back = down; // the service answers again after an outage
           // A stream message that arrived meanwhile is newer than this answer.
           if (res && mine == seq) {
+            // the numbers the stream gave last, asked again with the first answer's ETag (a
+            // stream message carries none): the same numbers are no sign of a lost stream
+            var newer = !same(res.data, self.data);
             etag = res.etag;
             show(res.data);
-            if (missed) missed();
+            if (missed && newer) missed();
           } else if (down) {
             down = false;
             paint(false);
