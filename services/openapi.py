@@ -120,6 +120,15 @@ _LANG = {
     "description": "language of the labels: vi (default) or en; anything else means vi",
     "schema": {"type": "string", "default": "vi", "examples": ["vi", "en"]},
 }
+_VISITS = {
+    "name": "visits",
+    "in": "query",
+    "required": False,
+    "description": "the visits rows shown, in this order whatever the order named: today, "
+    "yesterday, week, month, total (commas); names not known are left out, none known means "
+    "the default (as widget.js's data-visits)",
+    "schema": {"type": "string", "default": "today,total", "examples": ["today,yesterday,total"]},
+}
 
 
 def _preflight(operation_id: str, methods: str) -> dict[str, Any]:
@@ -418,7 +427,7 @@ def _paths() -> dict[str, Any]:
                     },
                 },
                 tags=["counter"],
-                parameters=[_LANG, _IF_NONE_MATCH],
+                parameters=[_LANG, _VISITS, _IF_NONE_MATCH],
                 operation_id="counterSvg",
             ),
         },
@@ -440,7 +449,7 @@ def _paths() -> dict[str, Any]:
                     },
                 },
                 tags=["widget"],
-                parameters=[_LANG],
+                parameters=[_LANG, _VISITS],
                 operation_id="widgetPage",
             ),
         },

@@ -126,6 +126,10 @@ def _lang(request: web.Request) -> str:
     return render.normalize_lang(request.rel_url.query.get("lang"))
 
 
+def _visits(request: web.Request) -> tuple[str, ...]:
+    return render.normalize_visits(request.rel_url.query.get("visits"))
+
+
 async def counter(request: web.Request) -> web.Response:
     prepared = _prepared(request)
     if isinstance(prepared, web.Response):
@@ -197,13 +201,15 @@ async def counter_svg(request: web.Request) -> web.Response:
     prepared = _prepared(request)
     if isinstance(prepared, web.Response):
         return prepared
-    # of the numbers and the language (weak: the image's ``desc`` carries ``as_of``)
-    etag = f'W/"{prepared.etag.removeprefix("W/").strip(chr(34))}-{lang}"'
+    # of the numbers, the language and the rows (weak: the image's ``desc`` carries ``as_of``)
+    visits = _visits(request)
+    rows = "" if visits == render.DEFAULT_VISITS else "-" + ".".join(visits)
+    etag = f'W/"{prepared.etag.removeprefix("W/").strip(chr(34))}-{lang}{rows}"'
     headers = {"ETag": etag, "Cache-Control": "public, max-age=10", **_CORS, **_SVG_POLICY}
     if etag_matches(etag, request.headers.get("If-None-Match")):
         return web.Response(status=304, headers=headers)
     return web.Response(
-        text=render.render_svg(prepared.payload, lang),
+        text=render.render_svg(prepared.payload, lang, visits),
         content_type="image/svg+xml",
         headers=headers,
     )
@@ -220,7 +226,7 @@ async def widget_page(request: web.Request) -> web.Response:
             headers={**_CORS, **_PAGE_POLICY},
         )
     return web.Response(
-        text=render.render_widget_page(site, _lang(request), known.name),
+        text=render.render_widget_page(site, _lang(request), known.name, _visits(request)),
         content_type="text/html",
         headers={"Cache-Control": "public, max-age=300", **_PAGE_POLICY},
     )

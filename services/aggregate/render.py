@@ -26,6 +26,9 @@ LABELS: dict[str, dict[str, str]] = {
         "total": "Tổng",
         "visits": "Lượt truy cập",
         "visits_today": "Truy cập hôm nay",
+        "visits_yesterday": "Truy cập hôm qua",
+        "visits_week": "Truy cập tuần này",
+        "visits_month": "Truy cập tháng này",
         "visits_total": "Tổng lượt truy cập",
         "stale": "số liệu chưa cập nhật",
         "unknown": "Không có trang",
@@ -38,11 +41,25 @@ LABELS: dict[str, dict[str, str]] = {
         "total": "Total",
         "visits": "Visits",
         "visits_today": "Visits today",
+        "visits_yesterday": "Visits yesterday",
+        "visits_week": "Visits this week",
+        "visits_month": "Visits this month",
         "visits_total": "Total visits",
         "stale": "numbers not up to date",
         "unknown": "No such site",
     },
 }
+
+# The visits rows a block may show (``data-visits``, ``?visits=``), in the order shown, and
+# where each number is in the counter JSON; by default the day's and the total.
+VISITS: Final = {
+    "today": "today",
+    "yesterday": "yesterday",
+    "week": "this_week",
+    "month": "this_month",
+    "total": "total",
+}
+DEFAULT_VISITS: Final = ("today", "total")
 
 STALE_MARK: Final = "⚠"
 MISSING: Final = "–"
@@ -59,6 +76,13 @@ def normalize_lang(lang: str | None) -> str:
         if primary in LABELS:
             return primary
     return DEFAULT_LANG
+
+
+def normalize_visits(raw: str | None) -> tuple[str, ...]:
+    """The visits rows named in ``raw`` (``"yesterday,week"``: commas or blanks, any case), in
+    the block's order; names it does not know are left out; none known: the default."""
+    named = set(re.split(r"[\s,]+", (raw or "").strip().lower()))
+    return tuple(v for v in VISITS if v in named) or DEFAULT_VISITS
 
 
 def format_number(n: int, lang: str) -> str:
@@ -104,13 +128,15 @@ def _text_width(text: str, size: float, *, bold: bool) -> float:
     return em * size * (1.1 if bold else 1.0)
 
 
-def svg_width(counter: Mapping[str, Any], lang: str) -> int:
+def svg_width(
+    counter: Mapping[str, Any], lang: str, visits: tuple[str, ...] = DEFAULT_VISITS
+) -> int:
     """The width :func:`render_svg` gives the image (for an ``<img width>``)."""
-    return _svg_layout(counter, normalize_lang(lang))[1]
+    return _svg_layout(counter, normalize_lang(lang), visits)[1]
 
 
 def _svg_layout(
-    counter: Mapping[str, Any], lang: str
+    counter: Mapping[str, Any], lang: str, visits: tuple[str, ...]
 ) -> tuple[list[tuple[str, str, str, int, int, bool]], int]:
     labels = LABELS[lang]
     rows = [
@@ -118,23 +144,12 @@ def _svg_layout(
         ("guests", labels["guests"], _count(counter, "online", "guests", lang), 72, 24, False),
         ("members", labels["members"], _count(counter, "online", "members", lang), 92, 24, False),
         ("total", labels["total"], _count(counter, "online", "total", lang), 112, 24, True),
-        (
-            "visits-today",
-            labels["visits_today"],
-            _count(counter, "visits", "today", lang),
-            142,
-            _PAD,
-            False,
-        ),
-        (
-            "visits-total",
-            labels["visits_total"],
-            _count(counter, "visits", "total", lang),
-            162,
-            _PAD,
-            True,
-        ),
     ]
+    for i, name in enumerate(visits):
+        value = _count(counter, "visits", VISITS[name], lang)
+        rows.append(
+            (f"visits-{name}", labels[f"visits_{name}"], value, 142 + 20 * i, _PAD, name == "total")
+        )
     needed = max(
         x + _text_width(label, _SIZE, bold=bold) + _GAP + _text_width(value, _SIZE, bold=True)
         for _, label, value, _, x, bold in rows
@@ -144,13 +159,16 @@ def _svg_layout(
     return rows, width
 
 
-def render_svg(counter: Mapping[str, Any], lang: str) -> str:
-    """The block as a self-contained SVG image (no scripts, no external resources)."""
+def render_svg(
+    counter: Mapping[str, Any], lang: str, visits: tuple[str, ...] = DEFAULT_VISITS
+) -> str:
+    """The block as a self-contained SVG image (no scripts, no external resources), with the
+    visits rows ``visits`` (``normalize_visits``)."""
     lang = normalize_lang(lang)
     labels = LABELS[lang]
-    rows, width = _svg_layout(counter, lang)
+    rows, width = _svg_layout(counter, lang, visits)
     right = width - _PAD
-    height = 176
+    height = rows[-1][3] + 14
     stale = counter.get("stale") is True
     summary = "; ".join(f"{label} {value}" for _, label, value, *_ in rows)
     desc = f"{counter.get('site', '')} {counter.get('as_of', '')}".strip()
@@ -219,8 +237,9 @@ html,body{margin:0;padding:0;background:transparent}
 body{font-family:system-ui,-apple-system,'Segoe UI',Roboto,Arial,sans-serif}"""
 
 
-def _svg_url(site: str, lang: str) -> str:
-    return f"/v1/sites/{quote(site, safe='')}/counter.svg?lang={lang}"
+def _svg_url(site: str, lang: str, visits: tuple[str, ...] = DEFAULT_VISITS) -> str:
+    url = f"/v1/sites/{quote(site, safe='')}/counter.svg?lang={lang}"
+    return url if visits == DEFAULT_VISITS else f"{url}&visits={','.join(visits)}"
 
 
 def _page(lang: str, title: str, head: str, body: str) -> str:
@@ -246,18 +265,21 @@ def _page(lang: str, title: str, head: str, body: str) -> str:
 """
 
 
-def render_widget_page(site: str, lang: str, name: str = "") -> str:
+def render_widget_page(
+    site: str, lang: str, name: str = "", visits: tuple[str, ...] = DEFAULT_VISITS
+) -> str:
     """A page holding only the block, for ``<iframe src=".../widget/{site}">``; its title names
     the site (its ``name`` in the registry, else its id)."""
     lang = normalize_lang(lang)
     labels = LABELS[lang]
     s = _text(site)
+    rows = "" if visits == DEFAULT_VISITS else f' data-visits="{",".join(visits)}"'
     return _page(
         lang,
         f"{_text(labels['title'])} — {_text(name or site)}",
         '<script defer src="/widget.js"></script>\n',
-        f'<div data-visitorstats-widget data-site="{s}" data-lang="{lang}"></div>\n'
-        f'<noscript><img src="{_text(_svg_url(site, lang))}" '
+        f'<div data-visitorstats-widget data-site="{s}" data-lang="{lang}"{rows}></div>\n'
+        f'<noscript><img src="{_text(_svg_url(site, lang, visits))}" '
         f'alt="{_text(labels["title"])}"></noscript>',
     )
 

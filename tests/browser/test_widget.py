@@ -597,3 +597,37 @@ def test_a_quiet_stream_that_is_well_is_not_opened_again(
     time.sleep(1)
     assert len(portal.proxied("GET", "/counter/stream")) == 1  # not opened again
     assert widget(driver)["state"] == "live"
+
+
+def test_a_block_shows_the_visits_rows_its_portal_asks_for(
+    service: Service, portal: Portal, browsers: Browsers
+) -> None:
+    """``data-visits`` names the rows a portal's legacy block had (yesterday, this week, this
+    month; an outside audit found no way to show them), in the block's order, live."""
+    url = portal.page(
+        "home",
+        portal_page(
+            service.url,
+            beacon=False,
+            widgets=("vi", "en"),
+            widget_attrs='data-visits="month, yesterday week TOTAL"',
+        ),
+    )
+    driver = browsers.open()
+    driver.get(url)
+    arrive(service, 1)
+    want = {
+        "guests": "1",
+        "members": "0",
+        "total": "1",
+        "visits-yesterday": "0",
+        "visits-week": "1",
+        "visits-month": "1",
+        "visits-total": f"{BASELINE + 1:,}".replace(",", "."),
+    }
+    got = wait_until(lambda: widget(driver), lambda w: w.get("numbers") == want)
+    assert got["numbers"] == want
+    labels = driver.execute_script(
+        "return [...document.querySelectorAll('#vs-en .vs-visits .vs-k')].map(e => e.textContent)"
+    )
+    assert labels == ["Visits yesterday", "Visits this week", "Visits this month", "Total visits"]

@@ -196,6 +196,23 @@ def test_the_svg_revalidates_per_language(run: Service) -> None:
     assert status == 304 and body == b""
 
 
+def test_the_svg_and_the_frame_show_the_visits_rows_asked_for(run: Service) -> None:
+    url = f"{run.url}/v1/sites/open/counter.svg"
+    _, plain, body = http("GET", url + "?lang=vi")
+    assert b'data-vs="visits-week"' not in body
+    _, rows, body = http("GET", url + "?lang=vi&visits=week,month,total")
+    assert rows["ETag"] != plain["ETag"]  # an image of its own
+    for name in ("week", "month", "total"):
+        assert f'data-vs="visits-{name}"'.encode() in body
+    assert b'data-vs="visits-today"' not in body
+    status, _, _ = http(
+        "GET", url + "?lang=vi&visits=week,month,total", headers={"If-None-Match": rows["ETag"]}
+    )
+    assert status == 304
+    _, _, page = http("GET", f"{run.url}/widget/open?visits=month,bogus")
+    assert b'data-visits="month"' in page
+
+
 def test_an_unknown_site_in_an_image_or_a_frame_says_so_in_its_own_kind(run: Service) -> None:
     status, headers, body = http("GET", f"{run.url}/v1/sites/nosuch/counter.svg?lang=en")
     assert status == 404 and headers["Content-Type"].startswith("image/svg+xml")

@@ -22,6 +22,7 @@ from services.aggregate.render import (
     STALE_MARK,
     format_number,
     normalize_lang,
+    normalize_visits,
     render_demo_page,
     render_svg,
     render_unknown_page,
@@ -437,3 +438,68 @@ def test_an_unknown_site_is_named_only_when_it_could_be_a_site_id() -> None:
         page, image = render_unknown_page(text, "vi"), render_unknown_svg(text, "en")
         assert "Không có trang</title>" in page and "No such site</text>" in image
         assert "0900" not in page + image and "dong ha" not in page + image
+
+
+@pytest.mark.parametrize(
+    ("raw", "rows"),
+    [
+        (None, ("today", "total")),
+        ("", ("today", "total")),
+        ("bogus, <script>", ("today", "total")),
+        ("total", ("total",)),
+        ("Month, yesterday  week TOTAL,today", ("today", "yesterday", "week", "month", "total")),
+        ("week,week,bogus", ("week",)),
+    ],
+)
+def test_the_visits_rows_are_the_known_names_in_the_blocks_order(
+    raw: str | None, rows: tuple[str, ...]
+) -> None:
+    assert normalize_visits(raw) == rows
+
+
+@pytest.mark.parametrize("lang", ["vi", "en"])
+def test_svg_shows_the_visits_rows_asked_for(lang: str) -> None:
+    """A portal's legacy block showed yesterday, this week and this month too (an outside
+    audit): the rows are asked for by name, shown in one order, the image as tall as they."""
+    data = counter(
+        visits={
+            "today": 5120,
+            "yesterday": 6021,
+            "this_week": 20112,
+            "this_month": 90121,
+            "total": 23070412,
+        }
+    )
+    every = normalize_visits("month,week,yesterday,today,total")
+    svg = render_svg(data, lang, every)
+    values = svg_values(svg)
+    assert values == {
+        "guests": "833",
+        "members": "0",
+        "total": "833",
+        "visits-today": format_number(5120, lang),
+        "visits-yesterday": format_number(6021, lang),
+        "visits-week": format_number(20112, lang),
+        "visits-month": format_number(90121, lang),
+        "visits-total": format_number(23070412, lang),
+    }
+    texts = svg_texts(svg)
+    labels = [LABELS[lang][f"visits_{name}"] for name in every]
+    assert [t for t in texts if t in labels] == labels  # in the block's order
+    root = ET.fromstring(svg)
+    default = ET.fromstring(render_svg(data, lang))
+    assert int(str(root.get("height"))) == int(str(default.get("height"))) + 3 * 20
+    assert int(str(root.get("width"))) == svg_width(data, lang, every)
+    only = svg_values(render_svg(data, lang, ("total",)))
+    assert set(only) == {"guests", "members", "total", "visits-total"}
+
+
+def test_widget_page_passes_the_visits_rows_on() -> None:
+    rows = ("yesterday", "total")
+    tags = Tags(render_widget_page("dongha", "vi", visits=rows))
+    [div] = tags.find("div", data_site="dongha")
+    assert div["data-visits"] == "yesterday,total"
+    [img] = tags.find("img")
+    assert img["src"] == "/v1/sites/dongha/counter.svg?lang=vi&visits=yesterday,total"
+    [plain] = Tags(render_widget_page("dongha", "vi")).find("div", data_site="dongha")
+    assert "data-visits" not in plain

@@ -5,7 +5,8 @@
  *
  * Options, on the div or on the script tag: data-lang="vi"|"en" (default vi; "en-US", "EN"
  * are English), data-poll="10" (seconds between polls when the stream is unavailable),
- * data-stream="off" (poll only).
+ * data-stream="off" (poll only), data-visits="today,yesterday,week,month,total" (the visits
+ * rows shown, in that order whatever the order named; default "today,total").
  *
  * Connections: a browser opens at most 6 to one host over HTTP/1.1, and a stream holds one for
  * as long as the page is open. So the tabs of one portal share one stream per site: one tab
@@ -20,7 +21,8 @@
  *   data-vs-relay    "leader" (this tab streams for the others) | "follower" | absent
  *   data-vs-updates  how many counter snapshots have been rendered into it
  *   data-vs-as-of    the snapshot's as_of
- *   [data-vs=guests|members|total|visits-today|visits-total]  the numbers
+ *   [data-vs=guests|members|total|visits-today|visits-total]  the numbers (and
+ *   visits-yesterday|visits-week|visits-month, the rows data-visits adds)
  *   [data-vs=stale]  the stale mark, hidden unless stale or unreachable
  */
 (function (w, d) {
@@ -41,6 +43,9 @@
       total: "Tổng",
       visits: "Lượt truy cập",
       visits_today: "Truy cập hôm nay",
+      visits_yesterday: "Truy cập hôm qua",
+      visits_week: "Truy cập tuần này",
+      visits_month: "Truy cập tháng này",
       visits_total: "Tổng lượt truy cập",
       stale: "số liệu chưa cập nhật",
       unknown: "Không có trang"
@@ -53,6 +58,9 @@
       total: "Total",
       visits: "Visits",
       visits_today: "Visits today",
+      visits_yesterday: "Visits yesterday",
+      visits_week: "Visits this week",
+      visits_month: "Visits this month",
       visits_total: "Total visits",
       stale: "numbers not up to date",
       unknown: "No such site"
@@ -65,8 +73,14 @@
     members: ["online", "members"],
     total: ["online", "total"],
     "visits-today": ["visits", "today"],
+    "visits-yesterday": ["visits", "yesterday"],
+    "visits-week": ["visits", "this_week"],
+    "visits-month": ["visits", "this_month"],
     "visits-total": ["visits", "total"]
   };
+  // the visits rows a block may show (data-visits), in the order shown; by default two
+  var VISITS = ["today", "yesterday", "week", "month", "total"];
+  var DEFAULT_VISITS = ["today", "total"];
   var SITE_ID = /^[a-z0-9][a-z0-9-]{0,63}$/;
   var STREAM_RETRY_MS = 60000; // after a fall-back, try the stream again (if it ever worked)
   var MAX_STREAMS = 2; // sites one page streams; it polls the others (see Connections above)
@@ -146,6 +160,14 @@
     head.insertBefore(style, head.firstChild);
   }
 
+  /* "yesterday,week" (commas or blanks, any case) -> the rows named, in the block's order;
+   * none known -> the default. */
+  function visits(spec) {
+    var named = String(spec || "").toLowerCase().split(/[\s,]+/), out = [], i;
+    for (i = 0; i < VISITS.length; i++) if (named.indexOf(VISITS[i]) >= 0) out.push(VISITS[i]);
+    return out.length ? out : DEFAULT_VISITS;
+  }
+
   /* "en", "EN", "en-US" -> "en"; anything not known -> "vi". */
   function language(tag) {
     var lang = String(tag || "").toLowerCase().split(/[-_]/)[0];
@@ -184,10 +206,9 @@
         row("members", L.members),
         row("total", L.total, "vs-sum")
       ]),
-      h("ul", { "class": "vs-visits", "aria-label": L.visits }, [
-        row("visits-today", L.visits_today),
-        row("visits-total", L.visits_total, "vs-sum")
-      ])
+      h("ul", { "class": "vs-visits", "aria-label": L.visits }, visits(attr(el, "visits")).map(function (name) {
+        return row("visits-" + name, L["visits_" + name], name == "total" ? "vs-sum" : "");
+      }))
     ]);
     el.appendChild(body);
     el.setAttribute("data-vs-updates", "0");
@@ -196,6 +217,7 @@
       var data = src.data, key, text, state = src.state();
       if (fresh && data) {
         for (key in FIELDS) {
+          if (!nodes[key]) continue; // a row this block does not show
           text = fmt(pick(data, FIELDS[key]));
           if (nodes[key].textContent !== text) nodes[key].textContent = text;
         }
