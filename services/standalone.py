@@ -5,6 +5,8 @@ same app publishes to and consumes from Kafka. Either way the counting code is t
 from __future__ import annotations
 
 import ipaddress
+import os
+from pathlib import Path
 
 from aiohttp import web
 
@@ -43,7 +45,14 @@ def create_standalone_app(settings: Settings, registry: Registry) -> web.Applica
         log = LocalLog(journal)
         source = log
         publisher = LocalPublisher(log.append, journal)
-        add_aggregate(app, settings, registry, source, drained=lambda: log.pending() == 0)
+        add_aggregate(
+            app,
+            settings,
+            registry,
+            source,
+            drained=lambda: log.pending() == 0,
+            held=journal.hold if _same_disk(journal.root, settings.clickhouse_url) else None,
+        )
     # Registered last, so it stops first: no new beacons, then the last batch is written.
     add_publisher(app, publisher)
     ingest_routes.add_routes(app, make_pipeline(settings, registry, publisher), settings)
@@ -71,6 +80,20 @@ def create_standalone_app(settings: Settings, registry: Registry) -> web.Applica
 
     app.router.add_get("/", index)
     return app
+
+
+def _same_disk(directory: Path, clickhouse_url: str) -> bool:
+    """Whether ``directory`` is on the disk of the embedded ClickHouse of ``clickhouse_url``
+    (its directory, or the nearest one above it that exists yet)."""
+    if not clickhouse_url.startswith("chdb://"):
+        return False
+    there = Path(clickhouse_url[len("chdb://") :] or "data/clickhouse").absolute()
+    while not there.exists() and there != there.parent:
+        there = there.parent
+    try:
+        return os.stat(directory).st_dev == os.stat(there).st_dev
+    except OSError:
+        return False
 
 
 def _public_url(request: web.Request, settings: Settings) -> tuple[str, str]:

@@ -29,16 +29,22 @@ from services.sites import Registry
 log = logging.getLogger(__name__)
 
 
+# How often the room the embedded ClickHouse has reserved on its disk is read (``held``).
+RESERVED_READ_SECONDS = 1.0
+
+
 def add_aggregate(
     app: web.Application,
     settings: Settings,
     registry: Registry,
     source: Source,
     drained: Callable[[], bool] = lambda: True,
+    held: Callable[[int], None] | None = None,
 ) -> None:
     """Wire the store, the counter and the consume loop into ``app``, each with its own
     cleanup context: on stop, the consume loop writes its last batch, then the counter stops,
-    then the store closes."""
+    then the store closes. ``held``: told every second what the embedded ClickHouse has
+    reserved on its disk (``Spool.hold`` of a journal on the same disk)."""
     store = Store(settings.clickhouse_url)
     counter = CounterService(
         store,
@@ -174,7 +180,26 @@ def add_aggregate(
             return False, f"reading behind the log's end for {counter.behind_seconds:.0f} s"
         return ok, detail
 
-    app.cleanup_ctx.extend([store_ctx, counter_ctx, consume_ctx])
+    async def held_ctx(app: web.Application) -> AsyncIterator[None]:
+        async def watch(tell: Callable[[int], None]) -> None:
+            while not stopping.is_set():
+                try:
+                    tell(await store.reserved_bytes())
+                except Exception as e:  # said by the counter's own reads if it persists
+                    log.debug("cannot read ClickHouse's reserved room: %s", e)
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(stopping.wait(), RESERVED_READ_SECONDS)
+
+        task = None
+        if held is not None and embedded:
+            task = asyncio.create_task(watch(held), name="reserved")
+        yield
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+    app.cleanup_ctx.extend([store_ctx, counter_ctx, held_ctx, consume_ctx])
     http.add_ready_check(app, "clickhouse", clickhouse_ready)
     http.add_ready_check(app, "kafka" if isinstance(source, KafkaSource) else "log", source_ready)
     api.add_routes(app, counter, settings.stream_keepalive_seconds)

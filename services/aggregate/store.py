@@ -235,6 +235,15 @@ def _commonest(values: Mapping[str, T], default: T) -> tuple[T, dict[str, T]]:
     return usual, {key: value for key, value in values.items() if value != usual}
 
 
+# What ClickHouse's disks hold reserved for parts being written: free less kept free (the
+# disk's keep_free_space_bytes) less what is left unreserved.
+RESERVED_QUERY = """
+SELECT toInt64(sum(greatest(0,
+    toInt64(free_space) - toInt64(keep_free_space) - toInt64(unreserved_space))))
+FROM system.disks
+"""
+
+
 # Per partition of ``topic``, the latest ``at`` (ms) of its rows of ``online_now``: what a rebuild
 # stamps after (``Store.online_stamps``), and what tells a counter it is still counted ("alive").
 STAMPS_QUERY = """
@@ -671,6 +680,12 @@ class Store:
         await self.run_read(
             lambda c: c.insert("peaks", rows, column_names=["site", "online", "at"])
         )
+
+    async def reserved_bytes(self) -> int:
+        """Bytes ClickHouse has reserved on its disks for the parts it is writing (a merge
+        reserves its new part's size before it writes it): room that looks free and is not."""
+        rows = await self.run_read(lambda c: c.query(RESERVED_QUERY).result_rows)
+        return int(rows[0][0]) if rows else 0
 
     # -- reads ----------------------------------------------------------------------------------
     async def next_offsets(self, topic: str, partitions: list[int] | None = None) -> dict[int, int]:

@@ -22,7 +22,7 @@ checksums (no magic) are read as they were written.
 
 Room kept free: a spool takes no record that would leave less than its reserve free on its
 disk (``VISITORSTATS_DISK_RESERVE_BYTES``; unset, 256 MiB or a tenth of the disk, whichever
-is less). The journal of
+is less), and what the embedded ClickHouse has reserved on it (``hold``). The journal of
 ``visitorstats run`` shares its disk with the embedded ClickHouse, which reserves room before
 it writes a part but then writes it whole: chDB commits a part whose files a full disk cut
 short as if written (and merged parts too), and its rows cannot be read again. The beacons are
@@ -181,6 +181,7 @@ class Spool:
         # bytes written since)
         self._reserve_told = reserve
         self._reserve = 0
+        self._held = 0  # room another writer of the disk has reserved (``hold``)
         self._free = 0
         self._free_read_at = -_ROOM_CHECK_SECONDS
         self._written_since_read = 0
@@ -285,10 +286,16 @@ class Spool:
             return self._failure
         if not self._read_room():
             return None
-        if self._free - self._reserve < self._record_size:
-            short = ShortOfRoomError(self._free, self._reserve)
+        if self._free - self._reserve - self._held < self._record_size:
+            short = ShortOfRoomError(self._free, self._reserve + self._held)
             return f"cannot write to {self._dir}: {short.strerror}"
         return None
+
+    def hold(self, nbytes: int) -> None:
+        """Keep ``nbytes`` more free, above the reserve: the room the embedded ClickHouse has
+        reserved on the same disk for the parts it is writing (a merge reserves its part's
+        size, then writes it), which the disk's free room does not show until written."""
+        self._held = max(0, nbytes)
 
     def _read_room(self) -> bool:
         """Read the room left on the spool's disk (``_free``, and the default ``_reserve`` as
@@ -309,14 +316,16 @@ class Spool:
         """Raise ``ShortOfRoomError`` when writing ``size`` more bytes would leave less than
         the reserve free. Reads the disk at most once per ``_ROOM_CHECK_SECONDS``, or sooner
         when what was written since nears the room that was left."""
-        if self._reserve_told == 0:
+        if self._reserve_told == 0 and not self._held:
             return
-        above = self._free - self._reserve - self._written_since_read - size
+        kept = self._reserve + self._held
+        above = self._free - kept - self._written_since_read - size
         stale = time.monotonic() - self._free_read_at >= _ROOM_CHECK_SECONDS
-        if (stale or above < (self._free - self._reserve) // 2) and not self._read_room():
+        if (stale or above < (self._free - kept) // 2) and not self._read_room():
             return
-        if self._free - self._reserve - self._written_since_read < size:
-            raise ShortOfRoomError(self._free, self._reserve)
+        kept = self._reserve + self._held
+        if self._free - kept - self._written_since_read < size:
+            raise ShortOfRoomError(self._free, kept)
 
     def refusal(self, full: str) -> str | None:
         """Why this spool takes no record now, for readiness: ``full`` when it is full, else

@@ -149,3 +149,25 @@ def test_a_reserve_of_0_refuses_only_on_a_full_disk(
     disk.other = disk.size
     said = spool.write_failure()
     assert said == f"cannot write to {tmp_path}: no room left on its disk"
+
+
+def test_the_room_clickhouse_holds_is_kept_free_too(tmp_path: Path, disk: Disk) -> None:
+    """A merge reserves its part's room and then writes it: the journal on the same disk keeps
+    that free besides its own reserve (``Spool.hold``), even with no reserve of its own."""
+    spool = Spool(tmp_path, 1 << 30, reserve=MIB)
+    spool.hold(15 * KIB)  # of the 20 KiB above the reserve
+    taken = 0
+    with pytest.raises(ShortOfRoomError) as refused:
+        while True:
+            spool.append([record(taken)])
+            taken += 1
+    assert disk.free() >= MIB + 15 * KIB
+    assert f"{MIB + 15 * KIB:,} are kept free" in str(refused.value)
+    said = spool.write_failure()
+    assert said is not None and f"{MIB + 15 * KIB:,} are kept free" in said
+    spool.hold(0)  # the merge wrote its part (the room is the disk's again)
+    spool.append([record(taken)])
+    none = Spool(tmp_path / "other", 1 << 30, reserve=0)
+    none.hold(disk.free())
+    with pytest.raises(ShortOfRoomError):
+        none.append([record(0)])
