@@ -21,6 +21,10 @@ from services.ingest.spool import Spool
 from services.settings import Settings
 from services.sites import Registry, normalize_origin
 
+# The room ClickHouse reserves to write a batch, per event of it (it reserved 14.5 MiB for a
+# batch of 50,000 beacons: about 300 bytes each), with some to spare.
+BATCH_ROOM_PER_EVENT = 320
+
 
 def create_standalone_app(settings: Settings, registry: Registry) -> web.Application:
     app = http.new_app(settings)
@@ -41,6 +45,9 @@ def create_standalone_app(settings: Settings, registry: Registry) -> web.Applica
             settings.spool_max_bytes,
             metered=False,
             reserve=settings.disk_reserve_bytes,
+            # ClickHouse reserves a batch's uncompressed size before it writes it (14.5 MiB
+            # for 50,000 beacons): a journal that left it less could never be drained
+            least=2 * settings.flush_max_events * BATCH_ROOM_PER_EVENT,
         )
         log = LocalLog(journal)
         source = log

@@ -804,9 +804,11 @@ class Consumer:
                 return
             records: list[InRecord] = []
             if not stopping_now:
-                records = await source.fetch(
-                    settings.flush_interval_seconds / 2, settings.flush_max_events
-                )
+                # not longer than half a tick: the ticks (the online tallies, the rows that say
+                # a partition is counted) and a stop wait on it (a flush interval of a minute
+                # held them 30 s when no beacon came)
+                wait = min(settings.flush_interval_seconds, settings.counter_interval_seconds) / 2
+                records = await source.fetch(wait, settings.flush_max_events)
             # (told at every fetch until the rebuild has moved it: said once)
             shrunk = [p for p in source.shrunk() if p in agg.states and p not in agg.needs_reset]
             if shrunk:

@@ -22,11 +22,13 @@ checksums (no magic) are read as they were written.
 
 Room kept free: a spool takes no record that would leave less than its reserve free on its
 disk (``VISITORSTATS_DISK_RESERVE_BYTES``; unset, 256 MiB or a tenth of the disk, whichever
-is less), and what the embedded ClickHouse has reserved on it (``hold``). The journal of
-``visitorstats run`` shares its disk with the embedded ClickHouse, which reserves room before
-it writes a part but then writes it whole: chDB commits a part whose files a full disk cut
-short as if written (and merged parts too), and its rows cannot be read again. The beacons are
-refused instead (503), before the disk is full.
+is less, and for ``run``'s journal at least the room ClickHouse asks to write two batches of
+its records: with less, ClickHouse refuses the batch that would drain the journal, and
+neither ever moves again), and what the embedded ClickHouse has reserved on it (``hold``).
+The journal of ``visitorstats run`` shares its disk with the embedded ClickHouse, which
+reserves room before it writes a part but then writes it whole: chDB commits a part whose
+files a full disk cut short as if written (and merged parts too), and its rows cannot be read
+again. The beacons are refused instead (503), before the disk is full.
 """
 
 from __future__ import annotations
@@ -108,11 +110,13 @@ class Spool:
         max_bytes: int,
         metered: bool = True,
         reserve: int | None = None,
+        least: int = 0,
     ) -> Spool:
         """Take the first free ``root/worker-N`` (an exclusive lock held while the process
         lives), so a restarted process drains what a crashed one spooled. ``metered``: its
         depth and size are the ``visitorstats_spool_*`` gauges. ``reserve``: the room it
-        leaves free on its disk (None: the default, see the module's text)."""
+        leaves free on its disk (None: the default, see the module's text, and at least
+        ``least``)."""
         root.mkdir(parents=True, exist_ok=True)
         n = 0
         while True:
@@ -122,7 +126,7 @@ class Spool:
             if fd is None:
                 n += 1
                 continue
-            spool = cls(directory, max_bytes, metered, reserve)
+            spool = cls(directory, max_bytes, metered, reserve, least)
             spool._lock_fd = fd
             return spool
 
@@ -157,6 +161,7 @@ class Spool:
         max_bytes: int,
         metered: bool = True,
         reserve: int | None = None,
+        least: int = 0,
     ) -> None:
         self._lock_fd: int | None = None
         self._head_fd: int | None = None
@@ -180,6 +185,7 @@ class Spool:
         # the room kept free on the disk, and what was free when last read (then, and the
         # bytes written since)
         self._reserve_told = reserve
+        self._reserve_least = least
         self._reserve = 0
         self._held = 0  # room another writer of the disk has reserved (``hold``)
         self._free = 0
@@ -307,7 +313,8 @@ class Spool:
         self._free = st.f_bavail * st.f_frsize
         told = self._reserve_told
         share = st.f_blocks * st.f_frsize // _RESERVE_SHARE
-        self._reserve = min(DISK_RESERVE_BYTES, share) if told is None else told
+        default = max(self._reserve_least, min(DISK_RESERVE_BYTES, share))
+        self._reserve = default if told is None else told
         self._free_read_at = time.monotonic()
         self._written_since_read = 0
         return True

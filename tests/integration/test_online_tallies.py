@@ -492,6 +492,31 @@ async def test_the_consume_loop_ticks_visitors_out_when_their_window_ends(store:
         await task
 
 
+async def test_a_long_flush_interval_does_not_hold_the_ticks_nor_a_stop(store: Store) -> None:
+    """The loop waits for records at most half a tick: with a flush interval of a minute and no
+    beacon, it waited 30 s in each fetch, its ticks (the rows that say a partition is counted:
+    others then took it for unattended after 7 s) and a stop with it."""
+    clock = Clock(T0)
+    settings = Settings(flush_interval_seconds=60, counter_interval_seconds=0.1)
+    log = LocalLog()
+    agg = Aggregator(store, Registry.parse(SITES), settings, log.topic, clock=clock)
+    stopping = asyncio.Event()
+    consumer = Consumer(log, agg, settings, stopping)
+    await consumer.start()
+    task = asyncio.create_task(consumer.run(drained=lambda: log.pending() == 0))
+    try:
+        seen: set[int] = set()
+        for step in range(1, 31):  # three seconds of the owner's clock, in the loop's time
+            await asyncio.sleep(0.1)
+            clock.ms = T0 + step * 100
+            snap = await store.snapshot(dict(WINDOWS), date(2026, 1, 1), clock.ms, log.topic)
+            seen.add(snap.alive.get(0, 0))
+        assert len(seen - {0}) >= 2, seen  # a row each second of it
+    finally:
+        stopping.set()
+        await asyncio.wait_for(task, 5)  # at once, not after a fetch of 30 s
+
+
 async def test_the_in_process_log_reads_again_what_a_rebuild_after_the_clock_went_back_needs(
     store: Store,
 ) -> None:
