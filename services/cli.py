@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import fcntl
+import logging
 import os
 import shutil
 import sys
@@ -12,7 +13,15 @@ import tempfile
 from pathlib import Path
 from typing import IO
 
-from services.settings import CannotStart, Settings, database_of, log_level, reason, redact
+from services.settings import (
+    QUIET_LOGGERS,
+    CannotStart,
+    Settings,
+    database_of,
+    log_level,
+    reason,
+    redact,
+)
 from services.sites import Registry, RegistryError
 from services.version import VERSION
 
@@ -137,6 +146,8 @@ def main(argv: list[str] | None = None) -> None:
         settings = replace(settings, workers=1)
     settings.check()
     log_level(env)  # (each server process sets it up; a bad one stops the start here, once)
+    for name in QUIET_LOGGERS:  # (migrate too: the servers set it again in each process)
+        logging.getLogger(name).setLevel(logging.ERROR)
 
     if args.command == "migrate":
         from services.aggregate.migrate import (

@@ -42,6 +42,11 @@ def _at_least(least: float) -> str:
     return "more than 0" if least == _POSITIVE else f"at least {least:g}"
 
 
+# Loggers of the clients that speak, as warnings, of each retry while a server is away (a
+# ClickHouse server: 4 lines a second): the services say it themselves, backed off.
+QUIET_LOGGERS = ("urllib3", "clickhouse_connect")
+
+
 def _int_or_none(env: Mapping[str, str], name: str) -> int | None:
     """An integer setting whose default depends on more than the environment: None if unset."""
     raw = env.get(name)
@@ -108,7 +113,12 @@ def _bool(env: Mapping[str, str], name: str, default: bool) -> bool:
     raw = env.get(name)
     if raw is None or raw == "":
         return default
-    return raw.strip().lower() in {"1", "true", "yes", "on"}
+    value = raw.strip().lower()
+    if value in {"1", "true", "yes", "on"}:
+        return True
+    if value in {"0", "false", "no", "off"}:
+        return False
+    raise SystemExit(f"{name} must be one of 1, true, yes, on, 0, false, no, off; got {raw!r}")
 
 
 def parse_networks(raw: str) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]:

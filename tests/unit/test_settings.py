@@ -138,3 +138,14 @@ def test_the_limits_that_turn_things_off_are_taken() -> None:
     )
     off.check()
     assert off.rate_limit_per_second == 0 and off.disk_reserve_bytes == 0
+
+
+def test_a_switch_is_on_or_off_and_nothing_else() -> None:
+    for on in ("1", "true", "YES", " on "):
+        assert Settings.from_env({"VISITORSTATS_ACCESS_LOG": on}).access_log is True
+    for off in ("0", "false", "No", "off"):
+        assert Settings.from_env({"VISITORSTATS_ACCESS_LOG": off}).access_log is False
+    for bad in ("maybe", "enabled", "ture"):  # taken as off, silently, before
+        with pytest.raises(SystemExit) as e:
+            Settings.from_env({"VISITORSTATS_ACCESS_LOG": bad})
+        assert str(e.value).startswith("VISITORSTATS_ACCESS_LOG must be one of 1, true"), bad
