@@ -68,12 +68,13 @@ PUBLISH_ERRORS = Counter(
 )
 SPOOL_DEPTH = Gauge(
     "visitorstats_spool_depth",
-    "Records in the on-disk spool that the broker has not acknowledged yet.",
+    "Records in the on-disk spool that the broker has not acknowledged yet (in run without "
+    "Kafka: in its journal, not yet stored in ClickHouse).",
     multiprocess_mode="livesum",
 )
 SPOOL_BYTES = Gauge(
     "visitorstats_spool_bytes",
-    "Bytes used by the on-disk spool.",
+    "Bytes used by the on-disk spool (or run's journal).",
     multiprocess_mode="livesum",
 )
 SPOOL_CAPACITY = Gauge(
@@ -87,7 +88,8 @@ SPOOL_DAMAGED = Counter(
 )
 SPOOL_OLDEST = Gauge(
     "visitorstats_spool_oldest_seconds",
-    "Age of the oldest record in the spool that the broker has not acknowledged (0: none).",
+    "Age of the oldest record in the spool that the broker has not acknowledged, or in run's "
+    "journal that ClickHouse has not stored (0: none).",
     multiprocess_mode="livemax",
 )
 

@@ -43,7 +43,9 @@ def create_standalone_app(settings: Settings, registry: Registry) -> web.Applica
         journal = Spool.claim(
             settings.data_dir / "journal",
             settings.spool_max_bytes,
-            metered=False,
+            # the only spool of this process: its backlog is the spool's gauges and alerts
+            # (what ClickHouse has not stored yet; they were 0 while it refused writes)
+            metered=True,
             reserve=settings.disk_reserve_bytes,
             # ClickHouse reserves a batch's uncompressed size before it writes it (14.5 MiB
             # for 50,000 beacons): a journal that left it less could never be drained

@@ -121,6 +121,8 @@ class LocalLog:
 
     async def fetch(self, timeout: float, max_records: int) -> list[InRecord]:
         """The next records; the consumer lag is what waits behind them."""
+        if self._journal is not None:  # how long its oldest has waited for ClickHouse
+            metrics.SPOOL_OLDEST.set(self._journal.oldest_age())
         if self._paused:  # held by the consumer's retries: its backoff, whatever arrives
             metrics.CONSUMER_LAG.labels("0").set(len(self._records))
             await asyncio.sleep(timeout)
