@@ -450,17 +450,25 @@ async def test_an_upgraded_database_gets_the_table_and_the_numbers(tmp_path: Pat
         new.close()
 
 
-async def test_the_consume_loop_ticks_visitors_out_when_their_window_ends(store: Store) -> None:
-    """``visitorstats run``'s path (the in-process log, ``Consumer.run``): with no event at all,
-    the loop's tick takes a visitor out of the tally when their window ends, and writes it."""
-    clock = Clock(T0)
-    settings = Settings(flush_interval_seconds=0.05, counter_interval_seconds=0.05)
+async def consume_loop(
+    store: Store, settings: Settings, clock: Clock
+) -> tuple[LocalLog, asyncio.Event, asyncio.Task[None]]:
+    """``visitorstats run``'s consume loop over an in-process log, running: the log, the event
+    that stops it, and its task."""
     log = LocalLog()
     agg = Aggregator(store, Registry.parse(SITES), settings, log.topic, clock=clock)
     stopping = asyncio.Event()
     consumer = Consumer(log, agg, settings, stopping)
     await consumer.start()
-    task = asyncio.create_task(consumer.run(drained=lambda: log.pending() == 0))
+    return log, stopping, asyncio.create_task(consumer.run(drained=lambda: log.pending() == 0))
+
+
+async def test_the_consume_loop_ticks_visitors_out_when_their_window_ends(store: Store) -> None:
+    """``visitorstats run``'s path (the in-process log, ``Consumer.run``): with no event at all,
+    the loop's tick takes a visitor out of the tally when their window ends, and writes it."""
+    clock = Clock(T0)
+    settings = Settings(flush_interval_seconds=0.05, counter_interval_seconds=0.05)
+    log, stopping, task = await consume_loop(store, settings, clock)
 
     async def online_now(want: dict[str, Online]) -> dict[str, Online]:
         got: dict[str, Online] = {}
@@ -498,12 +506,7 @@ async def test_a_long_flush_interval_does_not_hold_the_ticks_nor_a_stop(store: S
     others then took it for unattended after 7 s) and a stop with it."""
     clock = Clock(T0)
     settings = Settings(flush_interval_seconds=60, counter_interval_seconds=0.1)
-    log = LocalLog()
-    agg = Aggregator(store, Registry.parse(SITES), settings, log.topic, clock=clock)
-    stopping = asyncio.Event()
-    consumer = Consumer(log, agg, settings, stopping)
-    await consumer.start()
-    task = asyncio.create_task(consumer.run(drained=lambda: log.pending() == 0))
+    log, stopping, task = await consume_loop(store, settings, clock)
     try:
         seen: set[int] = set()
         for step in range(1, 31):  # three seconds of the owner's clock, in the loop's time
