@@ -56,7 +56,7 @@ class PipedService(Service):
         assert out is not None
         threading.Thread(target=self._read, args=(out,), daemon=True).start()
         if wait_ready:
-            self.wait_ready(timeout)
+            self._ready_or_killed(timeout)
         return self
 
     def _read(self, out: IO[bytes]) -> None:

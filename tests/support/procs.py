@@ -89,8 +89,17 @@ class Service:
         )
         log.close()
         if wait_ready:
-            self.wait_ready(timeout)
+            self._ready_or_killed(timeout)
         return self
+
+    def _ready_or_killed(self, timeout: float) -> None:
+        """Wait until ready; a process that never gets there is killed, not left running
+        after its test (the test holds no handle to stop it: ``start`` raised)."""
+        try:
+            self.wait_ready(timeout)
+        except BaseException:
+            self.kill()
+            raise
 
     def wait_ready(self, timeout: float = 60) -> None:
         deadline = time.monotonic() + timeout
