@@ -14,6 +14,7 @@ from services import http
 from services.aggregate import render
 from services.aggregate.service import add_aggregate
 from services.aggregate.sources import KafkaSource, LocalLog, Source
+from services.aggregate.store import dsn_of
 from services.ingest import app as ingest_routes
 from services.ingest.publish import LocalPublisher, Publisher
 from services.ingest.service import add_publisher, kafka_publisher, make_pipeline
@@ -40,8 +41,11 @@ def create_standalone_app(settings: Settings, registry: Registry) -> web.Applica
         publisher = kafka_publisher(settings)
         add_aggregate(app, settings, registry, source)
     else:
+        root = settings.data_dir / "journal"
+        root.mkdir(parents=True, exist_ok=True)
+        shared = _same_disk(root, settings.clickhouse_url)  # with the embedded ClickHouse
         journal = Spool.claim(
-            settings.data_dir / "journal",
+            root,
             settings.spool_max_bytes,
             # the only spool of this process: its backlog is the spool's gauges and alerts
             # (what ClickHouse has not stored yet; they were 0 while it refused writes)
@@ -49,7 +53,7 @@ def create_standalone_app(settings: Settings, registry: Registry) -> web.Applica
             reserve=settings.disk_reserve_bytes,
             # ClickHouse reserves a batch's uncompressed size before it writes it (14.5 MiB
             # for 50,000 beacons): a journal that left it less could never be drained
-            least=2 * settings.flush_max_events * BATCH_ROOM_PER_EVENT,
+            least=2 * settings.flush_max_events * BATCH_ROOM_PER_EVENT if shared else 0,
         )
         log = LocalLog(journal)
         source = log
@@ -60,7 +64,7 @@ def create_standalone_app(settings: Settings, registry: Registry) -> web.Applica
             registry,
             source,
             drained=lambda: log.pending() == 0,
-            held=journal.hold if _same_disk(journal.root, settings.clickhouse_url) else None,
+            held=journal.hold if shared else None,
         )
     # Registered last, so it stops first: no new beacons, then the last batch is written.
     add_publisher(app, publisher)
@@ -93,13 +97,11 @@ def create_standalone_app(settings: Settings, registry: Registry) -> web.Applica
 
 def _same_disk(directory: Path, clickhouse_url: str) -> bool:
     """Whether ``directory`` is on the disk of the embedded ClickHouse of ``clickhouse_url``
-    (its directory, or the nearest one above it that exists yet)."""
+    (its directory, made if it is not yet, as the store makes it)."""
     if not clickhouse_url.startswith("chdb://"):
         return False
-    there = Path(clickhouse_url[len("chdb://") :] or "data/clickhouse").absolute()
-    while not there.exists() and there != there.parent:
-        there = there.parent
     try:
+        there = dsn_of(clickhouse_url)[len("chdb://") :]
         return os.stat(directory).st_dev == os.stat(there).st_dev
     except OSError:
         return False

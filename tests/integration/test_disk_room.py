@@ -41,6 +41,7 @@ async def test_clickhouse_reserves_room_while_it_writes_a_part_and_frees_it_afte
 def test_the_journal_holds_clickhouses_room_only_on_its_disk(tmp_path: Path) -> None:
     journal = tmp_path / "data" / "journal"
     journal.mkdir(parents=True)
-    assert _same_disk(journal, f"chdb://{tmp_path}/data/clickhouse")  # made later: its parent
+    assert _same_disk(journal, f"chdb://{tmp_path}/data/clickhouse")  # made, as the store does
+    assert (tmp_path / "data" / "clickhouse").is_dir()
     assert not _same_disk(journal, "http://default:@127.0.0.1:8123/default")
     assert not _same_disk(journal, "chdb:///proc/clickhouse")  # another file system
